@@ -1,1 +1,17 @@
+//! shardkv: a sharded, Raft-replicated key-value database.
+//!
+//! The library holds the shared core (storage, the Raft replica driver, the Raft
+//! transport, server plumbing, the routing table) and the shard master, kvnode and
+//! client modules, which live in their own top-level folders.
+
+pub mod config;
+pub mod node;
 pub mod proto;
+pub mod replica;
+pub mod server;
+pub mod status;
+pub mod storage;
+pub mod transport;
+
+#[path = "../shardmaster/mod.rs"]
+pub mod shardmaster;

@@ -1,0 +1,135 @@
+//! The `ShardMaster` gRPC service: translates requests into proposals and reads of
+//! the replicated [`MasterState`], and results into replies.
+
+use super::state::{MasterState, Outcome};
+use crate::proto::master_command::Command;
+use crate::proto::shard_master_server::ShardMaster;
+use crate::proto::{
+    AddNodeRequest, Config, ConfigReply, JoinRequest, LeaveRequest, MasterCommand, MoveRequest,
+    QueryRequest, RemoveNodeRequest, ReplicaStatus, SplitRequest, StatusReply, StatusRequest,
+};
+use crate::replica::{Replica, Role};
+use crate::status;
+use prost::Message;
+use tonic::{Code, Request, Response, Status};
+
+pub struct MasterService {
+    replica: Replica<MasterState>,
+}
+
+impl MasterService {
+    pub fn new(replica: Replica<MasterState>) -> MasterService {
+        MasterService { replica }
+    }
+
+    async fn execute(&self, command: Command) -> Result<Response<ConfigReply>, Status> {
+        let encoded = MasterCommand {
+            command: Some(command),
+        }
+        .encode_to_vec();
+        let outcome: Outcome = self
+            .replica
+            .propose(encoded)
+            .await
+            .map_err(status::from_replica)?;
+        let num = outcome.map_err(|e| Status::new(Code::from_i32(e.code), e.message))?;
+        let config = self.local_config(num)?;
+        Ok(Response::new(ConfigReply {
+            config: Some(config),
+        }))
+    }
+
+    fn local_config(&self, num: u64) -> Result<Config, Status> {
+        self.replica
+            .state()
+            .config(num)
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| Status::internal(format!("configuration {num} not applied")))
+    }
+}
+
+#[tonic::async_trait]
+impl ShardMaster for MasterService {
+    async fn join(&self, r: Request<JoinRequest>) -> Result<Response<ConfigReply>, Status> {
+        self.execute(Command::Join(r.into_inner())).await
+    }
+
+    async fn leave(&self, r: Request<LeaveRequest>) -> Result<Response<ConfigReply>, Status> {
+        self.execute(Command::Leave(r.into_inner())).await
+    }
+
+    async fn r#move(&self, r: Request<MoveRequest>) -> Result<Response<ConfigReply>, Status> {
+        self.execute(Command::Move(r.into_inner())).await
+    }
+
+    async fn split(&self, r: Request<SplitRequest>) -> Result<Response<ConfigReply>, Status> {
+        self.execute(Command::Split(r.into_inner())).await
+    }
+
+    async fn add_node(&self, r: Request<AddNodeRequest>) -> Result<Response<ConfigReply>, Status> {
+        self.execute(Command::AddNode(r.into_inner())).await
+    }
+
+    async fn remove_node(
+        &self,
+        r: Request<RemoveNodeRequest>,
+    ) -> Result<Response<ConfigReply>, Status> {
+        self.execute(Command::RemoveNode(r.into_inner())).await
+    }
+
+    /// Committed configurations never change, so any replica answers for one it has
+    /// applied. The latest one is linearizable at the leader (ReadIndex); a follower
+    /// answers with the latest it has applied.
+    async fn query(&self, r: Request<QueryRequest>) -> Result<Response<Config>, Status> {
+        let requested = r.into_inner().num;
+        let is_leader = self.replica.status().role == Role::Leader;
+        if is_leader {
+            self.replica
+                .read_barrier()
+                .await
+                .map_err(status::from_replica)?;
+        }
+        let latest = self.replica.state().latest().num;
+        let num = match requested {
+            None => latest,
+            Some(n) if n <= latest => n,
+            Some(n) if is_leader => {
+                return Err(status::invalid_argument(
+                    "num",
+                    format!("configuration {n} does not exist yet; the latest is {latest}"),
+                    latest,
+                ))
+            }
+            // This follower may be behind: the leader knows.
+            Some(_) => {
+                return Err(status::from_replica(self.replica.status().not_leader()));
+            }
+        };
+        Ok(Response::new(self.local_config(num)?))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        let s = self.replica.status();
+        let role = if s.is_learner(s.id) {
+            "learner"
+        } else {
+            s.role.as_str()
+        };
+        let replica = ReplicaStatus {
+            id: s.id,
+            addr: s.peers.get(&s.id).cloned().unwrap_or_default(),
+            role: role.to_owned(),
+            term: s.term,
+            leader_id: s.leader_id,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            first_log_index: s.first_log_index,
+            voters: s.conf_state.voters.clone(),
+            learners: s.conf_state.learners.clone(),
+        };
+        Ok(Response::new(StatusReply {
+            replica: Some(replica),
+            latest_config_num: self.replica.state().latest().num,
+        }))
+    }
+}

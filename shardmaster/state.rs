@@ -1,0 +1,647 @@
+//! The shard master's replicated state machine: the numbered history of
+//! configurations, and the last outcome of each client so a retried command is
+//! answered, not applied twice.
+//!
+//! Stored keys: `c` + num (big-endian) -> `Config`; `s` + client id -> `MasterOutcome`.
+
+use super::balance::rebalance;
+use crate::config::MAX_KEY_BYTES;
+use crate::proto::master_command::Command;
+use crate::proto::master_outcome::Result as OutcomeResult;
+use crate::proto::{
+    AddNodeRequest, CommandError, Config, Group, JoinRequest, KeyRange, LeaveRequest,
+    MasterCommand, MasterOutcome, MoveRequest, RangeAssignment, RemoveNodeRequest, RequestId,
+    SplitRequest,
+};
+use crate::replica::StateMachine;
+use crate::storage::{ApplyBatch, SmStore};
+use prost::Message;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use tonic::Code;
+
+/// Clients whose last outcome is remembered; the least recently active is forgotten first.
+const MAX_SESSIONS: usize = 10_000;
+
+/// What applying a command answers: the number of the configuration it produced
+/// (or the latest one, for a change that changed nothing), or why it was refused.
+pub type Outcome = Result<u64, CommandError>;
+
+fn refuse(code: Code, message: impl Into<String>) -> CommandError {
+    CommandError {
+        code: code as i32,
+        message: message.into(),
+    }
+}
+
+fn config_key(num: u64) -> Vec<u8> {
+    let mut k = b"c".to_vec();
+    k.extend_from_slice(&num.to_be_bytes());
+    k
+}
+
+fn session_key(client: u64) -> Vec<u8> {
+    let mut k = b"s".to_vec();
+    k.extend_from_slice(&client.to_be_bytes());
+    k
+}
+
+/// The shard master's state. Reads take it through the replica's read lock.
+#[derive(Default)]
+pub struct MasterState {
+    store: Option<SmStore>,
+    latest: Config,
+    sessions: HashMap<u64, MasterOutcome>,
+    /// (log index of last command, client): the expiry order of `sessions`.
+    session_order: BTreeSet<(u64, u64)>,
+}
+
+impl MasterState {
+    pub fn new() -> MasterState {
+        MasterState {
+            latest: Config::initial(),
+            ..Default::default()
+        }
+    }
+
+    /// The newest configuration this replica has applied.
+    pub fn latest(&self) -> &Config {
+        &self.latest
+    }
+
+    /// Configuration `num`, if it exists on this replica.
+    pub fn config(&self, num: u64) -> anyhow::Result<Option<Config>> {
+        if num == self.latest.num {
+            return Ok(Some(self.latest.clone()));
+        }
+        if num > self.latest.num {
+            return Ok(None);
+        }
+        if num == 0 {
+            return Ok(Some(Config::initial()));
+        }
+        let store = self.store.as_ref().expect("restored before use");
+        match store.get(&config_key(num))? {
+            Some(raw) => Ok(Some(Config::decode(raw.as_slice())?)),
+            None => anyhow::bail!("configuration {num} is missing from storage"),
+        }
+    }
+
+    fn remember(&mut self, client: u64, outcome: MasterOutcome, batch: &mut ApplyBatch) {
+        if let Some(old) = self.sessions.get(&client) {
+            self.session_order.remove(&(old.index, client));
+        }
+        self.session_order.insert((outcome.index, client));
+        batch.put(session_key(client), outcome.encode_to_vec());
+        self.sessions.insert(client, outcome);
+        while self.sessions.len() > MAX_SESSIONS {
+            let (_, oldest) = self.session_order.pop_first().expect("non-empty");
+            self.sessions.remove(&oldest);
+            batch.delete(session_key(oldest));
+        }
+    }
+}
+
+fn outcome_of(outcome: &MasterOutcome) -> Outcome {
+    match &outcome.result {
+        Some(OutcomeResult::ConfigNum(n)) => Ok(*n),
+        Some(OutcomeResult::Error(e)) => Err(e.clone()),
+        None => Err(refuse(Code::Internal, "empty remembered outcome")),
+    }
+}
+
+impl StateMachine for MasterState {
+    type Response = Outcome;
+
+    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> Outcome {
+        let command = match MasterCommand::decode(command).ok().and_then(|c| c.command) {
+            Some(c) => c,
+            None => return Err(refuse(Code::InvalidArgument, "undecodable command")),
+        };
+        let id = request_id(&command);
+        if id.client_id != 0 {
+            if let Some(seen) = self.sessions.get(&id.client_id) {
+                if id.seq == seen.seq {
+                    return outcome_of(seen);
+                }
+                if id.seq < seen.seq {
+                    return Err(refuse(
+                        Code::FailedPrecondition,
+                        format!("request {} was superseded by request {}", id.seq, seen.seq),
+                    ));
+                }
+            }
+        }
+        let result = match next_config(&self.latest, command) {
+            Ok(Some(next)) => {
+                batch.put(config_key(next.num), next.encode_to_vec());
+                self.latest = next;
+                Ok(self.latest.num)
+            }
+            Ok(None) => Ok(self.latest.num),
+            Err(e) => Err(e),
+        };
+        if id.client_id != 0 {
+            let outcome = MasterOutcome {
+                seq: id.seq,
+                index,
+                result: Some(match &result {
+                    Ok(n) => OutcomeResult::ConfigNum(*n),
+                    Err(e) => OutcomeResult::Error(e.clone()),
+                }),
+            };
+            self.remember(id.client_id, outcome, batch);
+        }
+        result
+    }
+
+    fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {
+        let keyspace = store.keyspace();
+        self.latest = match keyspace.prefix(b"c").next_back() {
+            Some(item) => Config::decode(&*item.into_inner()?.1)?,
+            None => Config::initial(),
+        };
+        self.sessions.clear();
+        self.session_order.clear();
+        for item in keyspace.prefix(b"s") {
+            let (key, value) = item.into_inner()?;
+            let client = u64::from_be_bytes(key[1..].try_into()?);
+            let outcome = MasterOutcome::decode(&*value)?;
+            self.session_order.insert((outcome.index, client));
+            self.sessions.insert(client, outcome);
+        }
+        self.store = Some(store.clone());
+        Ok(())
+    }
+}
+
+fn request_id(command: &Command) -> RequestId {
+    let id = match command {
+        Command::Join(r) => &r.id,
+        Command::Leave(r) => &r.id,
+        Command::Move(r) => &r.id,
+        Command::Split(r) => &r.id,
+        Command::AddNode(r) => &r.id,
+        Command::RemoveNode(r) => &r.id,
+    };
+    id.unwrap_or_default()
+}
+
+/// The configuration `command` makes from `current`: `Ok(None)` if it changes nothing,
+/// `Err` if it is refused (and then nothing changes).
+pub fn next_config(current: &Config, command: Command) -> Result<Option<Config>, CommandError> {
+    let mut next = current.clone();
+    next.num += 1;
+    let changed = match command {
+        Command::Join(r) => join(&mut next, r)?,
+        Command::Leave(r) => leave(&mut next, r)?,
+        Command::Move(r) => move_range(&mut next, r)?,
+        Command::Split(r) => split(&mut next, r)?,
+        Command::AddNode(r) => add_node(&mut next, r)?,
+        Command::RemoveNode(r) => remove_node(&mut next, r)?,
+    };
+    Ok(changed.then_some(next))
+}
+
+/// Addresses in use by any node of any group.
+fn addresses(config: &Config) -> HashSet<&str> {
+    config
+        .groups
+        .iter()
+        .flat_map(|g| g.nodes.iter().map(|n| n.addr.as_str()))
+        .collect()
+}
+
+fn validate_group(group: &Group, taken: &mut HashSet<String>) -> Result<(), CommandError> {
+    if group.gid == 0 {
+        return Err(refuse(Code::InvalidArgument, "gid 0 is reserved"));
+    }
+    if group.nodes.is_empty() {
+        return Err(refuse(
+            Code::InvalidArgument,
+            format!("group {} has no nodes", group.gid),
+        ));
+    }
+    let mut ids = HashSet::new();
+    for node in &group.nodes {
+        if node.id == 0 {
+            return Err(refuse(Code::InvalidArgument, "node id 0 is reserved"));
+        }
+        if node.addr.is_empty() {
+            return Err(refuse(
+                Code::InvalidArgument,
+                format!("node {} of group {} has no address", node.id, group.gid),
+            ));
+        }
+        if !ids.insert(node.id) {
+            return Err(refuse(
+                Code::InvalidArgument,
+                format!("node {} appears twice in group {}", node.id, group.gid),
+            ));
+        }
+        if !taken.insert(node.addr.clone()) {
+            return Err(refuse(
+                Code::AlreadyExists,
+                format!("address {} is already used by another node", node.addr),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn rebalance_config(config: &mut Config) {
+    let groups: BTreeSet<u64> = config.groups.iter().map(|g| g.gid).collect();
+    let mut owners: Vec<u64> = config.ranges.iter().map(|r| r.gid).collect();
+    rebalance(&mut owners, &groups);
+    for (r, owner) in config.ranges.iter_mut().zip(owners) {
+        r.gid = owner;
+    }
+}
+
+fn join(next: &mut Config, request: JoinRequest) -> Result<bool, CommandError> {
+    if request.groups.is_empty() {
+        return Err(refuse(Code::InvalidArgument, "join names no groups"));
+    }
+    let mut taken: HashSet<String> = addresses(next).into_iter().map(str::to_owned).collect();
+    let mut gids = HashSet::new();
+    for group in &request.groups {
+        if next.group(group.gid).is_some() || !gids.insert(group.gid) {
+            return Err(refuse(
+                Code::AlreadyExists,
+                format!("group {} already exists", group.gid),
+            ));
+        }
+        validate_group(group, &mut taken)?;
+    }
+    next.groups.extend(request.groups);
+    next.groups.sort_by_key(|g| g.gid);
+    rebalance_config(next);
+    Ok(true)
+}
+
+fn leave(next: &mut Config, request: LeaveRequest) -> Result<bool, CommandError> {
+    if request.gids.is_empty() {
+        return Err(refuse(Code::InvalidArgument, "leave names no groups"));
+    }
+    let leaving: HashSet<u64> = request.gids.iter().copied().collect();
+    for gid in &leaving {
+        if next.group(*gid).is_none() {
+            return Err(refuse(
+                Code::NotFound,
+                format!("group {gid} does not exist"),
+            ));
+        }
+    }
+    if leaving.len() == next.groups.len() {
+        return Err(refuse(
+            Code::FailedPrecondition,
+            "cannot remove every group: the data would have nowhere to go",
+        ));
+    }
+    next.groups.retain(|g| !leaving.contains(&g.gid));
+    rebalance_config(next);
+    Ok(true)
+}
+
+fn check_key(key: &[u8]) -> Result<(), CommandError> {
+    if key.is_empty() {
+        return Err(refuse(Code::InvalidArgument, "key: must not be empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(refuse(
+            Code::InvalidArgument,
+            format!("key: longer than {MAX_KEY_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn move_range(next: &mut Config, request: MoveRequest) -> Result<bool, CommandError> {
+    check_key(&request.key)?;
+    if next.group(request.gid).is_none() {
+        return Err(refuse(
+            Code::NotFound,
+            format!("group {} does not exist", request.gid),
+        ));
+    }
+    let i = next.range_index(&request.key);
+    if next.ranges[i].gid == request.gid {
+        return Ok(false);
+    }
+    next.ranges[i].gid = request.gid;
+    Ok(true)
+}
+
+fn split(next: &mut Config, request: SplitRequest) -> Result<bool, CommandError> {
+    check_key(&request.key)?;
+    let i = next.range_index(&request.key);
+    let owner = next.ranges[i].gid;
+    let range = next.ranges[i].range.clone().unwrap_or_else(KeyRange::full);
+    if range.start == request.key {
+        return Err(refuse(
+            Code::AlreadyExists,
+            format!(
+                "{:?} is already a range boundary",
+                String::from_utf8_lossy(&request.key)
+            ),
+        ));
+    }
+    next.ranges[i].range = Some(KeyRange {
+        start: range.start,
+        end: request.key.clone(),
+    });
+    next.ranges.insert(
+        i + 1,
+        RangeAssignment {
+            range: Some(KeyRange {
+                start: request.key,
+                end: range.end,
+            }),
+            gid: owner,
+        },
+    );
+    Ok(true)
+}
+
+fn group_mut(next: &mut Config, gid: u64) -> Result<&mut Group, CommandError> {
+    next.groups
+        .iter_mut()
+        .find(|g| g.gid == gid)
+        .ok_or_else(|| refuse(Code::NotFound, format!("group {gid} does not exist")))
+}
+
+fn add_node(next: &mut Config, request: AddNodeRequest) -> Result<bool, CommandError> {
+    let node = request
+        .node
+        .ok_or_else(|| refuse(Code::InvalidArgument, "node: missing"))?;
+    if node.id == 0 || node.addr.is_empty() {
+        return Err(refuse(
+            Code::InvalidArgument,
+            "node: needs a non-zero id and an address",
+        ));
+    }
+    if addresses(next).contains(node.addr.as_str()) {
+        return Err(refuse(
+            Code::AlreadyExists,
+            format!("address {} is already used by another node", node.addr),
+        ));
+    }
+    let group = group_mut(next, request.gid)?;
+    if group.nodes.iter().any(|n| n.id == node.id) {
+        return Err(refuse(
+            Code::AlreadyExists,
+            format!("node {} is already in group {}", node.id, request.gid),
+        ));
+    }
+    group.nodes.push(node);
+    group.nodes.sort_by_key(|n| n.id);
+    Ok(true)
+}
+
+fn remove_node(next: &mut Config, request: RemoveNodeRequest) -> Result<bool, CommandError> {
+    let group = group_mut(next, request.gid)?;
+    let before = group.nodes.len();
+    if !group.nodes.iter().any(|n| n.id == request.node_id) {
+        return Err(refuse(
+            Code::NotFound,
+            format!("node {} is not in group {}", request.node_id, request.gid),
+        ));
+    }
+    if before == 1 {
+        return Err(refuse(
+            Code::FailedPrecondition,
+            format!(
+                "node {} is the last node of group {}; remove the group with leave",
+                request.node_id, request.gid
+            ),
+        ));
+    }
+    group.nodes.retain(|n| n.id != request.node_id);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Node;
+
+    fn group(gid: u64, ids: &[u64]) -> Group {
+        Group {
+            gid,
+            nodes: ids
+                .iter()
+                .map(|id| Node {
+                    id: *id,
+                    addr: format!("127.0.0.1:{}", 8000 + gid * 10 + id),
+                })
+                .collect(),
+        }
+    }
+
+    fn join_cmd(groups: Vec<Group>) -> Command {
+        Command::Join(JoinRequest { groups, id: None })
+    }
+
+    fn apply(config: &Config, command: Command) -> Config {
+        next_config(config, command).unwrap().unwrap()
+    }
+
+    fn code(result: Result<Option<Config>, CommandError>) -> Code {
+        Code::from_i32(result.expect_err("should be refused").code)
+    }
+
+    fn split_at(config: &Config, key: &str) -> Config {
+        apply(
+            config,
+            Command::Split(SplitRequest {
+                key: key.into(),
+                id: None,
+            }),
+        )
+    }
+
+    #[test]
+    fn join_split_move_leave_keep_ranges_covering_the_key_space() {
+        let c0 = Config::initial();
+        let c1 = apply(&c0, join_cmd(vec![group(1, &[1, 2, 3])]));
+        assert_eq!(c1.num, 1);
+        assert_eq!(c1.ranges[0].gid, 1);
+        let c2 = split_at(&c1, "g");
+        let c3 = split_at(&c2, "n");
+        let c4 = split_at(&c3, "t");
+        assert_eq!(c4.ranges.len(), 4);
+        assert!(c4.ranges.iter().all(|r| r.gid == 1), "split moves no data");
+        let c5 = apply(&c4, join_cmd(vec![group(2, &[1, 2, 3])]));
+        let count = |c: &Config, gid| c.ranges.iter().filter(|r| r.gid == gid).count();
+        assert_eq!((count(&c5, 1), count(&c5, 2)), (2, 2));
+        assert_ne!(c5.owner(b"apple").1, c5.owner(b"zebra").1);
+        let c6 = apply(
+            &c5,
+            Command::Move(MoveRequest {
+                key: b"apple".to_vec(),
+                gid: 2,
+                id: None,
+            }),
+        );
+        assert_eq!(c6.owner(b"apple").1, 2);
+        let c7 = apply(
+            &c6,
+            Command::Leave(LeaveRequest {
+                gids: vec![2],
+                id: None,
+            }),
+        );
+        assert!(c7.ranges.iter().all(|r| r.gid == 1));
+        // Bounds still chain from "" to +inf.
+        let mut expected_start: Vec<u8> = Vec::new();
+        for r in &c7.ranges {
+            let range = r.range.as_ref().unwrap();
+            assert_eq!(range.start, expected_start);
+            expected_start = range.end.clone();
+        }
+        assert!(expected_start.is_empty());
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        let c1 = apply(&Config::initial(), join_cmd(vec![group(1, &[1, 2, 3])]));
+        let cases: Vec<(Command, Code)> = vec![
+            (join_cmd(vec![group(1, &[4])]), Code::AlreadyExists),
+            (
+                join_cmd(vec![Group {
+                    gid: 5,
+                    nodes: vec![],
+                }]),
+                Code::InvalidArgument,
+            ),
+            (join_cmd(vec![]), Code::InvalidArgument),
+            (join_cmd(vec![group(0, &[1])]), Code::InvalidArgument),
+            (
+                join_cmd(vec![group(2, &[1]), group(2, &[2])]),
+                Code::AlreadyExists,
+            ),
+            (
+                join_cmd(vec![Group {
+                    gid: 7,
+                    nodes: vec![Node {
+                        id: 1,
+                        addr: "127.0.0.1:8011".into(),
+                    }],
+                }]),
+                Code::AlreadyExists,
+            ),
+            (
+                Command::Leave(LeaveRequest {
+                    gids: vec![9],
+                    id: None,
+                }),
+                Code::NotFound,
+            ),
+            (
+                Command::Leave(LeaveRequest {
+                    gids: vec![1],
+                    id: None,
+                }),
+                Code::FailedPrecondition,
+            ),
+            (
+                Command::Move(MoveRequest {
+                    key: b"a".to_vec(),
+                    gid: 9,
+                    id: None,
+                }),
+                Code::NotFound,
+            ),
+            (
+                Command::Split(SplitRequest {
+                    key: vec![],
+                    id: None,
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                Command::Split(SplitRequest {
+                    key: vec![b'k'; MAX_KEY_BYTES + 1],
+                    id: None,
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                Command::RemoveNode(RemoveNodeRequest {
+                    gid: 1,
+                    node_id: 9,
+                    id: None,
+                }),
+                Code::NotFound,
+            ),
+        ];
+        for (command, expected) in cases {
+            let text = format!("{command:?}");
+            assert_eq!(code(next_config(&c1, command)), expected, "{text}");
+        }
+        let c2 = split_at(&c1, "m");
+        assert_eq!(
+            code(next_config(
+                &c2,
+                Command::Split(SplitRequest {
+                    key: b"m".to_vec(),
+                    id: None
+                })
+            )),
+            Code::AlreadyExists
+        );
+        let single = apply(&c1, join_cmd(vec![group(3, &[1])]));
+        assert_eq!(
+            code(next_config(
+                &single,
+                Command::RemoveNode(RemoveNodeRequest {
+                    gid: 3,
+                    node_id: 1,
+                    id: None
+                })
+            )),
+            Code::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn membership_edits_change_only_the_member_list() {
+        let c1 = apply(&Config::initial(), join_cmd(vec![group(1, &[1, 2, 3])]));
+        let c2 = apply(
+            &c1,
+            Command::AddNode(AddNodeRequest {
+                gid: 1,
+                node: Some(Node {
+                    id: 4,
+                    addr: "127.0.0.1:9999".into(),
+                }),
+                id: None,
+            }),
+        );
+        assert_eq!(c2.group(1).unwrap().nodes.len(), 4);
+        assert_eq!(c2.ranges, c1.ranges);
+        let c3 = apply(
+            &c2,
+            Command::RemoveNode(RemoveNodeRequest {
+                gid: 1,
+                node_id: 2,
+                id: None,
+            }),
+        );
+        let ids: Vec<u64> = c3.group(1).unwrap().nodes.iter().map(|n| n.id).collect();
+        assert_eq!(ids, vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn move_to_the_current_owner_changes_nothing() {
+        let c1 = apply(&Config::initial(), join_cmd(vec![group(1, &[1])]));
+        let same = next_config(
+            &c1,
+            Command::Move(MoveRequest {
+                key: b"a".to_vec(),
+                gid: 1,
+                id: None,
+            }),
+        );
+        assert_eq!(same.unwrap(), None);
+    }
+}

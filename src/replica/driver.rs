@@ -1,0 +1,550 @@
+//! The Ready loop. Follows the order raft-rs requires (its five_mem_node example):
+//! send leader messages, install a snapshot, persist entries and hard state (one
+//! fsync), send the messages that needed persistence, apply committed entries,
+//! advance, then repeat for the light ready.
+
+use super::{ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role, StateMachine};
+use crate::storage::{RaftStore, SmStore};
+use crate::transport::{NetEvent, Transport};
+use protobuf::Message as _;
+use raft::prelude::{ConfChange, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
+use raft::{RawNode, SnapshotStatus, StateRole};
+use slog::{error, info, warn, Logger};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::Replica;
+
+/// Requests handled per loop iteration at most, so ticks are never starved.
+const MAX_REQUESTS_PER_STEP: usize = 1024;
+/// Requests queued before callers wait.
+const REQUEST_QUEUE: usize = 4096;
+
+type ReadWaiter = oneshot::Sender<Result<(), ReplicaError>>;
+
+enum Pending<R> {
+    Command(oneshot::Sender<Result<R, ReplicaError>>),
+    ConfChange(oneshot::Sender<Result<ConfState, ReplicaError>>),
+}
+
+struct Driver<S: StateMachine> {
+    node: RawNode<RaftStore>,
+    store: RaftStore,
+    sm_store: SmStore,
+    sm: Arc<RwLock<S>>,
+    transport: Arc<Transport>,
+    logger: Logger,
+    options: ReplicaOptions,
+    /// Proposals awaiting their apply, by log index, with the term they were proposed in.
+    pending: HashMap<u64, (u64, Pending<S::Response>)>,
+    /// ReadIndex requests sent to Raft, by request id.
+    reads_in_flight: HashMap<u64, Vec<ReadWaiter>>,
+    next_read_id: u64,
+    /// Reads confirmed by the leader, waiting for the apply of their read index.
+    reads_confirmed: VecDeque<(u64, Vec<ReadWaiter>)>,
+    /// Reads received this step, sent to Raft as one ReadIndex.
+    read_batch: Vec<ReadWaiter>,
+    /// A received snapshot staged on disk, until Raft hands it back for install.
+    /// (snapshot index, generation, keyspace)
+    staged_snapshot: Option<(u64, u64, fjall::Keyspace)>,
+    applied: u64,
+    peers: std::collections::BTreeMap<u64, String>,
+    status: watch::Sender<ReplicaStatus>,
+}
+
+/// Starts the replica of `options.id` on its own thread and returns its handle.
+///
+/// `events` carries what the transport receives for this group; it must be the
+/// receiver of the channel given to [`Transport::new`].
+pub fn start<S: StateMachine>(
+    options: ReplicaOptions,
+    store: RaftStore,
+    sm_store: SmStore,
+    mut sm: S,
+    transport: Arc<Transport>,
+    events: mpsc::Receiver<NetEvent>,
+    logger: Logger,
+) -> anyhow::Result<Replica<S>> {
+    sm.restore(&sm_store)?;
+    let applied_state = sm_store.applied_state()?;
+    let raft_config = raft::Config {
+        id: options.id,
+        election_tick: options.election_ticks,
+        heartbeat_tick: options.heartbeat_ticks,
+        applied: applied_state.index,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    raft_config.validate()?;
+    let node = RawNode::new(&raft_config, store.clone(), &logger)?;
+    for (id, addr) in &applied_state.peers {
+        if *id != options.id {
+            transport.set_peer(*id, addr);
+        }
+    }
+    let (requests_tx, requests) = mpsc::channel(REQUEST_QUEUE);
+    let sm = Arc::new(RwLock::new(sm));
+    let initial_status = ReplicaStatus {
+        id: options.id,
+        role: Role::Follower,
+        term: node.raft.term,
+        leader_id: 0,
+        commit_index: node.raft.raft_log.committed,
+        applied_index: applied_state.index,
+        first_log_index: store.first_index(),
+        conf_state: applied_state.conf_state.clone(),
+        peers: applied_state.peers.clone(),
+        dropped_messages: 0,
+    };
+    let (status_tx, status_rx) = watch::channel(initial_status);
+    let timeout = options.request_timeout;
+    let driver = Driver {
+        node,
+        store,
+        sm_store,
+        sm: sm.clone(),
+        transport,
+        logger: logger.clone(),
+        options,
+        pending: HashMap::new(),
+        reads_in_flight: HashMap::new(),
+        next_read_id: 1,
+        reads_confirmed: VecDeque::new(),
+        read_batch: Vec::new(),
+        staged_snapshot: None,
+        applied: applied_state.index,
+        peers: applied_state.peers,
+        status: status_tx,
+    };
+    std::thread::Builder::new()
+        .name(format!("raft-{}", driver.options.id))
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("driver runtime");
+            if let Err(e) = runtime.block_on(driver.run(requests, events)) {
+                // Storage failures leave the node unable to keep its promises: stop.
+                error!(logger, "replica stopped on a fatal error"; "error" => %e);
+            }
+        })?;
+    Ok(Replica {
+        requests: requests_tx,
+        state: sm,
+        status: status_rx,
+        timeout,
+    })
+}
+
+impl<S: StateMachine> Driver<S> {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request<S>>,
+        mut events: mpsc::Receiver<NetEvent>,
+    ) -> anyhow::Result<()> {
+        let mut ticker = tokio::time::interval(self.options.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    self.node.tick();
+                    self.expire_abandoned_reads();
+                }
+                request = requests.recv() => match request {
+                    Some(r) => self.on_request(r),
+                    None => return Ok(()),
+                },
+                event = events.recv() => match event {
+                    Some(e) => self.on_event(e)?,
+                    None => return Ok(()),
+                },
+            }
+            for _ in 0..MAX_REQUESTS_PER_STEP {
+                match requests.try_recv() {
+                    Ok(r) => self.on_request(r),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..MAX_REQUESTS_PER_STEP {
+                match events.try_recv() {
+                    Ok(e) => self.on_event(e)?,
+                    Err(_) => break,
+                }
+            }
+            self.flush_reads();
+            self.on_ready()?;
+            self.publish_status();
+        }
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node.raft.state == StateRole::Leader
+    }
+
+    fn not_leader(&self) -> ReplicaError {
+        let leader_id = self.node.raft.leader_id;
+        ReplicaError::NotLeader {
+            leader_id,
+            leader_addr: self.peers.get(&leader_id).cloned(),
+        }
+    }
+
+    fn on_request(&mut self, request: Request<S>) {
+        match request {
+            Request::Propose { command, reply } => {
+                if !self.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                let before = self.node.raft.raft_log.last_index();
+                let _ = self.node.propose(Vec::new(), command);
+                self.track(before, Pending::Command(reply));
+            }
+            Request::ChangeMembership { change, reply } => {
+                if !self.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                let before = self.node.raft.raft_log.last_index();
+                let (cc, context) = change.into_conf_change();
+                let _ = self.node.propose_conf_change(context, cc);
+                self.track(before, Pending::ConfChange(reply));
+            }
+            Request::Read { reply } => {
+                if !self.is_leader() {
+                    let _ = reply.send(Err(self.not_leader()));
+                    return;
+                }
+                self.read_batch.push(reply);
+            }
+            Request::TransferLeader { to } => {
+                if self.is_leader() {
+                    self.node.transfer_leader(to);
+                }
+            }
+        }
+    }
+
+    /// Remembers a proposal's reply under the index Raft gave it, or answers at once if
+    /// Raft dropped it (for example during a leader transfer).
+    fn track(&mut self, before: u64, pending: Pending<S::Response>) {
+        let index = self.node.raft.raft_log.last_index();
+        if index == before {
+            let err = self.not_leader();
+            match pending {
+                Pending::Command(reply) => drop(reply.send(Err(err))),
+                Pending::ConfChange(reply) => drop(reply.send(Err(err))),
+            }
+            return;
+        }
+        self.pending.insert(index, (self.node.raft.term, pending));
+    }
+
+    fn flush_reads(&mut self) {
+        if self.read_batch.is_empty() {
+            return;
+        }
+        let id = self.next_read_id;
+        self.next_read_id += 1;
+        self.node.read_index(id.to_be_bytes().to_vec());
+        self.reads_in_flight
+            .insert(id, std::mem::take(&mut self.read_batch));
+    }
+
+    /// Raft silently ignores a ReadIndex it cannot serve (a new leader that has not yet
+    /// committed in its term): forget reads whose callers have given up.
+    fn expire_abandoned_reads(&mut self) {
+        self.reads_in_flight.retain(|_, waiters| {
+            waiters.retain(|w| !w.is_closed());
+            !waiters.is_empty()
+        });
+    }
+
+    fn on_event(&mut self, event: NetEvent) -> anyhow::Result<()> {
+        match event {
+            NetEvent::Message(msg) => {
+                if let Err(e) = self.node.step(msg) {
+                    warn!(self.logger, "dropped a Raft message"; "error" => %e);
+                }
+            }
+            NetEvent::Snapshot {
+                message,
+                gen,
+                staged,
+                done,
+            } => {
+                let index = message.get_snapshot().get_metadata().index;
+                self.staged_snapshot = Some((index, gen, staged));
+                if let Err(e) = self.node.step(message) {
+                    warn!(self.logger, "dropped a snapshot message"; "error" => %e);
+                }
+                // Install before telling the sender, so that a following snapshot cannot
+                // stage over this one.
+                self.on_ready()?;
+                self.staged_snapshot = None;
+                let _ = done.send(());
+            }
+            NetEvent::Unreachable(to) => self.node.report_unreachable(to),
+            NetEvent::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.node.report_snapshot(to, status);
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, messages: Vec<Message>) {
+        for msg in messages {
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                match self.store.take_outgoing(msg.to) {
+                    Some(snapshot) => self.transport.send_snapshot(msg, snapshot),
+                    None => warn!(self.logger, "snapshot message without data"; "to" => msg.to),
+                }
+            } else {
+                self.transport.send(msg);
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> anyhow::Result<()> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut ready = self.node.ready();
+        self.send(ready.take_messages());
+        if !ready.snapshot().is_empty() {
+            self.install_snapshot(ready.snapshot())?;
+        }
+        for rs in ready.take_read_states() {
+            let id = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
+            if let Some(waiters) = self.reads_in_flight.remove(&id) {
+                self.reads_confirmed.push_back((rs.index, waiters));
+            }
+        }
+        let committed = ready.take_committed_entries();
+        self.store.persist(ready.entries(), ready.hs())?;
+        if let Some(ss) = ready.ss() {
+            if ss.raft_state != StateRole::Leader {
+                self.fail_leader_work();
+            }
+            info!(self.logger, "raft role"; "role" => ?ss.raft_state, "leader" => ss.leader_id, "term" => self.node.raft.term);
+        }
+        self.apply(committed)?;
+        self.send(ready.take_persisted_messages());
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.store.set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.node.advance_apply();
+        self.release_reads();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    /// After losing leadership nothing in flight can be answered by this replica.
+    fn fail_leader_work(&mut self) {
+        let err = self.not_leader();
+        for (_, (_, pending)) in self.pending.drain() {
+            match pending {
+                Pending::Command(reply) => drop(reply.send(Err(err.clone()))),
+                Pending::ConfChange(reply) => drop(reply.send(Err(err.clone()))),
+            }
+        }
+        let reads = self
+            .reads_in_flight
+            .drain()
+            .flat_map(|(_, w)| w)
+            .chain(self.reads_confirmed.drain(..).flat_map(|(_, w)| w))
+            .chain(self.read_batch.drain(..));
+        for waiter in reads {
+            let _ = waiter.send(Err(err.clone()));
+        }
+    }
+
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> anyhow::Result<()> {
+        let index = snapshot.get_metadata().index;
+        let (gen, staged) = match self.staged_snapshot.take() {
+            Some((staged_index, gen, ks)) if staged_index == index => (gen, ks),
+            _ => anyhow::bail!("Raft asked to install snapshot {index}, which was not received"),
+        };
+        self.store.install_snapshot(snapshot, gen, staged)?;
+        let applied = self.sm_store.applied_state()?;
+        self.sm.write().expect("poisoned").restore(&self.sm_store)?;
+        for (id, addr) in &applied.peers {
+            if *id != self.options.id {
+                self.transport.set_peer(*id, addr);
+            }
+        }
+        self.peers = applied.peers;
+        self.applied = index;
+        info!(self.logger, "installed snapshot"; "index" => index);
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        // (index, term) of the last entry whose effects are in `batch`.
+        let mut position = (self.applied, 0);
+        let mut responses = Vec::new();
+        let mut batch = self.sm_store.batch();
+        let sm_lock = self.sm.clone();
+        let mut sm = sm_lock.write().expect("poisoned");
+        for entry in entries {
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    let response = (!entry.data.is_empty())
+                        .then(|| sm.apply(entry.index, &entry.data, &mut batch));
+                    responses.push((entry.index, entry.term, response));
+                    position = (entry.index, entry.term);
+                }
+                EntryType::EntryConfChange => {
+                    // A conf change is committed on its own, after what precedes it.
+                    let before = std::mem::replace(&mut batch, self.sm_store.batch());
+                    if !before.is_empty() {
+                        self.sm_store.commit(before, position, None)?;
+                    }
+                    let result = self.apply_conf_change(&entry)?;
+                    self.answer_conf_change(entry.index, entry.term, result);
+                    position = (entry.index, entry.term);
+                }
+                EntryType::EntryConfChangeV2 => {
+                    anyhow::bail!("joint-consensus conf changes are not proposed by this driver")
+                }
+            }
+        }
+        drop(sm);
+        if position.1 != 0 {
+            self.sm_store.commit(batch, position, None)?;
+        }
+        self.applied = position.0;
+        for (index, term, response) in responses {
+            let Some((proposed_term, pending)) = self.pending.remove(&index) else {
+                continue;
+            };
+            let result = match response {
+                Some(r) if proposed_term == term => Ok(r),
+                // Another leader's entry took this index: ours was lost.
+                _ => Err(self.not_leader()),
+            };
+            match pending {
+                Pending::Command(reply) => drop(reply.send(result)),
+                Pending::ConfChange(reply) => {
+                    let _ = reply.send(Err(ReplicaError::ConfChange(
+                        "another membership change was in progress".into(),
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_conf_change(&mut self, entry: &Entry) -> anyhow::Result<Result<ConfState, String>> {
+        let cc = ConfChange::parse_from_bytes(&entry.data)?;
+        let cs = match self.node.apply_conf_change(&cc) {
+            Ok(cs) => cs,
+            Err(e) => {
+                // Deterministic on every replica: the change is refused, membership stays.
+                self.sm_store
+                    .commit(self.sm_store.batch(), (entry.index, entry.term), None)?;
+                return Ok(Err(e.to_string()));
+            }
+        };
+        let addr = String::from_utf8_lossy(&cc.context).into_owned();
+        let peer = (!addr.is_empty()).then_some((cc.node_id, addr.as_str()));
+        self.sm_store.commit(
+            self.sm_store.batch(),
+            (entry.index, entry.term),
+            Some((&cs, peer)),
+        )?;
+        self.store.set_conf_state(cs.clone());
+        if let Some((id, addr)) = peer {
+            self.peers.insert(id, addr.to_owned());
+            if id != self.options.id {
+                self.transport.set_peer(id, addr);
+            }
+        }
+        if cc.get_change_type() == raft::prelude::ConfChangeType::RemoveNode {
+            self.transport.remove_peer(cc.node_id);
+        }
+        info!(self.logger, "membership changed"; "voters" => ?cs.voters, "learners" => ?cs.learners);
+        Ok(Ok(cs))
+    }
+
+    fn answer_conf_change(&mut self, index: u64, term: u64, result: Result<ConfState, String>) {
+        let Some((proposed_term, pending)) = self.pending.remove(&index) else {
+            return;
+        };
+        let result = if proposed_term != term {
+            Err(self.not_leader())
+        } else {
+            result.map_err(ReplicaError::ConfChange)
+        };
+        match pending {
+            Pending::ConfChange(reply) => drop(reply.send(result)),
+            Pending::Command(reply) => drop(reply.send(Err(self.not_leader()))),
+        }
+    }
+
+    fn release_reads(&mut self) {
+        while let Some((index, _)) = self.reads_confirmed.front() {
+            if *index > self.applied {
+                break;
+            }
+            let (_, waiters) = self.reads_confirmed.pop_front().expect("front exists");
+            for w in waiters {
+                let _ = w.send(Ok(()));
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self) -> anyhow::Result<()> {
+        let first = self.store.first_index();
+        if self.applied + 1 >= first + self.options.compact_threshold {
+            let to = self.applied - self.options.compact_threshold / 2;
+            self.store.compact_to(to)?;
+        }
+        Ok(())
+    }
+
+    fn publish_status(&self) {
+        let raft = &self.node.raft;
+        let role = match raft.state {
+            StateRole::Follower => Role::Follower,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Leader => Role::Leader,
+        };
+        let conf_state = raft.prs().conf().to_conf_state();
+        self.status.send_if_modified(|s| {
+            let changed = s.role != role
+                || s.term != raft.term
+                || s.leader_id != raft.leader_id
+                || s.commit_index != raft.raft_log.committed
+                || s.applied_index != self.applied
+                || s.conf_state != conf_state
+                || s.peers != self.peers;
+            s.role = role;
+            s.term = raft.term;
+            s.leader_id = raft.leader_id;
+            s.commit_index = raft.raft_log.committed;
+            s.applied_index = self.applied;
+            s.first_log_index = self.store.first_index();
+            s.conf_state = conf_state.clone();
+            s.peers = self.peers.clone();
+            s.dropped_messages = self.transport.dropped();
+            changed
+        });
+    }
+}

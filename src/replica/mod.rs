@@ -1,0 +1,293 @@
+//! The Raft replica driver: the only code that touches the `raft` crate's RawNode.
+//!
+//! A [`Replica`] runs one member of one Raft group on a dedicated thread. It knows
+//! nothing of keys or configurations: it orders opaque commands through the log and
+//! hands each committed command to a [`StateMachine`], which writes into an
+//! [`ApplyBatch`] that is committed atomically with the applied index. Callers
+//! propose commands and await the state machine's response, or ask for a
+//! linearizable read point (Raft ReadIndex) and then read the state machine.
+
+mod driver;
+
+use crate::storage::{ApplyBatch, SmStore};
+use raft::prelude::{ConfChange, ConfChangeType, ConfState};
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use driver::start;
+
+/// A deterministic state machine replicated by Raft.
+pub trait StateMachine: Send + Sync + 'static {
+    /// What applying a command returns to the proposer.
+    type Response: Send + 'static;
+
+    /// Applies the committed command at log position `index`. Every durable effect
+    /// goes into `batch`; the same command applied on every replica must produce the
+    /// same writes and response. A command that cannot be decoded must be answered
+    /// with an error response, not a panic.
+    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> Self::Response;
+
+    /// Rebuilds in-memory state from `store`: at start-up and after a snapshot from the
+    /// leader replaced the store's contents.
+    fn restore(&mut self, store: &SmStore) -> anyhow::Result<()>;
+}
+
+/// Tuning of one replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// This node's id (non-zero, unique within the group).
+    pub id: u64,
+    /// The Raft group: 0 for the shard master, the gid for a kv group.
+    pub group: u64,
+    /// Interval of one Raft tick.
+    pub tick: Duration,
+    /// Ticks without a heartbeat before a follower campaigns (randomised up to 2x).
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Compact the log once it holds this many applied entries (keeping half of them
+    /// for followers that are only slightly behind).
+    pub compact_threshold: u64,
+    /// How long a proposal or read may wait before it fails with [`ReplicaError::Timeout`].
+    pub request_timeout: Duration,
+}
+
+impl ReplicaOptions {
+    pub fn new(id: u64, group: u64) -> ReplicaOptions {
+        ReplicaOptions {
+            id,
+            group,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compact_threshold: 10_000,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a proposal or read did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaError {
+    /// This replica is not the leader; retry at the leader. For a proposal this also
+    /// means the outcome is unknown if it was already in the log (it may still commit).
+    #[error("not the leader (leader: {})", leader_display(*leader_id, leader_addr))]
+    NotLeader {
+        leader_id: u64,
+        leader_addr: Option<String>,
+    },
+    /// No answer within the request timeout (no quorum, or an election is under way).
+    /// The outcome of a proposal is unknown.
+    #[error("timed out waiting for the Raft group")]
+    Timeout,
+    /// A membership change was refused.
+    #[error("membership change refused: {0}")]
+    ConfChange(String),
+    /// The replica has stopped (shutdown or a fatal storage error).
+    #[error("replica stopped")]
+    Stopped,
+}
+
+fn leader_display(id: u64, addr: &Option<String>) -> String {
+    match (id, addr) {
+        (0, _) => "unknown, election under way".to_owned(),
+        (id, Some(addr)) => format!("node {id} at {addr}"),
+        (id, None) => format!("node {id}"),
+    }
+}
+
+/// A membership change of the group.
+#[derive(Debug, Clone)]
+pub enum MembershipChange {
+    /// Adds a non-voting learner that receives the log (and a snapshot).
+    AddLearner {
+        id: u64,
+        addr: String,
+    },
+    /// Makes a node a voter (a learner that caught up, or a brand-new node).
+    AddVoter {
+        id: u64,
+        addr: String,
+    },
+    Remove {
+        id: u64,
+    },
+}
+
+impl MembershipChange {
+    fn into_conf_change(self) -> (ConfChange, Vec<u8>) {
+        let mut cc = ConfChange::default();
+        let context = match self {
+            MembershipChange::AddLearner { id, addr } => {
+                cc.set_change_type(ConfChangeType::AddLearnerNode);
+                cc.node_id = id;
+                addr.into_bytes()
+            }
+            MembershipChange::AddVoter { id, addr } => {
+                cc.set_change_type(ConfChangeType::AddNode);
+                cc.node_id = id;
+                addr.into_bytes()
+            }
+            MembershipChange::Remove { id } => {
+                cc.set_change_type(ConfChangeType::RemoveNode);
+                cc.node_id = id;
+                Vec::new()
+            }
+        };
+        cc.context = context.clone().into();
+        (cc, context)
+    }
+}
+
+/// The Raft role of a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    Candidate,
+    PreCandidate,
+    Leader,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::PreCandidate => "pre-candidate",
+            Role::Leader => "leader",
+        }
+    }
+}
+
+/// A point-in-time view of a replica, refreshed after every Raft step.
+#[derive(Debug, Clone)]
+pub struct ReplicaStatus {
+    pub id: u64,
+    pub role: Role,
+    pub term: u64,
+    pub leader_id: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub first_log_index: u64,
+    pub conf_state: ConfState,
+    /// Address of every known member.
+    pub peers: BTreeMap<u64, String>,
+    /// Raft messages dropped because a peer's queue was full.
+    pub dropped_messages: u64,
+}
+
+impl ReplicaStatus {
+    /// The error to return when this replica cannot serve a leader-only request.
+    pub fn not_leader(&self) -> ReplicaError {
+        ReplicaError::NotLeader {
+            leader_id: self.leader_id,
+            leader_addr: self.peers.get(&self.leader_id).cloned(),
+        }
+    }
+
+    /// True if `id` is a learner (it replicates but does not vote).
+    pub fn is_learner(&self, id: u64) -> bool {
+        self.conf_state.learners.contains(&id)
+    }
+}
+
+pub(crate) enum Request<S: StateMachine> {
+    Propose {
+        command: Vec<u8>,
+        reply: oneshot::Sender<Result<S::Response, ReplicaError>>,
+    },
+    ChangeMembership {
+        change: MembershipChange,
+        reply: oneshot::Sender<Result<ConfState, ReplicaError>>,
+    },
+    Read {
+        reply: oneshot::Sender<Result<(), ReplicaError>>,
+    },
+    TransferLeader {
+        to: u64,
+    },
+}
+
+/// Handle to a running replica. Cloning is cheap.
+pub struct Replica<S: StateMachine> {
+    requests: mpsc::Sender<Request<S>>,
+    state: Arc<RwLock<S>>,
+    status: watch::Receiver<ReplicaStatus>,
+    timeout: Duration,
+}
+
+impl<S: StateMachine> Clone for Replica<S> {
+    fn clone(&self) -> Self {
+        Replica {
+            requests: self.requests.clone(),
+            state: self.state.clone(),
+            status: self.status.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl<S: StateMachine> Replica<S> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ReplicaError>>) -> Request<S>,
+    ) -> Result<T, ReplicaError> {
+        let (tx, rx) = oneshot::channel();
+        let work = async {
+            self.requests
+                .send(make(tx))
+                .await
+                .map_err(|_| ReplicaError::Stopped)?;
+            rx.await.map_err(|_| ReplicaError::Stopped)?
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or(Err(ReplicaError::Timeout))
+    }
+
+    /// Orders `command` through the Raft log and returns what the state machine's
+    /// `apply` answered. Only the leader accepts proposals.
+    pub async fn propose(&self, command: Vec<u8>) -> Result<S::Response, ReplicaError> {
+        self.call(|reply| Request::Propose { command, reply }).await
+    }
+
+    /// Waits until this replica is confirmed leader (Raft ReadIndex) and has applied
+    /// everything committed before the call. A read of the state machine after this
+    /// returns is linearizable.
+    pub async fn read_barrier(&self) -> Result<(), ReplicaError> {
+        self.call(|reply| Request::Read { reply }).await
+    }
+
+    /// Proposes a membership change and returns the group's conf state after it applied.
+    pub async fn change_membership(
+        &self,
+        change: MembershipChange,
+    ) -> Result<ConfState, ReplicaError> {
+        self.call(|reply| Request::ChangeMembership { change, reply })
+            .await
+    }
+
+    /// Asks the leader to hand leadership to `to`.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), ReplicaError> {
+        self.requests
+            .send(Request::TransferLeader { to })
+            .await
+            .map_err(|_| ReplicaError::Stopped)
+    }
+
+    /// The state machine, for reads. Hold the guard briefly: apply waits for it.
+    pub fn state(&self) -> RwLockReadGuard<'_, S> {
+        self.state.read().expect("state machine lock poisoned")
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> ReplicaStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A receiver of status updates (for waiting on a role or index).
+    pub fn watch_status(&self) -> watch::Receiver<ReplicaStatus> {
+        self.status.clone()
+    }
+}

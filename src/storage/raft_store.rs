@@ -1,0 +1,365 @@
+//! The Raft log, hard state and snapshots: implements `raft::Storage`.
+
+use super::sm_store::{read_applied_state, SmStore};
+use super::{decode_u64, Result, StorageError, KEY_SM_GEN};
+use fjall::{Database, Keyspace, PersistMode, Readable};
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+const KEY_HARD_STATE: &[u8] = b"hard_state";
+const KEY_TRUNCATED: &[u8] = b"truncated";
+/// Outgoing snapshots kept at once (one per follower that needs one).
+const MAX_OUTGOING_SNAPSHOTS: usize = 8;
+
+/// A consistent, point-in-time view of the state machine, being streamed to one
+/// follower. Holding it pins that version of the data in the engine.
+#[derive(Clone)]
+pub struct OutgoingSnapshot {
+    pub index: u64,
+    pub view: fjall::Snapshot,
+    pub keyspace: Keyspace,
+}
+
+impl OutgoingSnapshot {
+    /// Iterates every record of the snapshot in key order.
+    pub fn records(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
+        self.view.iter(&self.keyspace).map(|item| {
+            let (k, v) = item.into_inner()?;
+            Ok((k.to_vec(), v.to_vec()))
+        })
+    }
+}
+
+#[derive(Default)]
+struct LogState {
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Index and term of the last entry compacted away (or of the installed snapshot).
+    truncated: (u64, u64),
+    last_index: u64,
+}
+
+/// Raft log storage of one node. Cloning shares it.
+#[derive(Clone)]
+pub struct RaftStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    raft: Keyspace,
+    log: Keyspace,
+    sm: SmStore,
+    state: Mutex<LogState>,
+    outgoing: Mutex<HashMap<u64, OutgoingSnapshot>>,
+}
+
+fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn corrupt(what: &'static str, e: impl ToString) -> StorageError {
+    StorageError::Corrupt {
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn to_raft_error(e: StorageError) -> raft::Error {
+    raft::Error::Store(RaftStorageError::Other(Box::new(e)))
+}
+
+impl RaftStore {
+    pub(super) fn open(
+        db: Database,
+        raft: Keyspace,
+        log: Keyspace,
+        sm: SmStore,
+    ) -> Result<RaftStore> {
+        let mut state = LogState::default();
+        if let Some(raw) = raft.get(KEY_HARD_STATE)? {
+            state.hard_state =
+                HardState::parse_from_bytes(&raw).map_err(|e| corrupt("hard state", e))?;
+        }
+        if let Some(raw) = raft.get(KEY_TRUNCATED)? {
+            state.truncated = (
+                decode_u64(&raw[..8], "truncated index")?,
+                decode_u64(&raw[8..], "truncated term")?,
+            );
+        }
+        state.last_index = match log.last_key_value() {
+            Some(item) => decode_u64(&item.key()?, "log index")?,
+            None => state.truncated.0,
+        };
+        state.conf_state = sm.applied_state()?.conf_state;
+        Ok(RaftStore {
+            inner: Arc::new(Inner {
+                db,
+                raft,
+                log,
+                sm,
+                state: Mutex::new(state),
+                outgoing: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.inner.state.lock().expect("poisoned")
+    }
+
+    pub fn first_index(&self) -> u64 {
+        self.state().truncated.0 + 1
+    }
+
+    pub fn last_index(&self) -> u64 {
+        self.state().last_index
+    }
+
+    /// Durably appends `entries` (replacing any conflicting suffix) and records `hard_state`,
+    /// with one fsync. This is the one durable write per Raft Ready.
+    pub fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {
+        if entries.is_empty() && hard_state.is_none() {
+            return Ok(());
+        }
+        let mut state = self.state();
+        let mut batch = self
+            .inner
+            .db
+            .batch()
+            .durability(Some(PersistMode::SyncData));
+        if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
+            assert!(
+                first.index > state.truncated.0,
+                "append of compacted index {} (compacted up to {})",
+                first.index,
+                state.truncated.0
+            );
+            // Entries after the new last one belong to a deposed leader's term.
+            for stale in last.index + 1..=state.last_index {
+                batch.remove(&self.inner.log, log_key(stale));
+            }
+            for e in entries {
+                batch.insert(
+                    &self.inner.log,
+                    log_key(e.index),
+                    e.write_to_bytes().expect("encode"),
+                );
+            }
+            state.last_index = last.index;
+        }
+        if let Some(hs) = hard_state {
+            batch.insert(
+                &self.inner.raft,
+                KEY_HARD_STATE,
+                hs.write_to_bytes().expect("encode"),
+            );
+            state.hard_state = hs.clone();
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// Records the commit index learned after a Ready was advanced (not fsynced: a lost
+    /// commit index is learned again from the leader).
+    pub fn set_commit(&self, commit: u64) -> Result<()> {
+        let mut state = self.state();
+        state.hard_state.commit = commit;
+        self.inner.raft.insert(
+            KEY_HARD_STATE,
+            state.hard_state.write_to_bytes().expect("encode"),
+        )?;
+        Ok(())
+    }
+
+    /// Remembers the conf state after a conf change was applied.
+    pub fn set_conf_state(&self, cs: ConfState) {
+        self.state().conf_state = cs;
+    }
+
+    /// Drops log entries up to and including `index` (which must be applied).
+    pub fn compact_to(&self, index: u64) -> Result<()> {
+        let mut state = self.state();
+        if index <= state.truncated.0 {
+            return Ok(());
+        }
+        assert!(index <= state.last_index, "compact past the last index");
+        let term = self.entry_term(index)?;
+        let mut batch = self.inner.db.batch();
+        for i in state.truncated.0 + 1..=index {
+            batch.remove(&self.inner.log, log_key(i));
+        }
+        batch.insert(&self.inner.raft, KEY_TRUNCATED, encode_pos(index, term));
+        batch.commit()?;
+        state.truncated = (index, term);
+        Ok(())
+    }
+
+    /// Makes a received snapshot current: the staged state-machine generation `gen`
+    /// becomes the live one, the log is emptied and the hard state moves to the
+    /// snapshot, all in one synced write.
+    pub fn install_snapshot(&self, snapshot: &Snapshot, gen: u64, staged: Keyspace) -> Result<()> {
+        let meta = snapshot.get_metadata();
+        let mut state = self.state();
+        let mut batch = self
+            .inner
+            .db
+            .batch()
+            .durability(Some(PersistMode::SyncData));
+        for i in state.truncated.0 + 1..=state.last_index {
+            batch.remove(&self.inner.log, log_key(i));
+        }
+        let mut hs = state.hard_state.clone();
+        hs.term = hs.term.max(meta.term);
+        hs.commit = meta.index;
+        batch.insert(
+            &self.inner.raft,
+            KEY_HARD_STATE,
+            hs.write_to_bytes().expect("encode"),
+        );
+        batch.insert(
+            &self.inner.raft,
+            KEY_TRUNCATED,
+            encode_pos(meta.index, meta.term),
+        );
+        batch.insert(&self.inner.raft, KEY_SM_GEN, gen.to_be_bytes());
+        batch.commit()?;
+        state.hard_state = hs;
+        state.truncated = (meta.index, meta.term);
+        state.last_index = meta.index;
+        state.conf_state = meta.get_conf_state().clone();
+        drop(state);
+        self.inner.sm.switch_to(gen, staged)
+    }
+
+    /// Takes the snapshot prepared for follower `to`, to stream it.
+    pub fn take_outgoing(&self, to: u64) -> Option<OutgoingSnapshot> {
+        self.inner.outgoing.lock().expect("poisoned").remove(&to)
+    }
+
+    fn entry_term(&self, index: u64) -> Result<u64> {
+        let raw = self
+            .inner
+            .log
+            .get(log_key(index))?
+            .ok_or_else(|| corrupt("log", format!("missing entry {index}")))?;
+        let e = Entry::parse_from_bytes(&raw).map_err(|e| corrupt("log entry", e))?;
+        Ok(e.term)
+    }
+}
+
+fn encode_pos(index: u64, term: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&index.to_be_bytes());
+    v.extend_from_slice(&term.to_be_bytes());
+    v
+}
+
+impl raft::Storage for RaftStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let state = self.state();
+        Ok(RaftState::new(
+            state.hard_state.clone(),
+            state.conf_state.clone(),
+        ))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        {
+            let state = self.state();
+            if low <= state.truncated.0 {
+                return Err(raft::Error::Store(RaftStorageError::Compacted));
+            }
+            assert!(high <= state.last_index + 1, "entries past the last index");
+        }
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for item in self.inner.log.range(log_key(low)..log_key(high)) {
+            let (_, raw) = item.into_inner().map_err(|e| to_raft_error(e.into()))?;
+            size += raw.len() as u64;
+            if !out.is_empty() && size > max_size {
+                break;
+            }
+            out.push(
+                Entry::parse_from_bytes(&raw)
+                    .map_err(|e| to_raft_error(corrupt("log entry", e)))?,
+            );
+        }
+        if out.len() as u64 != high - low && size <= max_size {
+            return Err(to_raft_error(corrupt(
+                "log",
+                format!("gap in [{low}, {high})"),
+            )));
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let (truncated, last) = {
+            let state = self.state();
+            (state.truncated, state.last_index)
+        };
+        if idx == truncated.0 {
+            return Ok(truncated.1);
+        }
+        if idx < truncated.0 {
+            return Err(raft::Error::Store(RaftStorageError::Compacted));
+        }
+        if idx > last {
+            return Err(raft::Error::Store(RaftStorageError::Unavailable));
+        }
+        self.entry_term(idx).map_err(to_raft_error)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(RaftStore::first_index(self))
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(RaftStore::last_index(self))
+    }
+
+    /// Builds a snapshot of the state machine as of its applied index. The returned
+    /// Raft snapshot carries only metadata; the data is streamed separately from the
+    /// pinned engine snapshot registered for `to`.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let view = self.inner.db.snapshot();
+        let keyspace = self.inner.sm.keyspace();
+        let applied = read_applied_state(&view, &keyspace).map_err(to_raft_error)?;
+        if applied.index < request_index {
+            return Err(raft::Error::Store(
+                RaftStorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let mut snapshot = Snapshot::default();
+        let meta = snapshot.mut_metadata();
+        meta.index = applied.index;
+        meta.term = applied.term;
+        meta.set_conf_state(applied.conf_state);
+        let mut outgoing = self.inner.outgoing.lock().expect("poisoned");
+        if outgoing.len() >= MAX_OUTGOING_SNAPSHOTS && !outgoing.contains_key(&to) {
+            return Err(raft::Error::Store(
+                RaftStorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        outgoing.insert(
+            to,
+            OutgoingSnapshot {
+                index: applied.index,
+                view,
+                keyspace,
+            },
+        );
+        Ok(snapshot)
+    }
+}

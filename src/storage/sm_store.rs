@@ -1,0 +1,215 @@
+//! The state machine's view of storage: one keyspace per generation, shared between
+//! the replica driver (which writes the applied index, conf state and peers) and the
+//! state machine (which owns every key that does not start with a 0 byte).
+
+use super::{decode_u64, sm_keyspace_name, Result, StorageError};
+use fjall::{
+    Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteBatch, PersistMode, Readable,
+};
+use protobuf::Message as _;
+use raft::prelude::ConfState;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+/// Keys starting with this byte are the replica driver's; the state machine must not
+/// write them.
+pub const RESERVED_PREFIX: u8 = 0;
+const KEY_APPLIED: &[u8] = b"\0applied";
+const KEY_CONF_STATE: &[u8] = b"\0conf_state";
+const PEER_PREFIX: &[u8] = b"\0peer/";
+
+/// Handle to the current state-machine keyspace. Cloning is cheap.
+#[derive(Clone)]
+pub struct SmStore {
+    db: Database,
+    current: Arc<RwLock<(u64, Keyspace)>>,
+}
+
+/// Writes of one apply step, committed atomically together with the applied index.
+pub struct ApplyBatch {
+    batch: WriteBatch,
+    keyspace: Keyspace,
+}
+
+impl ApplyBatch {
+    /// Stages `key = value`. `key` must not start with [`RESERVED_PREFIX`].
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        let key = key.into();
+        debug_assert!(key.first() != Some(&RESERVED_PREFIX), "reserved key");
+        self.batch.insert(&self.keyspace, key, value.into());
+    }
+
+    /// Stages the removal of `key`.
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        let key = key.into();
+        debug_assert!(key.first() != Some(&RESERVED_PREFIX), "reserved key");
+        self.batch.remove(&self.keyspace, key);
+    }
+
+    /// Number of staged writes.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+}
+
+/// What the replica driver keeps next to the state machine's data.
+#[derive(Debug, Clone, Default)]
+pub struct AppliedState {
+    pub index: u64,
+    pub term: u64,
+    pub conf_state: ConfState,
+    /// Node id -> address of every peer that has been a member.
+    pub peers: BTreeMap<u64, String>,
+}
+
+impl SmStore {
+    pub(super) fn new(db: Database, gen: u64, keyspace: Keyspace) -> SmStore {
+        SmStore {
+            db,
+            current: Arc::new(RwLock::new((gen, keyspace))),
+        }
+    }
+
+    /// The current keyspace. Readers take it once per operation: a snapshot install
+    /// replaces it.
+    pub fn keyspace(&self) -> Keyspace {
+        self.current.read().expect("poisoned").1.clone()
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.current.read().expect("poisoned").0
+    }
+
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
+    }
+
+    /// Reads one state-machine key.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.keyspace().get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Starts a batch of state-machine writes.
+    pub fn batch(&self) -> ApplyBatch {
+        ApplyBatch {
+            batch: self.db.batch(),
+            keyspace: self.keyspace(),
+        }
+    }
+
+    /// Commits `batch` together with the new applied position (and, after a conf
+    /// change, the new conf state and peer address). Not fsynced: the Raft log is.
+    pub(crate) fn commit(
+        &self,
+        mut batch: ApplyBatch,
+        applied: (u64, u64),
+        conf: Option<(&ConfState, Option<(u64, &str)>)>,
+    ) -> Result<()> {
+        let ks = batch.keyspace.clone();
+        let mut pos = Vec::with_capacity(16);
+        pos.extend_from_slice(&applied.0.to_be_bytes());
+        pos.extend_from_slice(&applied.1.to_be_bytes());
+        batch.batch.insert(&ks, KEY_APPLIED, pos);
+        if let Some((cs, peer)) = conf {
+            batch
+                .batch
+                .insert(&ks, KEY_CONF_STATE, cs.write_to_bytes().expect("encode"));
+            if let Some((id, addr)) = peer {
+                batch.batch.insert(&ks, peer_key(id), addr.as_bytes());
+            }
+        }
+        batch.batch.commit()?;
+        Ok(())
+    }
+
+    /// Writes the initial membership of a brand-new group (durably).
+    pub(crate) fn bootstrap(
+        &self,
+        conf_state: &ConfState,
+        peers: &BTreeMap<u64, String>,
+    ) -> Result<()> {
+        let ks = self.keyspace();
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        batch.insert(
+            &ks,
+            KEY_CONF_STATE,
+            conf_state.write_to_bytes().expect("encode"),
+        );
+        for (id, addr) in peers {
+            batch.insert(&ks, peer_key(*id), addr.as_bytes());
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// Reads the driver's state as of the last committed apply.
+    pub(crate) fn applied_state(&self) -> Result<AppliedState> {
+        read_applied_state(&self.db.snapshot(), &self.keyspace())
+    }
+
+    /// Creates the keyspace of the next generation, for a snapshot being received.
+    pub(crate) fn create_staging(&self) -> Result<(u64, Keyspace)> {
+        let gen = self.generation() + 1;
+        let name = sm_keyspace_name(gen);
+        // A leftover of an earlier, abandoned transfer: start it afresh.
+        if self.db.keyspace_exists(&name) {
+            let stale = self.db.keyspace(&name, KeyspaceCreateOptions::default)?;
+            stale.clear()?;
+            return Ok((gen, stale));
+        }
+        Ok((
+            gen,
+            self.db.keyspace(&name, KeyspaceCreateOptions::default)?,
+        ))
+    }
+
+    /// Makes `keyspace` (generation `gen`) current and drops the old generation. The
+    /// caller has already made the switch durable in the `raft` keyspace.
+    pub(crate) fn switch_to(&self, gen: u64, keyspace: Keyspace) -> Result<()> {
+        let old = {
+            let mut current = self.current.write().expect("poisoned");
+            std::mem::replace(&mut *current, (gen, keyspace)).1
+        };
+        self.db.delete_keyspace(old)?;
+        Ok(())
+    }
+}
+
+pub(crate) fn read_applied_state(view: &impl Readable, ks: &Keyspace) -> Result<AppliedState> {
+    let mut state = AppliedState::default();
+    if let Some(raw) = view.get(ks, KEY_APPLIED)? {
+        if raw.len() != 16 {
+            return Err(StorageError::Corrupt {
+                what: "applied index",
+                detail: format!("{} bytes", raw.len()),
+            });
+        }
+        state.index = decode_u64(&raw[..8], "applied index")?;
+        state.term = decode_u64(&raw[8..], "applied term")?;
+    }
+    if let Some(raw) = view.get(ks, KEY_CONF_STATE)? {
+        state.conf_state =
+            ConfState::parse_from_bytes(&raw).map_err(|e| StorageError::Corrupt {
+                what: "conf state",
+                detail: e.to_string(),
+            })?;
+    }
+    for item in view.prefix(ks, PEER_PREFIX) {
+        let (key, value) = item.into_inner()?;
+        let id = decode_u64(&key[PEER_PREFIX.len()..], "peer id")?;
+        state
+            .peers
+            .insert(id, String::from_utf8_lossy(&value).into_owned());
+    }
+    Ok(state)
+}
+
+fn peer_key(id: u64) -> Vec<u8> {
+    let mut key = PEER_PREFIX.to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}

@@ -1,0 +1,355 @@
+//! Raft messages between the replicas of one group, over gRPC.
+//!
+//! Outbound: one task per peer drains a bounded queue and sends batches of messages;
+//! a full queue drops messages (Raft retransmits) and counts them; a failed send
+//! reports the peer unreachable to Raft and backs off. Snapshots are streamed on
+//! their own RPC in bounded chunks from a pinned engine snapshot.
+//!
+//! Inbound: [`RaftService`] hands messages to the replica driver through a bounded
+//! channel, and writes a received snapshot into a staging generation of the
+//! state-machine store before handing its Raft message to the driver.
+
+use crate::proto::raft_client::RaftClient;
+use crate::proto::raft_server::Raft;
+use crate::proto::{RaftAck, RaftBatch, SnapshotChunk, SnapshotRecord};
+use crate::storage::{OutgoingSnapshot, SmStore};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use protobuf::Message as _;
+use raft::prelude::Message;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Messages queued for one peer before further ones are dropped.
+const PEER_QUEUE: usize = 4096;
+/// Messages and bytes sent in one RPC at most.
+const MAX_BATCH_MESSAGES: usize = 512;
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Size of one snapshot chunk.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Largest gRPC message the Raft service accepts (a batch or a chunk, with slack for
+/// one maximal value).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// Events from the network queued for the driver before further ones are dropped.
+pub const EVENT_QUEUE: usize = 8192;
+
+/// What the network tells the replica driver.
+pub enum NetEvent {
+    Message(Message),
+    /// A snapshot was received and staged as state-machine generation `gen`; the
+    /// driver steps `message` and answers on `done` once it has been handled.
+    Snapshot {
+        message: Message,
+        gen: u64,
+        staged: fjall::Keyspace,
+        done: oneshot::Sender<()>,
+    },
+    Unreachable(u64),
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+}
+
+struct Peer {
+    addr: String,
+    queue: mpsc::Sender<Message>,
+    channel: Channel,
+}
+
+/// Outbound side of the Raft transport of one group.
+pub struct Transport {
+    group: u64,
+    events: mpsc::Sender<NetEvent>,
+    peers: Mutex<HashMap<u64, Peer>>,
+    dropped: AtomicU64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Transport {
+    /// Creates the transport of `group`; reports go to `events`. Must be called inside
+    /// the tokio runtime that should run the network tasks.
+    pub fn new(group: u64, events: mpsc::Sender<NetEvent>) -> Arc<Transport> {
+        Arc::new(Transport {
+            group,
+            events,
+            peers: Mutex::new(HashMap::new()),
+            dropped: AtomicU64::new(0),
+            runtime: tokio::runtime::Handle::current(),
+        })
+    }
+
+    /// Messages dropped so far because a peer's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Sets (or changes) the address of peer `id`.
+    pub fn set_peer(&self, id: u64, addr: &str) {
+        let mut peers = self.peers.lock().expect("poisoned");
+        if peers.get(&id).is_some_and(|p| p.addr == addr) {
+            return;
+        }
+        let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(5))
+                .tcp_nodelay(true),
+            Err(_) => return,
+        };
+        let _guard = self.runtime.enter();
+        let channel = endpoint.connect_lazy();
+        let (queue, rx) = mpsc::channel(PEER_QUEUE);
+        self.runtime.spawn(send_loop(
+            self.group,
+            id,
+            channel.clone(),
+            rx,
+            self.events.clone(),
+        ));
+        // Replacing the entry drops the old queue's sender, which ends its task.
+        peers.insert(
+            id,
+            Peer {
+                addr: addr.to_owned(),
+                queue,
+                channel,
+            },
+        );
+    }
+
+    /// Forgets peer `id` (after it left the group).
+    pub fn remove_peer(&self, id: u64) {
+        self.peers.lock().expect("poisoned").remove(&id);
+    }
+
+    /// Queues `msg` for its destination; never blocks.
+    pub fn send(&self, msg: Message) {
+        let to = msg.to;
+        let peers = self.peers.lock().expect("poisoned");
+        match peers.get(&to) {
+            Some(peer) => {
+                if peer.queue.try_send(msg).is_err() {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                drop(peers);
+                let _ = self.events.try_send(NetEvent::Unreachable(to));
+            }
+        }
+    }
+
+    /// Streams `snapshot` with its Raft message to the message's destination, and
+    /// reports the outcome to the driver.
+    pub fn send_snapshot(&self, msg: Message, snapshot: OutgoingSnapshot) {
+        let to = msg.to;
+        let channel = self
+            .peers
+            .lock()
+            .expect("poisoned")
+            .get(&to)
+            .map(|p| p.channel.clone());
+        let events = self.events.clone();
+        let group = self.group;
+        self.runtime.spawn(async move {
+            let ok = match channel {
+                Some(channel) => stream_snapshot(group, channel, msg, snapshot).await.is_ok(),
+                None => false,
+            };
+            let _ = events.send(NetEvent::SnapshotSent { to, ok }).await;
+        });
+    }
+}
+
+async fn send_loop(
+    group: u64,
+    peer: u64,
+    channel: Channel,
+    mut queue: mpsc::Receiver<Message>,
+    events: mpsc::Sender<NetEvent>,
+) {
+    let mut client = RaftClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let new_backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(20))
+            .with_max_delay(Duration::from_secs(1))
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = new_backoff();
+    while let Some(first) = queue.recv().await {
+        let mut messages = vec![first.write_to_bytes().expect("encode")];
+        let mut bytes = messages[0].len();
+        while messages.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(m) => {
+                    let raw = m.write_to_bytes().expect("encode");
+                    bytes += raw.len();
+                    messages.push(raw);
+                }
+                Err(_) => break,
+            }
+        }
+        match client.send(RaftBatch { group, messages }).await {
+            Ok(_) => backoff = new_backoff(),
+            Err(_) => {
+                let _ = events.try_send(NetEvent::Unreachable(peer));
+                let delay = backoff.next().unwrap_or(Duration::from_secs(1));
+                tokio::time::sleep(delay).await;
+                // Messages that waited out the backoff are stale; Raft resends.
+                while queue.try_recv().is_ok() {}
+            }
+        }
+    }
+}
+
+async fn stream_snapshot(
+    group: u64,
+    channel: Channel,
+    msg: Message,
+    snapshot: OutgoingSnapshot,
+) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(2);
+    let first = SnapshotChunk {
+        group,
+        message: msg.write_to_bytes()?,
+        records: Vec::new(),
+    };
+    let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        tx.blocking_send(first)?;
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        for item in snapshot.records() {
+            let (key, value) = item?;
+            bytes += key.len() + value.len();
+            records.push(SnapshotRecord { key, value });
+            if bytes >= SNAPSHOT_CHUNK_BYTES {
+                let chunk = SnapshotChunk {
+                    group,
+                    message: Vec::new(),
+                    records: std::mem::take(&mut records),
+                };
+                tx.blocking_send(chunk)?;
+                bytes = 0;
+            }
+        }
+        if !records.is_empty() {
+            tx.blocking_send(SnapshotChunk {
+                group,
+                message: Vec::new(),
+                records,
+            })?;
+        }
+        Ok(())
+    });
+    let mut client = RaftClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let sent = client.install_snapshot(ReceiverStream::new(rx)).await;
+    reader.await??;
+    sent?;
+    Ok(())
+}
+
+/// Inbound side: the `Raft` gRPC service of one group.
+pub struct RaftService {
+    group: u64,
+    events: mpsc::Sender<NetEvent>,
+    store: SmStore,
+    /// One snapshot is received at a time.
+    receiving: tokio::sync::Mutex<()>,
+}
+
+impl RaftService {
+    pub fn new(group: u64, events: mpsc::Sender<NetEvent>, store: SmStore) -> RaftService {
+        RaftService {
+            group,
+            events,
+            store,
+            receiving: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn check_group(&self, group: u64) -> Result<(), Status> {
+        if group != self.group {
+            return Err(Status::failed_precondition(format!(
+                "this node serves Raft group {}, not {group}",
+                self.group
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn decode_message(raw: &[u8]) -> Result<Message, Status> {
+    Message::parse_from_bytes(raw)
+        .map_err(|e| Status::invalid_argument(format!("bad Raft message: {e}")))
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let batch = request.into_inner();
+        self.check_group(batch.group)?;
+        for raw in &batch.messages {
+            let msg = decode_message(raw)?;
+            if self.events.try_send(NetEvent::Message(msg)).is_err() {
+                // The driver is overloaded or stopped: drop, Raft retransmits.
+                break;
+            }
+        }
+        Ok(Response::new(RaftAck {}))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        let _one_at_a_time = self
+            .receiving
+            .try_lock()
+            .map_err(|_| Status::resource_exhausted("already receiving a snapshot"))?;
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        self.check_group(first.group)?;
+        let message = decode_message(&first.message)?;
+        let (gen, staged) = self.store.create_staging().map_err(internal)?;
+        let db = self.store.database().clone();
+        let write = |records: Vec<SnapshotRecord>| -> Result<(), Status> {
+            let mut batch = db.batch();
+            for r in records {
+                batch.insert(&staged, r.key, r.value);
+            }
+            batch.commit().map_err(|e| internal(e.into()))
+        };
+        write(first.records)?;
+        while let Some(chunk) = stream.message().await? {
+            write(chunk.records)?;
+        }
+        let (done, handled) = oneshot::channel();
+        self.events
+            .send(NetEvent::Snapshot {
+                message,
+                gen,
+                staged,
+                done,
+            })
+            .await
+            .map_err(|_| Status::unavailable("replica stopped"))?;
+        handled
+            .await
+            .map_err(|_| Status::unavailable("replica stopped"))?;
+        Ok(Response::new(RaftAck {}))
+    }
+}
+
+fn internal(e: crate::storage::StorageError) -> Status {
+    Status::internal(e.to_string())
+}
