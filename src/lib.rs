@@ -13,5 +13,9 @@ pub mod status;
 pub mod storage;
 pub mod transport;
 
+#[path = "../client/mod.rs"]
+pub mod client;
+#[path = "../kvnode/mod.rs"]
+pub mod kvnode;
 #[path = "../shardmaster/mod.rs"]
 pub mod shardmaster;

@@ -391,63 +391,58 @@ impl<S: StateMachine> Driver<S> {
         Ok(())
     }
 
+    /// Applies committed entries one at a time, committing each entry's writes with
+    /// its index before the next: a state machine that reads while applying then sees
+    /// every earlier entry, however entries were grouped into Readys (which differs
+    /// between replicas). These commits are not fsynced; the log is.
     fn apply(&mut self, entries: Vec<Entry>) -> anyhow::Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
-        // (index, term) of the last entry whose effects are in `batch`.
-        let mut position = (self.applied, 0);
-        let mut responses = Vec::new();
-        let mut batch = self.sm_store.batch();
         let sm_lock = self.sm.clone();
-        let mut sm = sm_lock.write().expect("poisoned");
         for entry in entries {
+            let position = (entry.index, entry.term);
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
-                    let response = (!entry.data.is_empty())
-                        .then(|| sm.apply(entry.index, &entry.data, &mut batch));
-                    responses.push((entry.index, entry.term, response));
-                    position = (entry.index, entry.term);
+                    let mut batch = self.sm_store.batch();
+                    let response = (!entry.data.is_empty()).then(|| {
+                        let mut sm = sm_lock.write().expect("poisoned");
+                        sm.apply(entry.index, &entry.data, &mut batch)
+                    });
+                    self.sm_store.commit(batch, position, None)?;
+                    self.applied = entry.index;
+                    self.answer(entry.index, entry.term, response);
                 }
                 EntryType::EntryConfChange => {
-                    // A conf change is committed on its own, after what precedes it.
-                    let before = std::mem::replace(&mut batch, self.sm_store.batch());
-                    if !before.is_empty() {
-                        self.sm_store.commit(before, position, None)?;
-                    }
                     let result = self.apply_conf_change(&entry)?;
+                    self.applied = entry.index;
                     self.answer_conf_change(entry.index, entry.term, result);
-                    position = (entry.index, entry.term);
                 }
                 EntryType::EntryConfChangeV2 => {
                     anyhow::bail!("joint-consensus conf changes are not proposed by this driver")
                 }
             }
         }
-        drop(sm);
-        if position.1 != 0 {
-            self.sm_store.commit(batch, position, None)?;
-        }
-        self.applied = position.0;
-        for (index, term, response) in responses {
-            let Some((proposed_term, pending)) = self.pending.remove(&index) else {
-                continue;
-            };
-            let result = match response {
-                Some(r) if proposed_term == term => Ok(r),
-                // Another leader's entry took this index: ours was lost.
-                _ => Err(self.not_leader()),
-            };
-            match pending {
-                Pending::Command(reply) => drop(reply.send(result)),
-                Pending::ConfChange(reply) => {
-                    let _ = reply.send(Err(ReplicaError::ConfChange(
-                        "another membership change was in progress".into(),
-                    )));
-                }
+        Ok(())
+    }
+
+    fn answer(&mut self, index: u64, term: u64, response: Option<S::Response>) {
+        let Some((proposed_term, pending)) = self.pending.remove(&index) else {
+            return;
+        };
+        let result = match response {
+            Some(r) if proposed_term == term => Ok(r),
+            // Another leader's entry took this index: ours was lost.
+            _ => Err(self.not_leader()),
+        };
+        match pending {
+            Pending::Command(reply) => drop(reply.send(result)),
+            Pending::ConfChange(reply) => {
+                let _ = reply.send(Err(ReplicaError::ConfChange(
+                    "another membership change was in progress".into(),
+                )));
             }
         }
-        Ok(())
     }
 
     fn apply_conf_change(&mut self, entry: &Entry) -> anyhow::Result<Result<ConfState, String>> {

@@ -1,0 +1,4 @@
+//! Clients of shardkv's servers.
+
+pub mod master;
+pub mod retry;

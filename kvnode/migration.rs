@@ -1,0 +1,204 @@
+//! The leader's background work: follow the shard master's configurations one at a
+//! time, pull ranges this group gained, tell old owners to drop what was pulled, and
+//! delete ranges other groups have taken. Every step is a proposal through the
+//! group's log, so a new leader resumes where the old one stopped.
+
+use super::state::KvState;
+use crate::client::master::MasterClient;
+use crate::proto::kv_command::Command;
+use crate::proto::range_transfer_client::RangeTransferClient;
+use crate::proto::{
+    HeldRange, InstallChunk, KvCommand, Node, PullRequest, RangeOp, RangeState, ReleaseRequest,
+};
+use crate::replica::{Replica, Role};
+use anyhow::Context;
+use prost::Message;
+use slog::{debug, info, Logger};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Bytes of records asked for per pull.
+const PULL_CHUNK_BYTES: u32 = 1 << 20;
+/// Garbage-collection commands per range per step, so other work is not starved.
+const DELETE_CHUNKS_PER_STEP: usize = 64;
+
+/// Runs forever, doing work only while this replica leads its group.
+pub async fn run_migrations(
+    replica: Replica<KvState>,
+    masters: Arc<MasterClient>,
+    interval: Duration,
+    logger: Logger,
+) {
+    let mut worker = Worker {
+        replica,
+        masters,
+        channels: HashMap::new(),
+        logger,
+    };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if worker.replica.status().role != Role::Leader {
+            continue;
+        }
+        if let Err(e) = worker.step().await {
+            debug!(worker.logger, "migration step incomplete"; "error" => format!("{e:#}"));
+        }
+    }
+}
+
+struct Worker {
+    replica: Replica<KvState>,
+    masters: Arc<MasterClient>,
+    channels: HashMap<String, Channel>,
+    logger: Logger,
+}
+
+impl Worker {
+    async fn step(&mut self) -> anyhow::Result<()> {
+        let (settled, num, held) = {
+            let state = self.replica.state();
+            (state.settled(), state.config().num, state.held().to_vec())
+        };
+        if settled {
+            // A configuration that does not exist yet is an error answer: nothing to do.
+            if let Ok(next) = self.masters.query(Some(num + 1)).await {
+                info!(self.logger, "moving to configuration"; "num" => next.num);
+                self.propose(Command::Config(next)).await?;
+            }
+            return Ok(());
+        }
+        for range in &held {
+            match range.state() {
+                RangeState::Pulling => self.pull(range).await?,
+                RangeState::Serving if range.release_pending => self.release(range).await?,
+                RangeState::Garbage => self.collect(range).await?,
+                RangeState::Serving | RangeState::Frozen => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn propose(&self, command: Command) -> anyhow::Result<()> {
+        let encoded = KvCommand {
+            command: Some(command),
+        }
+        .encode_to_vec();
+        self.replica
+            .propose(encoded)
+            .await?
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        Ok(())
+    }
+
+    fn channel(&mut self, addr: &str) -> anyhow::Result<Channel> {
+        if let Some(c) = self.channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(10))
+            .connect_lazy();
+        self.channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Calls `call` on each node of `nodes` in turn until one answers.
+    async fn call_any<T, F, Fut>(&mut self, nodes: &[Node], call: F) -> anyhow::Result<T>
+    where
+        F: Fn(RangeTransferClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last_error = anyhow::anyhow!("the group has no nodes");
+        for node in nodes {
+            let client = RangeTransferClient::new(self.channel(&node.addr)?)
+                .max_decoding_message_size(crate::transport::MAX_MESSAGE_BYTES);
+            match call(client).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(e) => {
+                    last_error =
+                        anyhow::anyhow!("node {} at {}: {}", node.id, node.addr, e.message())
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    fn op(range: &HeldRange) -> RangeOp {
+        RangeOp {
+            config_num: range.config_num,
+            range: range.range.clone(),
+        }
+    }
+
+    /// Pulls a range from its previous owner chunk by chunk, installing each through
+    /// the log, resuming after the last installed key.
+    async fn pull(&mut self, held: &HeldRange) -> anyhow::Result<()> {
+        let mut cursor = held.cursor.clone();
+        loop {
+            let request = PullRequest {
+                config_num: held.config_num,
+                range: held.range.clone(),
+                cursor: cursor.clone(),
+                max_bytes: PULL_CHUNK_BYTES,
+            };
+            let reply = self
+                .call_any(&held.peer_nodes, |mut c| {
+                    let request = request.clone();
+                    async move { c.pull(request).await }
+                })
+                .await
+                .with_context(|| format!("pulling from group {}", held.peer_gid))?;
+            if let Some(last) = reply.records.last() {
+                cursor = last.key.clone();
+                self.propose(Command::Install(InstallChunk {
+                    config_num: held.config_num,
+                    range: held.range.clone(),
+                    records: reply.records,
+                }))
+                .await?;
+            }
+            if reply.done {
+                self.propose(Command::FinishPull(Self::op(held))).await?;
+                info!(self.logger, "range arrived"; "range" => held.range.as_ref().map(|r| r.to_string()), "from" => held.peer_gid);
+                return Ok(());
+            }
+        }
+    }
+
+    /// Tells the previous owner it may drop its copy, then records that it was told.
+    async fn release(&mut self, held: &HeldRange) -> anyhow::Result<()> {
+        let request = ReleaseRequest {
+            config_num: held.config_num,
+            range: held.range.clone(),
+        };
+        self.call_any(&held.peer_nodes, |mut c| {
+            let request = request.clone();
+            async move { c.release(request).await }
+        })
+        .await
+        .with_context(|| format!("releasing to group {}", held.peer_gid))?;
+        self.propose(Command::Released(Self::op(held))).await
+    }
+
+    /// Deletes a garbage range in bounded chunks through the log.
+    async fn collect(&mut self, held: &HeldRange) -> anyhow::Result<()> {
+        for _ in 0..DELETE_CHUNKS_PER_STEP {
+            self.propose(Command::DeleteChunk(Self::op(held))).await?;
+            let gone = !self
+                .replica
+                .state()
+                .held()
+                .iter()
+                .any(|h| h.range == held.range && h.state() == RangeState::Garbage);
+            if gone {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,14 @@
+//! kvnode: a member of one replica group. The group's Raft log orders client writes,
+//! configuration changes and range transfers; its state machine ([`KvState`]) holds
+//! the ordered data of the ranges the group owns.
+
+mod migration;
+mod service;
+mod state;
+
+pub use migration::run_migrations;
+pub use service::{KvService, Limits, TransferService};
+pub use state::{KvError, KvState};
+
+/// gRPC names of the services, for health reporting.
+pub const SERVICE_NAMES: &[&str] = &["shardkv.v1.Kv", "shardkv.v1.RangeTransfer"];

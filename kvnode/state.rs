@@ -1,0 +1,661 @@
+//! A kv group's replicated state machine: the ordered data, the configuration the
+//! group has applied, the ranges it holds (and their transfer state), and the client
+//! sessions that make retried writes apply once.
+//!
+//! Stored keys: `d` + user key -> value; `s` + client id -> `ClientSession`;
+//! `mconfig` -> `Config`; `mheld` -> `HeldRanges`. Data keys sort before session keys,
+//! so a range transfer streams a range's data and then the sessions, in key order.
+
+use crate::proto::kv_command::Command;
+use crate::proto::kv_reply::Reply;
+use crate::proto::{
+    ClientSession, CompareAndSwapReply, Config, DeleteReply, HeldRange, HeldRanges, KeyRange,
+    KeyValue, KvCommand, KvReply, PutReply, RangeOp, RangeState, RequestId, SessionEntry,
+};
+use crate::replica::StateMachine;
+use crate::storage::{ApplyBatch, SmStore};
+use prost::Message;
+use std::ops::Bound;
+
+const DATA: u8 = b'd';
+const SESSION: u8 = b's';
+const KEY_CONFIG: &[u8] = b"mconfig";
+const KEY_HELD: &[u8] = b"mheld";
+/// Replies remembered per client (its writes in flight at once).
+const MAX_SESSION_ENTRIES: usize = 256;
+/// A client silent for this many log entries is forgotten.
+const SESSION_TTL_ENTRIES: u64 = 1_000_000;
+/// Every this many entries, idle sessions are expired.
+const SESSION_SWEEP_EVERY: u64 = 8192;
+/// Keys deleted per garbage-collection command.
+pub const DELETE_CHUNK_KEYS: usize = 1024;
+
+/// Why a write was not applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvError {
+    /// The key is not served by this group in its configuration `config_num`.
+    WrongGroup { config_num: u64 },
+    /// The client already acknowledged this write's reply, so this is a stale copy.
+    Superseded { seq: u64 },
+    /// The command could not be decoded.
+    Malformed,
+}
+
+pub type KvResult = Result<KvReply, KvError>;
+
+/// One page of a scan: the pairs and where to resume (empty when done).
+pub type ScanPage = (Vec<KeyValue>, Vec<u8>);
+
+fn data_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(DATA);
+    k.extend_from_slice(key);
+    k
+}
+
+fn session_key(client: u64) -> Vec<u8> {
+    let mut k = vec![SESSION];
+    k.extend_from_slice(&client.to_be_bytes());
+    k
+}
+
+/// Storage-key bounds of a user key range's data.
+fn data_bounds(range: &KeyRange) -> (Vec<u8>, Bound<Vec<u8>>) {
+    let end = if range.end.is_empty() {
+        Bound::Excluded(vec![DATA + 1])
+    } else {
+        Bound::Excluded(data_key(&range.end))
+    };
+    (data_key(&range.start), end)
+}
+
+fn same_range(a: &Option<KeyRange>, b: &KeyRange) -> bool {
+    a.as_ref() == Some(b)
+}
+
+/// The state of one kv group.
+pub struct KvState {
+    gid: u64,
+    store: Option<SmStore>,
+    config: Config,
+    held: Vec<HeldRange>,
+}
+
+impl KvState {
+    pub fn new(gid: u64) -> KvState {
+        KvState {
+            gid,
+            store: None,
+            config: Config::initial(),
+            held: Vec::new(),
+        }
+    }
+
+    fn store(&self) -> &SmStore {
+        self.store.as_ref().expect("restored before use")
+    }
+
+    /// This group's id.
+    pub fn gid(&self) -> u64 {
+        self.gid
+    }
+
+    /// The configuration this group has applied.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The ranges this group holds data for, in key order.
+    pub fn held(&self) -> &[HeldRange] {
+        &self.held
+    }
+
+    /// True when every held range is served and every previous owner has been told to
+    /// drop its copy: the group may move to the next configuration.
+    pub fn settled(&self) -> bool {
+        self.held
+            .iter()
+            .all(|h| h.state() == RangeState::Serving && !h.release_pending)
+    }
+
+    /// The served range containing `key`, or the wrong-group error.
+    pub fn serving_range(&self, key: &[u8]) -> Result<&KeyRange, KvError> {
+        self.held
+            .iter()
+            .filter(|h| h.state() == RangeState::Serving)
+            .filter_map(|h| h.range.as_ref())
+            .find(|r| r.contains(key))
+            .ok_or(KvError::WrongGroup {
+                config_num: self.config.num,
+            })
+    }
+
+    /// Reads `key` (the caller has established a linearizable read point).
+    pub fn get(&self, key: &[u8]) -> anyhow::Result<Result<Option<Vec<u8>>, KvError>> {
+        if let Err(e) = self.serving_range(key) {
+            return Ok(Err(e));
+        }
+        Ok(Ok(self.store().get(&data_key(key))?))
+    }
+
+    /// Up to `limit` pairs of `[start, end)` within the served range containing
+    /// `start`, and where to resume (empty when `[start, end)` is exhausted).
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> anyhow::Result<Result<ScanPage, KvError>> {
+        let range = match self.serving_range(start) {
+            Ok(r) => r.clone(),
+            Err(e) => return Ok(Err(e)),
+        };
+        // Stop at whichever comes first: the request's end or the range's.
+        let (stop, resume_at_range_end) = match (end.is_empty(), range.end.is_empty()) {
+            (_, true) => (end.to_vec(), false),
+            (true, false) => (range.end.clone(), true),
+            (false, false) if range.end.as_slice() < end => (range.end.clone(), true),
+            (false, false) => (end.to_vec(), false),
+        };
+        let bounds = data_bounds(&KeyRange {
+            start: start.to_vec(),
+            end: stop,
+        });
+        let mut pairs = Vec::new();
+        for item in self
+            .store()
+            .keyspace()
+            .range::<Vec<u8>, _>((Bound::Included(bounds.0), bounds.1))
+        {
+            let (k, v) = item.into_inner()?;
+            if pairs.len() == limit {
+                // Resume at the first key not returned.
+                return Ok(Ok((pairs, k[1..].to_vec())));
+            }
+            pairs.push(KeyValue {
+                key: k[1..].to_vec(),
+                value: v.to_vec(),
+            });
+        }
+        let resume = if resume_at_range_end {
+            range.end
+        } else {
+            Vec::new()
+        };
+        Ok(Ok((pairs, resume)))
+    }
+
+    /// The records of a FROZEN range after `cursor`, for its new owner: the range's
+    /// data, then every client session. `Err` says why the range cannot be pulled.
+    pub fn pull(
+        &self,
+        config_num: u64,
+        range: &KeyRange,
+        cursor: &[u8],
+        max_bytes: usize,
+    ) -> anyhow::Result<Result<(Vec<KeyValue>, bool), String>> {
+        let frozen = self.held.iter().any(|h| {
+            h.state() == RangeState::Frozen
+                && h.config_num == config_num
+                && same_range(&h.range, range)
+        });
+        if !frozen {
+            return Ok(Err(if self.config.num < config_num {
+                format!(
+                    "group {} has not applied configuration {config_num} yet",
+                    self.gid
+                )
+            } else {
+                format!(
+                    "group {} holds no frozen range {range} of configuration {config_num}",
+                    self.gid
+                )
+            }));
+        }
+        let ks = self.store().keyspace();
+        let after = |lower: Vec<u8>| -> Bound<Vec<u8>> {
+            if !cursor.is_empty() && cursor >= lower.as_slice() {
+                Bound::Excluded(cursor.to_vec())
+            } else {
+                Bound::Included(lower)
+            }
+        };
+        let (data_start, data_end) = data_bounds(range);
+        let segments = [
+            (after(data_start), data_end),
+            (after(vec![SESSION]), Bound::Excluded(vec![SESSION + 1])),
+        ];
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        for (lower, upper) in segments {
+            for item in ks.range::<Vec<u8>, _>((lower, upper)) {
+                let (k, v) = item.into_inner()?;
+                bytes += k.len() + v.len();
+                records.push(KeyValue {
+                    key: k.to_vec(),
+                    value: v.to_vec(),
+                });
+                if bytes >= max_bytes {
+                    return Ok(Ok((records, false)));
+                }
+            }
+        }
+        Ok(Ok((records, true)))
+    }
+
+    fn session(&self, client: u64) -> anyhow::Result<ClientSession> {
+        Ok(match self.store().get(&session_key(client))? {
+            Some(raw) => ClientSession::decode(raw.as_slice())?,
+            None => ClientSession::default(),
+        })
+    }
+
+    fn save_held(&self, batch: &mut ApplyBatch) {
+        batch.put(
+            KEY_HELD,
+            HeldRanges {
+                ranges: self.held.clone(),
+            }
+            .encode_to_vec(),
+        );
+    }
+
+    /// Applies a client write: checks ownership, answers a retry from the session,
+    /// otherwise runs `write` and remembers its reply.
+    fn client_write(
+        &self,
+        index: u64,
+        key: &[u8],
+        id: Option<RequestId>,
+        batch: &mut ApplyBatch,
+        write: impl FnOnce(&SmStore, &mut ApplyBatch) -> anyhow::Result<Reply>,
+    ) -> anyhow::Result<KvResult> {
+        if let Err(e) = self.serving_range(key) {
+            return Ok(Err(e));
+        }
+        let id = id.unwrap_or_default();
+        if id.client_id == 0 {
+            let reply = write(self.store(), batch)?;
+            return Ok(Ok(KvReply { reply: Some(reply) }));
+        }
+        let mut session = self.session(id.client_id)?;
+        if id.seq < session.first_incomplete {
+            return Ok(Err(KvError::Superseded { seq: id.seq }));
+        }
+        if let Some(entry) = session.entries.iter().find(|e| e.seq == id.seq) {
+            return Ok(Ok(entry.reply.clone().unwrap_or_default()));
+        }
+        let reply = KvReply {
+            reply: Some(write(self.store(), batch)?),
+        };
+        session.first_incomplete = session.first_incomplete.max(id.first_incomplete);
+        let floor = session.first_incomplete;
+        session.entries.retain(|e| e.seq >= floor);
+        session.entries.push(SessionEntry {
+            seq: id.seq,
+            reply: Some(reply.clone()),
+        });
+        if session.entries.len() > MAX_SESSION_ENTRIES {
+            session.entries.sort_by_key(|e| e.seq);
+            session.entries.remove(0);
+        }
+        session.last_index = index;
+        batch.put(session_key(id.client_id), session.encode_to_vec());
+        Ok(Ok(reply))
+    }
+
+    fn apply_command(
+        &mut self,
+        index: u64,
+        command: Command,
+        batch: &mut ApplyBatch,
+    ) -> anyhow::Result<KvResult> {
+        let done = Ok(Ok(KvReply::default()));
+        match command {
+            Command::Put(r) => self.client_write(index, &r.key, r.id, batch, |_, batch| {
+                batch.put(data_key(&r.key), r.value);
+                Ok(Reply::Put(PutReply {}))
+            }),
+            Command::Delete(r) => self.client_write(index, &r.key, r.id, batch, |store, batch| {
+                let key = data_key(&r.key);
+                let existed = store.get(&key)?.is_some();
+                batch.delete(key);
+                Ok(Reply::Delete(DeleteReply { existed }))
+            }),
+            Command::Cas(r) => self.client_write(index, &r.key, r.id, batch, |store, batch| {
+                let key = data_key(&r.key);
+                let current = store.get(&key)?;
+                if current != r.expected {
+                    return Ok(Reply::Cas(CompareAndSwapReply {
+                        swapped: false,
+                        found: current.is_some(),
+                        current: current.unwrap_or_default(),
+                    }));
+                }
+                match &r.value {
+                    Some(v) => batch.put(key, v.clone()),
+                    None => batch.delete(key),
+                }
+                Ok(Reply::Cas(CompareAndSwapReply {
+                    swapped: true,
+                    found: r.value.is_some(),
+                    current: r.value.unwrap_or_default(),
+                }))
+            }),
+            Command::Config(next) => {
+                self.apply_config(next, batch);
+                done
+            }
+            Command::Install(chunk) => {
+                let range = chunk.range.unwrap_or_default();
+                let Some(h) = self.find_held(RangeState::Pulling, chunk.config_num, &range) else {
+                    return done; // a duplicate, or a chunk of a finished transfer
+                };
+                let Some(last) = chunk.records.last() else {
+                    return done;
+                };
+                let cursor = last.key.clone();
+                for record in chunk.records {
+                    match record.key.first() {
+                        Some(&DATA) if range.contains(&record.key[1..]) => {
+                            batch.put(record.key, record.value)
+                        }
+                        Some(&SESSION) => self.merge_session(index, record, batch)?,
+                        _ => {} // not part of this range: ignore rather than corrupt
+                    }
+                }
+                self.held[h].cursor = cursor;
+                self.save_held(batch);
+                done
+            }
+            Command::FinishPull(op) => {
+                if let Some(h) = self.find_op(RangeState::Pulling, &op) {
+                    let held = &mut self.held[h];
+                    held.set_state(RangeState::Serving);
+                    held.cursor.clear();
+                    held.release_pending = true;
+                    self.save_held(batch);
+                }
+                done
+            }
+            Command::Release(op) => {
+                if let Some(h) = self.find_op(RangeState::Frozen, &op) {
+                    self.held[h].set_state(RangeState::Garbage);
+                    self.save_held(batch);
+                }
+                done
+            }
+            Command::Released(op) => {
+                let range = op.range.unwrap_or_default();
+                if let Some(h) = self.held.iter().position(|h| {
+                    h.release_pending
+                        && h.config_num == op.config_num
+                        && same_range(&h.range, &range)
+                }) {
+                    self.held[h].release_pending = false;
+                    self.save_held(batch);
+                }
+                done
+            }
+            Command::DeleteChunk(op) => {
+                let Some(h) = self.find_op(RangeState::Garbage, &op) else {
+                    return done;
+                };
+                let (start, end) = data_bounds(self.held[h].range.as_ref().expect("set"));
+                let keys: Vec<Vec<u8>> = self
+                    .store()
+                    .keyspace()
+                    .range::<Vec<u8>, _>((Bound::Included(start), end))
+                    .take(DELETE_CHUNK_KEYS)
+                    .map(|item| item.key().map(|k| k.to_vec()))
+                    .collect::<Result<_, _>>()?;
+                let finished = keys.len() < DELETE_CHUNK_KEYS;
+                for key in keys {
+                    batch.delete(key);
+                }
+                if finished {
+                    self.held.remove(h);
+                    self.save_held(batch);
+                }
+                done
+            }
+        }
+    }
+
+    fn find_held(&self, state: RangeState, config_num: u64, range: &KeyRange) -> Option<usize> {
+        self.held.iter().position(|h| {
+            h.state() == state && h.config_num == config_num && same_range(&h.range, range)
+        })
+    }
+
+    fn find_op(&self, state: RangeState, op: &RangeOp) -> Option<usize> {
+        self.find_held(state, op.config_num, op.range.as_ref()?)
+    }
+
+    /// Merges a client session pulled from a range's previous owner: a write answered
+    /// there must not be applied again here.
+    fn merge_session(
+        &self,
+        index: u64,
+        record: KeyValue,
+        batch: &mut ApplyBatch,
+    ) -> anyhow::Result<()> {
+        let Ok(client) = <[u8; 8]>::try_from(&record.key[1..]) else {
+            return Ok(());
+        };
+        let client = u64::from_be_bytes(client);
+        let incoming = ClientSession::decode(record.value.as_slice())?;
+        let mut session = self.session(client)?;
+        session.first_incomplete = session.first_incomplete.max(incoming.first_incomplete);
+        for entry in incoming.entries {
+            if !session.entries.iter().any(|e| e.seq == entry.seq) {
+                session.entries.push(entry);
+            }
+        }
+        let floor = session.first_incomplete;
+        session.entries.retain(|e| e.seq >= floor);
+        session.entries.sort_by_key(|e| e.seq);
+        let excess = session.entries.len().saturating_sub(MAX_SESSION_ENTRIES);
+        session.entries.drain(..excess);
+        session.last_index = index;
+        batch.put(record.key, session.encode_to_vec());
+        Ok(())
+    }
+
+    /// Moves to configuration `next` if it is the one after ours and every transfer of
+    /// the current one is complete. The held ranges are recomputed from the two
+    /// configurations alone, so both sides of a transfer cut identical ranges.
+    fn apply_config(&mut self, next: Config, batch: &mut ApplyBatch) {
+        if next.num != self.config.num + 1 || !self.settled() {
+            return; // a duplicate or stale proposal
+        }
+        self.held = held_ranges(self.gid, &self.config, &next);
+        self.config = next;
+        batch.put(KEY_CONFIG, self.config.encode_to_vec());
+        self.save_held(batch);
+    }
+
+    fn sweep_sessions(&self, index: u64, batch: &mut ApplyBatch) -> anyhow::Result<()> {
+        for item in self.store().keyspace().prefix([SESSION]) {
+            let (key, value) = item.into_inner()?;
+            let session = ClientSession::decode(&*value)?;
+            if session.last_index + SESSION_TTL_ENTRIES < index {
+                batch.delete(key.to_vec());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ranges group `gid` holds in configuration `next`, coming from `prev`.
+pub fn held_ranges(gid: u64, prev: &Config, next: &Config) -> Vec<HeldRange> {
+    // Cut the key space at every bound of either configuration; each piece then has
+    // one owner before and one after.
+    let mut bounds: Vec<&[u8]> = prev
+        .ranges
+        .iter()
+        .chain(&next.ranges)
+        .filter_map(|r| r.range.as_ref())
+        .map(|r| r.start.as_slice())
+        .collect();
+    bounds.sort();
+    bounds.dedup();
+    let mut held: Vec<HeldRange> = Vec::new();
+    for (i, start) in bounds.iter().enumerate() {
+        let end = bounds.get(i + 1).map(|b| b.to_vec()).unwrap_or_default();
+        let (old, new) = (prev.owner(start).1, next.owner(start).1);
+        let (state, peer) = match (old == gid, new == gid) {
+            (true, true) => (RangeState::Serving, 0),
+            (true, false) => (RangeState::Frozen, new),
+            (false, true) if old == 0 => (RangeState::Serving, 0),
+            (false, true) => (RangeState::Pulling, old),
+            (false, false) => continue,
+        };
+        let peer_config = if state == RangeState::Frozen {
+            next
+        } else {
+            prev
+        };
+        let piece = HeldRange {
+            range: Some(KeyRange {
+                start: start.to_vec(),
+                end,
+            }),
+            state: state as i32,
+            config_num: next.num,
+            peer_gid: peer,
+            peer_nodes: peer_config
+                .group(peer)
+                .map(|g| g.nodes.clone())
+                .unwrap_or_default(),
+            cursor: Vec::new(),
+            release_pending: false,
+        };
+        // Merge with the previous piece when it is contiguous and identical in kind.
+        if let Some(last) = held.last_mut() {
+            let last_range = last.range.as_mut().expect("set");
+            if last_range.end.as_slice() == *start
+                && last.state == piece.state
+                && last.peer_gid == piece.peer_gid
+            {
+                last_range.end = piece.range.expect("set").end;
+                continue;
+            }
+        }
+        held.push(piece);
+    }
+    held
+}
+
+impl StateMachine for KvState {
+    type Response = KvResult;
+
+    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> KvResult {
+        let Some(command) = KvCommand::decode(command).ok().and_then(|c| c.command) else {
+            return Err(KvError::Malformed);
+        };
+        if index.is_multiple_of(SESSION_SWEEP_EVERY) {
+            self.sweep_sessions(index, batch)
+                .expect("storage failure while expiring sessions");
+        }
+        // A storage failure here cannot be answered deterministically: stop the node.
+        self.apply_command(index, command, batch)
+            .expect("storage failure while applying a command")
+    }
+
+    fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {
+        self.config = match store.get(KEY_CONFIG)? {
+            Some(raw) => Config::decode(raw.as_slice())?,
+            None => Config::initial(),
+        };
+        self.held = match store.get(KEY_HELD)? {
+            Some(raw) => HeldRanges::decode(raw.as_slice())?.ranges,
+            None => Vec::new(),
+        };
+        self.store = Some(store.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{Group, Node, RangeAssignment};
+
+    fn config(num: u64, bounds: &[&str], owners: &[u64]) -> Config {
+        let mut starts: Vec<Vec<u8>> = vec![Vec::new()];
+        starts.extend(bounds.iter().map(|b| b.as_bytes().to_vec()));
+        let groups = [1u64, 2, 3]
+            .iter()
+            .map(|gid| Group {
+                gid: *gid,
+                nodes: vec![Node {
+                    id: 1,
+                    addr: format!("127.0.0.1:{gid}"),
+                }],
+            })
+            .collect();
+        Config {
+            num,
+            ranges: starts
+                .iter()
+                .enumerate()
+                .map(|(i, s)| RangeAssignment {
+                    range: Some(KeyRange {
+                        start: s.clone(),
+                        end: starts.get(i + 1).cloned().unwrap_or_default(),
+                    }),
+                    gid: owners[i],
+                })
+                .collect(),
+            groups,
+        }
+    }
+
+    fn summary(held: &[HeldRange]) -> Vec<(String, RangeState, u64)> {
+        held.iter()
+            .map(|h| (h.range.as_ref().unwrap().to_string(), h.state(), h.peer_gid))
+            .collect()
+    }
+
+    #[test]
+    fn first_configuration_serves_without_pulling() {
+        let held = held_ranges(1, &Config::initial(), &config(1, &[], &[1]));
+        assert_eq!(
+            summary(&held),
+            vec![("[\"\", +inf)".into(), RangeState::Serving, 0)]
+        );
+    }
+
+    #[test]
+    fn moved_ranges_freeze_at_the_source_and_pull_at_the_destination() {
+        let before = config(4, &["g", "n", "t"], &[1, 1, 1, 1]);
+        let after = config(5, &["g", "n", "t"], &[1, 2, 1, 2]);
+        let source = held_ranges(1, &before, &after);
+        let dest = held_ranges(2, &before, &after);
+        let frozen: Vec<_> = summary(&source)
+            .into_iter()
+            .filter(|s| s.1 == RangeState::Frozen)
+            .collect();
+        let pulling: Vec<_> = summary(&dest)
+            .into_iter()
+            .map(|(r, _, _)| (r, RangeState::Frozen, 2))
+            .collect();
+        assert_eq!(frozen, pulling, "both sides must cut identical ranges");
+        assert_eq!(dest.len(), 2);
+        assert!(dest
+            .iter()
+            .all(|h| h.state() == RangeState::Pulling && h.peer_gid == 1));
+        assert_eq!(dest[0].peer_nodes[0].addr, "127.0.0.1:1");
+    }
+
+    #[test]
+    fn a_split_keeps_serving_and_merges_identical_pieces() {
+        let before = config(1, &[], &[1]);
+        let after = config(2, &["m"], &[1, 1]);
+        assert_eq!(
+            summary(&held_ranges(1, &before, &after)),
+            vec![("[\"\", +inf)".into(), RangeState::Serving, 0)]
+        );
+    }
+}
