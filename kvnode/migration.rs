@@ -22,6 +22,8 @@ use tonic::transport::{Channel, Endpoint};
 
 /// Bytes of records asked for per pull.
 const PULL_CHUNK_BYTES: u32 = 1 << 20;
+/// Configurations applied per step at most.
+const MAX_CONFIGS_PER_STEP: usize = 64;
 /// Garbage-collection commands per range per step, so other work is not starved.
 const DELETE_CHUNKS_PER_STEP: usize = 64;
 
@@ -60,18 +62,24 @@ struct Worker {
 
 impl Worker {
     async fn step(&mut self) -> anyhow::Result<()> {
-        let (settled, num, held) = {
-            let state = self.replica.state();
-            (state.settled(), state.config().num, state.held().to_vec())
-        };
-        if settled {
-            // A configuration that does not exist yet is an error answer: nothing to do.
-            if let Ok(next) = self.masters.query(Some(num + 1)).await {
-                info!(self.logger, "moving to configuration"; "num" => next.num);
-                self.propose(Command::Config(next)).await?;
+        // A group that was down, or joined late, catches up through every
+        // configuration in order; those that move nothing of its ranges pass at once.
+        for _ in 0..MAX_CONFIGS_PER_STEP {
+            let (settled, num) = {
+                let state = self.replica.state();
+                (state.settled(), state.config().num)
+            };
+            if !settled {
+                break;
             }
-            return Ok(());
+            // A configuration that does not exist yet is an error answer: nothing to do.
+            let Ok(next) = self.masters.query(Some(num + 1)).await else {
+                return Ok(());
+            };
+            info!(self.logger, "moving to configuration"; "num" => next.num);
+            self.propose(Command::Config(next)).await?;
         }
+        let held = self.replica.state().held().to_vec();
         for range in &held {
             match range.state() {
                 RangeState::Pulling => self.pull(range).await?,

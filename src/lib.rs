@@ -5,6 +5,7 @@
 //! client modules, which live in their own top-level folders.
 
 pub mod config;
+pub mod linearizability;
 pub mod node;
 pub mod proto;
 pub mod replica;
