@@ -2,6 +2,7 @@
 //! configuration changes and range transfers; its state machine ([`KvState`]) holds
 //! the ordered data of the ranges the group owns.
 
+pub mod cli;
 mod migration;
 mod service;
 mod state;

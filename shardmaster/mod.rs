@@ -2,6 +2,7 @@
 //! configurations (which group owns which key range, and who is in each group).
 
 mod balance;
+pub mod cli;
 mod service;
 mod state;
 

@@ -1,0 +1,113 @@
+//! Command line and start-up of a kvnode (the `kvnode` binary;
+//! `shardctl` can start one too, for the playground).
+
+use crate::client::master::MasterClient;
+use crate::kvnode::{self, KvService, KvState, Limits, TransferService};
+use crate::node::{self, NodeSpec};
+use crate::proto::kv_server::KvServer;
+use crate::proto::range_transfer_server::RangeTransferServer;
+use crate::server;
+use crate::transport::MAX_MESSAGE_BYTES;
+use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One member of a kv replica group (run 3 per group).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// The replica group this node belongs to (non-zero).
+    #[arg(long)]
+    pub gid: u64,
+    /// This node's id within its group: one of the ids in --peers.
+    #[arg(long)]
+    pub id: u64,
+    /// The group's members as ID=HOST:PORT,... (used when the data directory is new;
+    /// afterwards membership lives in the data directory).
+    #[arg(long)]
+    pub peers: String,
+    /// Shard master replicas as HOST:PORT,...
+    #[arg(long, env = "SHARDKV_MASTERS", value_delimiter = ',')]
+    pub masters: Vec<String>,
+    /// Address to listen on; defaults to this node's address in --peers.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Directory of this node's data. It is bound to this node's id, group and cluster.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Cluster name, recorded in the data directory.
+    #[arg(long, default_value = "shardkv")]
+    pub cluster: String,
+    /// Largest value accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_value_bytes: usize,
+    /// Raft tick in milliseconds (elections take 10-20 ticks).
+    #[arg(long, default_value_t = 100)]
+    pub tick_ms: u64,
+    /// Compact the Raft log once it holds this many applied entries.
+    #[arg(long, default_value_t = 10_000)]
+    pub compact_threshold: u64,
+    /// How often the leader checks for a new configuration and transfer work, in ms.
+    #[arg(long, default_value_t = 100)]
+    pub poll_ms: u64,
+    /// Log level: error, warn, info, debug.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.gid != 0, "--gid 0 is reserved");
+    let peers = node::parse_peers(&args.peers)?;
+    let listen = match args.listen {
+        Some(l) => l,
+        None => peers
+            .get(&args.id)
+            .cloned()
+            .with_context(|| format!("--peers has no address for id {}", args.id))?,
+    };
+    let logger = server::logger(&args.log_level, format!("kv-{}-{}", args.gid, args.id));
+    let masters = Arc::new(MasterClient::new(&args.masters, Duration::from_secs(2))?);
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let node = node::start(
+        NodeSpec {
+            cluster: args.cluster,
+            role: "kvnode",
+            group: args.gid,
+            id: args.id,
+            data_dir: args.data_dir,
+            initial_peers: peers,
+            tick: Duration::from_millis(args.tick_ms),
+            compact_threshold: args.compact_threshold,
+        },
+        KvState::new(args.gid),
+        logger.clone(),
+    )?;
+    tokio::spawn(kvnode::run_migrations(
+        node.replica.clone(),
+        masters,
+        Duration::from_millis(args.poll_ms),
+        logger.clone(),
+    ));
+    let limits = Limits {
+        max_value_bytes: args.max_value_bytes,
+        ..Limits::default()
+    };
+    let kv = KvServer::new(KvService::new(node.replica.clone(), limits))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let transfer = RangeTransferServer::new(TransferService::new(node.replica))
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    slog::info!(logger, "kvnode serving"; "listen" => &listen, "gid" => args.gid);
+    let routes = tonic::service::Routes::new(kv)
+        .add_service(transfer)
+        .add_service(node.raft_service);
+    server::serve(
+        listener,
+        routes,
+        kvnode::SERVICE_NAMES,
+        server::shutdown_signal(),
+    )
+    .await
+}

@@ -1,0 +1,79 @@
+//! Command line and start-up of a shard master replica (the `shardmaster` binary;
+//! `shardctl` can start one too, for the playground).
+
+use crate::node::{self, NodeSpec};
+use crate::server;
+use crate::shardmaster::{self, MasterService, MasterState};
+use anyhow::Context;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One replica of the shard master (run 3 or 5 of them).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// This replica's id: one of the ids in --peers.
+    #[arg(long)]
+    pub id: u64,
+    /// All replicas of the shard master as ID=HOST:PORT,... (used when the data
+    /// directory is new; afterwards membership lives in the data directory).
+    #[arg(long, env = "SHARDKV_MASTER_PEERS")]
+    pub peers: String,
+    /// Address to listen on; defaults to this replica's address in --peers.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Directory of this replica's data. It is bound to this replica's id and cluster.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Cluster name, recorded in the data directory.
+    #[arg(long, default_value = "shardkv")]
+    pub cluster: String,
+    /// Raft tick in milliseconds (elections take 10-20 ticks).
+    #[arg(long, default_value_t = 100)]
+    pub tick_ms: u64,
+    /// Compact the Raft log once it holds this many applied entries.
+    #[arg(long, default_value_t = 10_000)]
+    pub compact_threshold: u64,
+    /// Log level: error, warn, info, debug.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+/// Runs the server until Ctrl-C or SIGTERM.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let peers = node::parse_peers(&args.peers)?;
+    let listen = match args.listen {
+        Some(l) => l,
+        None => peers
+            .get(&args.id)
+            .cloned()
+            .with_context(|| format!("--peers has no address for id {}", args.id))?,
+    };
+    let logger = server::logger(&args.log_level, format!("master-{}", args.id));
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let node = node::start(
+        NodeSpec {
+            cluster: args.cluster,
+            role: "shardmaster",
+            group: 0,
+            id: args.id,
+            data_dir: args.data_dir,
+            initial_peers: peers,
+            tick: Duration::from_millis(args.tick_ms),
+            compact_threshold: args.compact_threshold,
+        },
+        MasterState::new(),
+        logger.clone(),
+    )?;
+    slog::info!(logger, "shard master replica serving"; "listen" => &listen);
+    let routes = tonic::service::Routes::new(shardmaster::server(MasterService::new(node.replica)))
+        .add_service(node.raft_service);
+    server::serve(
+        listener,
+        routes,
+        &[shardmaster::SERVICE_NAME],
+        server::shutdown_signal(),
+    )
+    .await
+}
