@@ -76,8 +76,7 @@ pub fn start<S: StateMachine>(
             voters: spec.initial_peers.keys().copied().collect(),
             ..Default::default()
         };
-        sm_store.bootstrap(&conf_state, &spec.initial_peers)?;
-        raft_store.set_conf_state(conf_state);
+        raft_store.bootstrap(&conf_state, &spec.initial_peers)?;
     }
     let (events_tx, events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
     let transport = Transport::new(spec.group, events_tx.clone());

@@ -1,15 +1,17 @@
 //! The Raft log, hard state and snapshots: implements `raft::Storage`.
 
-use super::sm_store::{read_applied_state, SmStore};
+use super::sm_store::{read_applied_state, stage_applied, stage_peer, SmStore};
 use super::{decode_u64, Result, StorageError, KEY_SM_GEN};
 use fjall::{Database, Keyspace, PersistMode, Readable};
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 const KEY_HARD_STATE: &[u8] = b"hard_state";
+/// Index (and term) at which a new group's log starts.
+pub const INIT_INDEX: u64 = 5;
 const KEY_TRUNCATED: &[u8] = b"truncated";
 /// Outgoing snapshots kept at once (one per follower that needs one).
 const MAX_OUTGOING_SNAPSHOTS: usize = 8;
@@ -172,6 +174,41 @@ impl RaftStore {
             KEY_HARD_STATE,
             state.hard_state.write_to_bytes().expect("encode"),
         )?;
+        Ok(())
+    }
+
+    /// Writes the initial state of a brand-new group: its members, and a log that
+    /// starts after [`INIT_INDEX`] as if a snapshot had been taken there. A node added
+    /// later starts with an empty log, so the leader must send it a snapshot — which
+    /// carries the membership that was never a log entry. (TiKV does the same.)
+    pub fn bootstrap(&self, conf_state: &ConfState, peers: &BTreeMap<u64, String>) -> Result<()> {
+        let mut state = self.state();
+        let ks = self.inner.sm.keyspace();
+        let mut batch = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        let hs = HardState {
+            term: INIT_INDEX,
+            commit: INIT_INDEX,
+            ..Default::default()
+        };
+        batch.insert(
+            &self.inner.raft,
+            KEY_HARD_STATE,
+            hs.write_to_bytes().expect("encode"),
+        );
+        batch.insert(
+            &self.inner.raft,
+            KEY_TRUNCATED,
+            encode_pos(INIT_INDEX, INIT_INDEX),
+        );
+        stage_applied(&mut batch, &ks, (INIT_INDEX, INIT_INDEX), Some(conf_state));
+        for (id, addr) in peers {
+            stage_peer(&mut batch, &ks, *id, addr);
+        }
+        batch.commit()?;
+        state.hard_state = hs;
+        state.truncated = (INIT_INDEX, INIT_INDEX);
+        state.last_index = INIT_INDEX;
+        state.conf_state = conf_state.clone();
         Ok(())
     }
 

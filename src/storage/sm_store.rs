@@ -3,9 +3,7 @@
 //! state machine (which owns every key that does not start with a 0 byte).
 
 use super::{decode_u64, sm_keyspace_name, Result, StorageError};
-use fjall::{
-    Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteBatch, PersistMode, Readable,
-};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteBatch, Readable};
 use protobuf::Message as _;
 use raft::prelude::ConfState;
 use std::collections::BTreeMap;
@@ -110,39 +108,11 @@ impl SmStore {
         conf: Option<(&ConfState, Option<(u64, &str)>)>,
     ) -> Result<()> {
         let ks = batch.keyspace.clone();
-        let mut pos = Vec::with_capacity(16);
-        pos.extend_from_slice(&applied.0.to_be_bytes());
-        pos.extend_from_slice(&applied.1.to_be_bytes());
-        batch.batch.insert(&ks, KEY_APPLIED, pos);
-        if let Some((cs, peer)) = conf {
-            batch
-                .batch
-                .insert(&ks, KEY_CONF_STATE, cs.write_to_bytes().expect("encode"));
-            if let Some((id, addr)) = peer {
-                batch.batch.insert(&ks, peer_key(id), addr.as_bytes());
-            }
+        stage_applied(&mut batch.batch, &ks, applied, conf.map(|(cs, _)| cs));
+        if let Some((_, Some((id, addr)))) = conf {
+            stage_peer(&mut batch.batch, &ks, id, addr);
         }
         batch.batch.commit()?;
-        Ok(())
-    }
-
-    /// Writes the initial membership of a brand-new group (durably).
-    pub(crate) fn bootstrap(
-        &self,
-        conf_state: &ConfState,
-        peers: &BTreeMap<u64, String>,
-    ) -> Result<()> {
-        let ks = self.keyspace();
-        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
-        batch.insert(
-            &ks,
-            KEY_CONF_STATE,
-            conf_state.write_to_bytes().expect("encode"),
-        );
-        for (id, addr) in peers {
-            batch.insert(&ks, peer_key(*id), addr.as_bytes());
-        }
-        batch.commit()?;
         Ok(())
     }
 
@@ -177,6 +147,28 @@ impl SmStore {
         self.db.delete_keyspace(old)?;
         Ok(())
     }
+}
+
+/// Adds the driver's keys (applied position, and after a membership change the conf
+/// state) to `batch`.
+pub(crate) fn stage_applied(
+    batch: &mut WriteBatch,
+    ks: &Keyspace,
+    applied: (u64, u64),
+    conf_state: Option<&ConfState>,
+) {
+    let mut pos = Vec::with_capacity(16);
+    pos.extend_from_slice(&applied.0.to_be_bytes());
+    pos.extend_from_slice(&applied.1.to_be_bytes());
+    batch.insert(ks, KEY_APPLIED, pos);
+    if let Some(cs) = conf_state {
+        batch.insert(ks, KEY_CONF_STATE, cs.write_to_bytes().expect("encode"));
+    }
+}
+
+/// Adds the address of member `id` to `batch`.
+pub(crate) fn stage_peer(batch: &mut WriteBatch, ks: &Keyspace, id: u64, addr: &str) {
+    batch.insert(ks, peer_key(id), addr.as_bytes());
 }
 
 pub(crate) fn read_applied_state(view: &impl Readable, ks: &Keyspace) -> Result<AppliedState> {
