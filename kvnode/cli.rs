@@ -24,8 +24,12 @@ pub struct Args {
     pub id: u64,
     /// The group's members as ID=HOST:PORT,... (used when the data directory is new;
     /// afterwards membership lives in the data directory).
-    #[arg(long)]
-    pub peers: String,
+    #[arg(long, required_unless_present = "join")]
+    pub peers: Option<String>,
+    /// Start as a new, empty member of an existing group, which the group's leader adds
+    /// (`shardctl node add`). Needs --listen.
+    #[arg(long, conflicts_with = "peers", requires = "listen")]
+    pub join: bool,
     /// Shard master replicas as HOST:PORT,...
     #[arg(long, env = "SHARDKV_MASTERS", value_delimiter = ',')]
     pub masters: Vec<String>,
@@ -58,7 +62,10 @@ pub struct Args {
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.gid != 0, "--gid 0 is reserved");
-    let peers = node::parse_peers(&args.peers)?;
+    let peers = match &args.peers {
+        Some(spec) => node::parse_peers(spec)?,
+        None => Default::default(),
+    };
     let listen = match args.listen {
         Some(l) => l,
         None => peers
@@ -77,6 +84,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             role: "kvnode",
             group: args.gid,
             id: args.id,
+            addr: listen.clone(),
             data_dir: args.data_dir,
             initial_peers: peers,
             tick: Duration::from_millis(args.tick_ms),
@@ -97,17 +105,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let kv = KvServer::new(KvService::new(node.replica.clone(), limits))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let transfer = RangeTransferServer::new(TransferService::new(node.replica))
+    let transfer = RangeTransferServer::new(TransferService::new(node.replica.clone()))
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     slog::info!(logger, "kvnode serving"; "listen" => &listen, "gid" => args.gid);
+    let shutdown = node.shutdown();
     let routes = tonic::service::Routes::new(kv)
         .add_service(transfer)
-        .add_service(node.raft_service);
-    server::serve(
-        listener,
-        routes,
-        kvnode::SERVICE_NAMES,
-        server::shutdown_signal(),
-    )
-    .await
+        .add_service(node.raft_service.clone())
+        .add_service(node.membership_service.clone());
+    server::serve(listener, routes, kvnode::SERVICE_NAMES, shutdown).await?;
+    node.exit_status()
 }

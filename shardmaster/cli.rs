@@ -16,8 +16,12 @@ pub struct Args {
     pub id: u64,
     /// All replicas of the shard master as ID=HOST:PORT,... (used when the data
     /// directory is new; afterwards membership lives in the data directory).
-    #[arg(long, env = "SHARDKV_MASTER_PEERS")]
-    pub peers: String,
+    #[arg(long, env = "SHARDKV_MASTER_PEERS", required_unless_present = "join")]
+    pub peers: Option<String>,
+    /// Start as a new, empty member of an existing group, which the group's leader adds
+    /// (`shardctl node add`). Needs --listen.
+    #[arg(long, conflicts_with = "peers", requires = "listen")]
+    pub join: bool,
     /// Address to listen on; defaults to this replica's address in --peers.
     #[arg(long)]
     pub listen: Option<String>,
@@ -40,7 +44,10 @@ pub struct Args {
 
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let peers = node::parse_peers(&args.peers)?;
+    let peers = match &args.peers {
+        Some(spec) => node::parse_peers(spec)?,
+        None => Default::default(),
+    };
     let listen = match args.listen {
         Some(l) => l,
         None => peers
@@ -58,6 +65,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             role: "shardmaster",
             group: 0,
             id: args.id,
+            addr: listen.clone(),
             data_dir: args.data_dir,
             initial_peers: peers,
             tick: Duration::from_millis(args.tick_ms),
@@ -67,13 +75,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         logger.clone(),
     )?;
     slog::info!(logger, "shard master replica serving"; "listen" => &listen);
-    let routes = tonic::service::Routes::new(shardmaster::server(MasterService::new(node.replica)))
-        .add_service(node.raft_service);
-    server::serve(
-        listener,
-        routes,
-        &[shardmaster::SERVICE_NAME],
-        server::shutdown_signal(),
-    )
-    .await
+    let shutdown = node.shutdown();
+    let routes = tonic::service::Routes::new(shardmaster::server(MasterService::new(
+        node.replica.clone(),
+    )))
+    .add_service(node.raft_service.clone())
+    .add_service(node.membership_service.clone());
+    server::serve(listener, routes, &[shardmaster::SERVICE_NAME], shutdown).await?;
+    node.exit_status()
 }

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod linearizability;
+pub mod membership;
 pub mod node;
 pub mod proto;
 pub mod replica;

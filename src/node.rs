@@ -1,6 +1,8 @@
 //! Assembles one replica process: storage, Raft transport and the replica driver.
 //! Shared by the shard master and kvnode binaries.
 
+use crate::membership::MembershipService;
+use crate::proto::membership_server::MembershipServer;
 use crate::proto::raft_server::RaftServer;
 use crate::replica::{self, Replica, ReplicaOptions, StateMachine};
 use crate::storage::{Engine, Identity};
@@ -36,6 +38,8 @@ pub struct NodeSpec {
     pub role: &'static str,
     pub group: u64,
     pub id: u64,
+    /// The address other members reach this node at.
+    pub addr: String,
     pub data_dir: PathBuf,
     /// The initial members (id -> address) of a new group; used only the first time the
     /// data directory is opened. Empty for a node that joins an existing group.
@@ -44,10 +48,35 @@ pub struct NodeSpec {
     pub compact_threshold: u64,
 }
 
-/// A started replica and the Raft service to mount on the node's gRPC server.
+/// A started replica and the services to mount on the node's gRPC server.
 pub struct Node<S: StateMachine> {
     pub replica: Replica<S>,
     pub raft_service: RaftServer<RaftService>,
+    pub membership_service: MembershipServer<MembershipService<S>>,
+}
+
+impl<S: StateMachine> Node<S> {
+    /// Resolves on Ctrl-C, SIGTERM, or when the replica stops (removed from its group).
+    pub fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let replica = self.replica.clone();
+        async move {
+            tokio::select! {
+                _ = crate::server::shutdown_signal() => {}
+                _ = replica.stopped() => {}
+            }
+        }
+    }
+
+    /// After the server has stopped: an error if the replica stopped on its own.
+    pub fn exit_status(&self) -> anyhow::Result<()> {
+        let status = self.replica.status();
+        anyhow::ensure!(
+            !status.removed,
+            "node {} was removed from its group and has stopped",
+            status.id
+        );
+        Ok(())
+    }
 }
 
 /// Opens storage (refusing another node's directory), bootstraps a new group's
@@ -79,9 +108,14 @@ pub fn start<S: StateMachine>(
         raft_store.bootstrap(&conf_state, &spec.initial_peers)?;
     }
     let (events_tx, events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
-    let transport = Transport::new(spec.group, events_tx.clone());
-    let raft_service = RaftServer::new(RaftService::new(spec.group, events_tx, sm_store.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let transport = Transport::new(spec.group, (spec.id, spec.addr.clone()), events_tx.clone());
+    let raft_service = RaftServer::new(RaftService::new(
+        spec.group,
+        events_tx,
+        transport.clone(),
+        sm_store.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let mut options = ReplicaOptions::new(spec.id, spec.group);
     options.tick = spec.tick;
     options.compact_threshold = spec.compact_threshold;
@@ -92,12 +126,29 @@ pub fn start<S: StateMachine>(
         state_machine,
         transport,
         events,
-        logger,
+        logger.clone(),
     )?;
+    tokio::spawn(report_until_member(replica.clone(), logger));
     Ok(Node {
+        membership_service: MembershipServer::new(MembershipService::new(replica.clone())),
         replica,
         raft_service,
     })
+}
+
+/// A node started with --join does nothing until the group adds it: say so, so an
+/// operator who forgot `shardctl node add` finds out.
+async fn report_until_member<S: StateMachine>(replica: Replica<S>, logger: slog::Logger) {
+    let mut interval = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        interval.tick().await;
+        let status = replica.status();
+        let cs = &status.conf_state;
+        if cs.voters.contains(&status.id) || cs.learners.contains(&status.id) || status.removed {
+            return;
+        }
+        slog::warn!(logger, "waiting to be added to the group: run `shardctl node add` (or Membership/AddMember at the group's leader) for this node");
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,8 @@ struct Peer {
 /// Outbound side of the Raft transport of one group.
 pub struct Transport {
     group: u64,
+    /// This node's id and address, sent with every batch.
+    me: (u64, String),
     events: mpsc::Sender<NetEvent>,
     peers: Mutex<HashMap<u64, Peer>>,
     dropped: AtomicU64,
@@ -74,9 +76,10 @@ pub struct Transport {
 impl Transport {
     /// Creates the transport of `group`; reports go to `events`. Must be called inside
     /// the tokio runtime that should run the network tasks.
-    pub fn new(group: u64, events: mpsc::Sender<NetEvent>) -> Arc<Transport> {
+    pub fn new(group: u64, me: (u64, String), events: mpsc::Sender<NetEvent>) -> Arc<Transport> {
         Arc::new(Transport {
             group,
+            me,
             events,
             peers: Mutex::new(HashMap::new()),
             dropped: AtomicU64::new(0),
@@ -107,6 +110,7 @@ impl Transport {
         let (queue, rx) = mpsc::channel(PEER_QUEUE);
         self.runtime.spawn(send_loop(
             self.group,
+            self.me.clone(),
             id,
             channel.clone(),
             rx,
@@ -165,10 +169,19 @@ impl Transport {
             let _ = events.send(NetEvent::SnapshotSent { to, ok }).await;
         });
     }
+
+    /// Learns the address of a peer that sent us a message, unless it is known already.
+    pub fn learn_peer(&self, id: u64, addr: &str) {
+        if id == 0 || addr.is_empty() || self.peers.lock().expect("poisoned").contains_key(&id) {
+            return;
+        }
+        self.set_peer(id, addr);
+    }
 }
 
 async fn send_loop(
     group: u64,
+    me: (u64, String),
     peer: u64,
     channel: Channel,
     mut queue: mpsc::Receiver<Message>,
@@ -196,7 +209,13 @@ async fn send_loop(
                 Err(_) => break,
             }
         }
-        match client.send(RaftBatch { group, messages }).await {
+        let batch = RaftBatch {
+            group,
+            messages,
+            from: me.0,
+            from_addr: me.1.clone(),
+        };
+        match client.send(batch).await {
             Ok(_) => backoff = new_backoff(),
             Err(_) => {
                 let _ = events.try_send(NetEvent::Unreachable(peer));
@@ -259,16 +278,23 @@ async fn stream_snapshot(
 pub struct RaftService {
     group: u64,
     events: mpsc::Sender<NetEvent>,
+    transport: Arc<Transport>,
     store: SmStore,
     /// One snapshot is received at a time.
     receiving: tokio::sync::Mutex<()>,
 }
 
 impl RaftService {
-    pub fn new(group: u64, events: mpsc::Sender<NetEvent>, store: SmStore) -> RaftService {
+    pub fn new(
+        group: u64,
+        events: mpsc::Sender<NetEvent>,
+        transport: Arc<Transport>,
+        store: SmStore,
+    ) -> RaftService {
         RaftService {
             group,
             events,
+            transport,
             store,
             receiving: tokio::sync::Mutex::new(()),
         }
@@ -295,6 +321,7 @@ impl Raft for RaftService {
     async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let batch = request.into_inner();
         self.check_group(batch.group)?;
+        self.transport.learn_peer(batch.from, &batch.from_addr);
         for raw in &batch.messages {
             let msg = decode_message(raw)?;
             if self.events.try_send(NetEvent::Message(msg)).is_err() {

@@ -3,7 +3,9 @@
 //! fsync), send the messages that needed persistence, apply committed entries,
 //! advance, then repeat for the light ready.
 
-use super::{ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role, StateMachine};
+use super::{
+    PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role, StateMachine,
+};
 use crate::storage::{RaftStore, SmStore};
 use crate::transport::{NetEvent, Transport};
 use protobuf::Message as _;
@@ -49,6 +51,8 @@ struct Driver<S: StateMachine> {
     /// (snapshot index, generation, keyspace)
     staged_snapshot: Option<(u64, u64, fjall::Keyspace)>,
     applied: u64,
+    /// A conf change removed this node: stop after this step.
+    removed: bool,
     peers: std::collections::BTreeMap<u64, String>,
     status: watch::Sender<ReplicaStatus>,
 }
@@ -99,6 +103,8 @@ pub fn start<S: StateMachine>(
         conf_state: applied_state.conf_state.clone(),
         peers: applied_state.peers.clone(),
         dropped_messages: 0,
+        progress: Default::default(),
+        removed: false,
     };
     let (status_tx, status_rx) = watch::channel(initial_status);
     let timeout = options.request_timeout;
@@ -117,6 +123,7 @@ pub fn start<S: StateMachine>(
         read_batch: Vec::new(),
         staged_snapshot: None,
         applied: applied_state.index,
+        removed: false,
         peers: applied_state.peers,
         status: status_tx,
     };
@@ -178,6 +185,15 @@ impl<S: StateMachine> Driver<S> {
             self.flush_reads();
             self.on_ready()?;
             self.publish_status();
+            if self.removed {
+                self.store.mark_removed()?;
+                error!(
+                    self.logger,
+                    "this node was removed from its group; stopping"
+                );
+                self.fail_leader_work();
+                return Ok(());
+            }
         }
     }
 
@@ -472,6 +488,7 @@ impl<S: StateMachine> Driver<S> {
         }
         if cc.get_change_type() == raft::prelude::ConfChangeType::RemoveNode {
             self.transport.remove_peer(cc.node_id);
+            self.removed |= cc.node_id == self.options.id;
         }
         info!(self.logger, "membership changed"; "voters" => ?cs.voters, "learners" => ?cs.learners);
         Ok(Ok(cs))
@@ -522,6 +539,22 @@ impl<S: StateMachine> Driver<S> {
             StateRole::Leader => Role::Leader,
         };
         let conf_state = raft.prs().conf().to_conf_state();
+        let progress: std::collections::BTreeMap<u64, PeerProgress> = if role == Role::Leader {
+            raft.prs()
+                .iter()
+                .map(|(id, p)| {
+                    (
+                        *id,
+                        PeerProgress {
+                            matched: p.matched,
+                            recent_active: p.recent_active || *id == self.options.id,
+                        },
+                    )
+                })
+                .collect()
+        } else {
+            Default::default()
+        };
         self.status.send_if_modified(|s| {
             let changed = s.role != role
                 || s.term != raft.term
@@ -529,7 +562,9 @@ impl<S: StateMachine> Driver<S> {
                 || s.commit_index != raft.raft_log.committed
                 || s.applied_index != self.applied
                 || s.conf_state != conf_state
-                || s.peers != self.peers;
+                || s.peers != self.peers
+                || s.progress != progress
+                || s.removed != self.removed;
             s.role = role;
             s.term = raft.term;
             s.leader_id = raft.leader_id;
@@ -539,6 +574,8 @@ impl<S: StateMachine> Driver<S> {
             s.conf_state = conf_state.clone();
             s.peers = self.peers.clone();
             s.dropped_messages = self.transport.dropped();
+            s.progress = progress;
+            s.removed = self.removed;
             changed
         });
     }

@@ -175,6 +175,19 @@ pub struct ReplicaStatus {
     pub peers: BTreeMap<u64, String>,
     /// Raft messages dropped because a peer's queue was full.
     pub dropped_messages: u64,
+    /// On the leader: how far each member's log matches the leader's.
+    pub progress: BTreeMap<u64, PeerProgress>,
+    /// This node was removed from the group and has stopped.
+    pub removed: bool,
+}
+
+/// The leader's view of one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerProgress {
+    /// Highest log index known to be replicated on the member.
+    pub matched: u64,
+    /// The member answered within the last election timeout.
+    pub recent_active: bool,
 }
 
 impl ReplicaStatus {
@@ -289,5 +302,12 @@ impl<S: StateMachine> Replica<S> {
     /// A receiver of status updates (for waiting on a role or index).
     pub fn watch_status(&self) -> watch::Receiver<ReplicaStatus> {
         self.status.clone()
+    }
+
+    /// Resolves when the replica has stopped: removed from its group, or a fatal
+    /// storage error.
+    pub async fn stopped(&self) {
+        let mut status = self.status.clone();
+        while status.changed().await.is_ok() {}
     }
 }

@@ -39,6 +39,14 @@ pub enum StorageError {
         found: Box<Identity>,
         expected: Box<Identity>,
     },
+    #[error(
+        "{identity} was removed from its group and cannot rejoin with data directory {dir}; \
+         start it with an empty directory and --join, then add it again"
+    )]
+    Removed {
+        dir: PathBuf,
+        identity: Box<Identity>,
+    },
     #[error("corrupt record {what}: {detail}")]
     Corrupt { what: &'static str, detail: String },
 }
@@ -94,6 +102,7 @@ impl Identity {
 
 const KEY_IDENTITY: &[u8] = b"identity";
 const KEY_SM_GEN: &[u8] = b"sm_gen";
+const KEY_REMOVED: &[u8] = b"removed";
 const SM_PREFIX: &str = "sm.";
 
 /// The open database of one node, before it is split into the Raft log store and the
@@ -130,6 +139,12 @@ impl Engine {
             }
             None => true,
         };
+        if raft.get(KEY_REMOVED)?.is_some() {
+            return Err(StorageError::Removed {
+                dir: dir.to_owned(),
+                identity: Box::new(identity.clone()),
+            });
+        }
         let sm_gen = match raft.get(KEY_SM_GEN)? {
             Some(raw) => decode_u64(&raw, "sm_gen")?,
             None => 1,

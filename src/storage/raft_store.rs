@@ -212,6 +212,15 @@ impl RaftStore {
         Ok(())
     }
 
+    /// Records, durably, that this node was removed from its group: it must never
+    /// start again on this data directory (it would vote with a stale view).
+    pub fn mark_removed(&self) -> Result<()> {
+        let mut batch = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        batch.insert(&self.inner.raft, super::KEY_REMOVED, b"1");
+        batch.commit()?;
+        Ok(())
+    }
+
     /// Remembers the conf state after a conf change was applied.
     pub fn set_conf_state(&self, cs: ConfState) {
         self.state().conf_state = cs;
