@@ -1,5 +1,9 @@
-//! Clients of shardkv's servers.
+//! Clients of shardkv's servers: the Rust client library ([`Client`]), the shard
+//! master client, and the pieces of `shardctl` that are libraries (the playground).
 
+pub mod kv;
 pub mod master;
 pub mod playground;
 pub mod retry;
+
+pub use kv::{CasOutcome, Client, ClientOptions, Error, Pair, Scanner};

@@ -1,0 +1,472 @@
+//! Admin commands: change the shard master's configuration (groups, members,
+//! ranges), and wait for a leaving group to hand over its data.
+
+use crate::output::{self, print_json, ConfigJson, Output};
+use crate::Ctx;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use futures::future::join_all;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use shardkv::client::master::MasterClient;
+use shardkv::proto::kv_client::KvClient;
+use shardkv::proto::shard_master_client::ShardMasterClient;
+use shardkv::proto::{
+    AddNodeRequest, Config, ConfigReply, Group, JoinRequest, LeaveRequest, MoveRequest, Node,
+    NodeStatusRequest, RemoveNodeRequest, RequestId, SplitRequest,
+};
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+/// How long `leave` waits for the group's data when --timeout is not given.
+const DEFAULT_LEAVE_WAIT: Duration = Duration::from_secs(600);
+/// Between two looks at the leaving group's nodes.
+const POLL_EVERY: Duration = Duration::from_millis(250);
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Add a replica group: it gets a share of the key ranges.
+    Join(JoinArgs),
+    /// Remove a replica group: its ranges move to the others. Waits until the
+    /// group holds no data any more (unless --no-wait).
+    Leave(LeaveArgs),
+    /// Edit a group's member list in the shard master (routing only).
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Give the range that contains KEY to group GID.
+    Move(MoveArgs),
+    /// Cut the range that contains KEY into [start, KEY) and [KEY, end).
+    Split(SplitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// The new group's id (non-zero).
+    #[arg(long)]
+    gid: u64,
+    /// A member of the group as ID=HOST:PORT; repeat for each member (or separate
+    /// with commas).
+    #[arg(
+        long = "node",
+        value_name = "ID=HOST:PORT",
+        required = true,
+        value_delimiter = ','
+    )]
+    nodes: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LeaveArgs {
+    /// The group to remove.
+    #[arg(long)]
+    gid: u64,
+    /// Return once the shard master has removed the group, without waiting for its
+    /// data to move.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Add a node to a group's member list (the group's Raft membership is changed
+    /// separately).
+    Add(NodeAddArgs),
+    /// Remove a node from a group's member list (the group's Raft membership is
+    /// changed separately).
+    Remove(NodeRemoveArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NodeAddArgs {
+    /// The group.
+    #[arg(long)]
+    gid: u64,
+    /// The node's id within the group (non-zero).
+    #[arg(long)]
+    id: u64,
+    /// The node's HOST:PORT.
+    #[arg(long)]
+    addr: String,
+}
+
+#[derive(Args, Debug)]
+pub struct NodeRemoveArgs {
+    /// The group.
+    #[arg(long)]
+    gid: u64,
+    /// The node's id within the group.
+    #[arg(long)]
+    id: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct MoveArgs {
+    /// A key in the range to move.
+    key: String,
+    /// The group to give the range to.
+    gid: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct SplitArgs {
+    /// Where to cut: the first key of the new range.
+    key: String,
+}
+
+pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
+    let master = ctx.master()?;
+    let id = Some(request_id());
+    match command {
+        Command::Join(a) => {
+            let nodes = parse_nodes(&a.nodes)?;
+            let request = JoinRequest {
+                groups: vec![Group { gid: a.gid, nodes }],
+                id,
+            };
+            let config = execute(ctx, &master, |mut c| {
+                let r = request.clone();
+                async move { c.join(r).await }
+            })
+            .await?;
+            report(ctx, &config, &format!("group {} joined", a.gid))?;
+        }
+        Command::Leave(a) => return leave(ctx, &master, a).await,
+        Command::Node(NodeCommand::Add(a)) => {
+            let request = AddNodeRequest {
+                gid: a.gid,
+                node: Some(Node {
+                    id: a.id,
+                    addr: a.addr.clone(),
+                }),
+                id,
+            };
+            let config = execute(ctx, &master, |mut c| {
+                let r = request.clone();
+                async move { c.add_node(r).await }
+            })
+            .await?;
+            report(
+                ctx,
+                &config,
+                &format!(
+                    "node {} ({}) added to the member list of group {}; clients now route to \
+                     it. Adding it to the group's Raft membership is done separately.",
+                    a.id, a.addr, a.gid
+                ),
+            )?;
+        }
+        Command::Node(NodeCommand::Remove(a)) => {
+            let request = RemoveNodeRequest {
+                gid: a.gid,
+                node_id: a.id,
+                id,
+            };
+            let config = execute(ctx, &master, |mut c| {
+                let r = request;
+                async move { c.remove_node(r).await }
+            })
+            .await?;
+            report(
+                ctx,
+                &config,
+                &format!(
+                    "node {} removed from the member list of group {}; clients no longer \
+                     route to it. Removing it from the group's Raft membership is done separately.",
+                    a.id, a.gid
+                ),
+            )?;
+        }
+        Command::Move(a) => {
+            let request = MoveRequest {
+                key: a.key.clone().into_bytes(),
+                gid: a.gid,
+                id,
+            };
+            let config = execute(ctx, &master, |mut c| {
+                let r = request.clone();
+                async move { c.r#move(r).await }
+            })
+            .await?;
+            let (range, _) = config.owner(a.key.as_bytes());
+            let what = format!("range {range} now belongs to group {}", a.gid);
+            report(ctx, &config, &what)?;
+        }
+        Command::Split(a) => {
+            let request = SplitRequest {
+                key: a.key.clone().into_bytes(),
+                id,
+            };
+            let config = execute(ctx, &master, |mut c| {
+                let r = request.clone();
+                async move { c.split(r).await }
+            })
+            .await?;
+            report(ctx, &config, &format!("split at {:?}", a.key))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A shard-master command id: one command per shardctl run, so seq 1 of a random client.
+fn request_id() -> RequestId {
+    let mut client_id = 0;
+    while client_id == 0 {
+        client_id = rand::random();
+    }
+    RequestId {
+        client_id,
+        seq: 1,
+        first_incomplete: 1,
+    }
+}
+
+/// Parses `ID=HOST:PORT` members.
+fn parse_nodes(specs: &[String]) -> anyhow::Result<Vec<Node>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (id, addr) = spec
+                .trim()
+                .split_once('=')
+                .with_context(|| format!("--node {spec:?}: expected ID=HOST:PORT"))?;
+            let id: u64 = id
+                .trim()
+                .parse()
+                .with_context(|| format!("--node {spec:?}: the id {id:?} is not a number"))?;
+            anyhow::ensure!(!addr.trim().is_empty(), "--node {spec:?}: no address");
+            Ok(Node {
+                id,
+                addr: addr.trim().to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Runs a configuration-changing command at the shard master leader.
+async fn execute<F, Fut>(ctx: &Ctx, master: &MasterClient, call: F) -> anyhow::Result<Config>
+where
+    F: Fn(ShardMasterClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<ConfigReply>, Status>>,
+{
+    let reply = master
+        .call(|c| {
+            let fut = call(c);
+            async move { Ok(fut.await?.into_inner()) }
+        })
+        .await
+        .map_err(|s| ctx.master_error(s))?;
+    reply
+        .config
+        .context("the shard master's reply holds no configuration")
+}
+
+#[derive(Serialize)]
+struct ChangeJson<'a> {
+    message: &'a str,
+    config: ConfigJson,
+}
+
+fn report(ctx: &Ctx, config: &Config, message: &str) -> anyhow::Result<()> {
+    match ctx.output() {
+        Output::Json => print_json(&ChangeJson {
+            message,
+            config: ConfigJson::from(config),
+        }),
+        Output::Table => {
+            outln!("{message}");
+            outln!();
+            output::print_config_table(config)
+        }
+    }
+}
+
+async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result<ExitCode> {
+    // The members must be read before the leave: the new configuration no longer has them.
+    let before = master.query(None).await.map_err(|s| ctx.master_error(s))?;
+    let nodes = before
+        .group(a.gid)
+        .map(|g| g.nodes.clone())
+        .unwrap_or_default();
+    let request = LeaveRequest {
+        gids: vec![a.gid],
+        id: Some(request_id()),
+    };
+    let config = execute(ctx, master, |mut c| {
+        let r = request.clone();
+        async move { c.leave(r).await }
+    })
+    .await?;
+    let message = format!(
+        "group {} left in configuration {}; its ranges move to the other groups",
+        a.gid, config.num
+    );
+    if a.no_wait || nodes.is_empty() {
+        report(ctx, &config, &message)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if ctx.output() == Output::Table {
+        outln!("{message}");
+    }
+    let wait = ctx.timeout_or(DEFAULT_LEAVE_WAIT);
+    let outcome = wait_until_empty(a.gid, &nodes, config.num, wait).await?;
+    match ctx.output() {
+        Output::Json => print_json(&serde_json::json!({
+            "message": message,
+            "config": ConfigJson::from(&config),
+            "drained": true,
+            "unreachable_nodes": outcome.unreachable,
+        }))?,
+        Output::Table => {
+            outln!("group {} holds no data any more", a.gid);
+            for node in &outcome.unreachable {
+                outln!("note: node {node} was unreachable; it drops its copy when it catches up");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What one node of a leaving group reported.
+enum NodeView {
+    Down(String),
+    /// Ranges still held (0 once it has applied the leave and dropped them all), the
+    /// configuration the node has applied, and the states of the held ranges.
+    Holding(usize, u64, String),
+}
+
+struct Drained {
+    unreachable: Vec<String>,
+}
+
+/// Polls every node of group `gid` until none holds data in configuration
+/// `leave_num` or later (unreachable nodes do not hold the wait up once a reachable
+/// node is empty: the deletion is committed in the group's log).
+async fn wait_until_empty(
+    gid: u64,
+    nodes: &[Node],
+    leave_num: u64,
+    wait: Duration,
+) -> anyhow::Result<Drained> {
+    let started = Instant::now();
+    let channels: Vec<Channel> = nodes
+        .iter()
+        .map(|n| {
+            Ok(Endpoint::from_shared(format!("http://{}", n.addr))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .connect_lazy())
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:20} {pos}/{len} ranges released  {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let mut most = 0usize;
+    let mut first = true;
+    loop {
+        let views = join_all(channels.iter().map(|c| async move {
+            match KvClient::new(c.clone())
+                .node_status(NodeStatusRequest {})
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let mut states: Vec<&str> = r
+                        .ranges
+                        .iter()
+                        .map(|h| output::state_text(h.state()))
+                        .collect();
+                    states.sort_unstable();
+                    states.dedup();
+                    NodeView::Holding(r.ranges.len(), r.config_num, states.join("/"))
+                }
+                Err(e) => NodeView::Down(output::call_error_text(&e)),
+            }
+        }))
+        .await;
+        let mut left = 0;
+        let mut empty = 0;
+        let mut unreachable = Vec::new();
+        let mut parts = Vec::new();
+        for (node, view) in nodes.iter().zip(&views) {
+            match view {
+                NodeView::Down(e) => {
+                    unreachable.push(format!("{} ({})", node.id, node.addr));
+                    parts.push(format!(
+                        "node {}: {}",
+                        node.id,
+                        output::unreachable_label(e)
+                    ));
+                }
+                NodeView::Holding(0, num, _) if *num >= leave_num => {
+                    empty += 1;
+                    parts.push(format!("node {}: empty", node.id));
+                }
+                NodeView::Holding(n, _, states) => {
+                    left = left.max(*n);
+                    parts.push(format!("node {}: {n} {states}", node.id));
+                }
+            }
+        }
+        most = most.max(left);
+        bar.set_length(most as u64);
+        bar.set_position((most - left) as u64);
+        bar.set_message(parts.join(", "));
+        if first {
+            first = false;
+            bar.enable_steady_tick(Duration::from_millis(120));
+        }
+        if left == 0 && empty > 0 {
+            bar.finish_and_clear();
+            return Ok(Drained { unreachable });
+        }
+        if started.elapsed() >= wait {
+            bar.abandon();
+            let detail = nodes
+                .iter()
+                .zip(&views)
+                .map(|(n, v)| match v {
+                    NodeView::Down(e) => format!("node {} ({}) unreachable: {e}", n.id, n.addr),
+                    NodeView::Holding(k, num, states) => format!(
+                        "node {} holds {k} range(s) ({states}) at configuration {num}",
+                        n.id
+                    ),
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            anyhow::bail!(
+                "group {gid} left the configuration, but still holds data after {:?}: {detail} \
+                 (the transfer goes on; watch it with `shardctl status`)",
+                wait
+            );
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_specs_parse() {
+        let nodes = parse_nodes(&["1=127.0.0.1:1".into(), " 2 = h:2 ".into()]).unwrap();
+        assert_eq!(
+            nodes
+                .iter()
+                .map(|n| (n.id, n.addr.as_str()))
+                .collect::<Vec<_>>(),
+            [(1, "127.0.0.1:1"), (2, "h:2")]
+        );
+        assert!(parse_nodes(&["x=h:1".into()]).is_err());
+        assert!(parse_nodes(&["1".into()]).is_err());
+        assert!(parse_nodes(&["1=".into()]).is_err());
+    }
+}

@@ -1,0 +1,351 @@
+//! Read-only views of the cluster: configurations and the health of every replica.
+
+use crate::output::{
+    self, print_json, range_text, state_text, ConfigJson, Output, RangeJson, Table,
+};
+use crate::Ctx;
+use clap::{Args, Subcommand};
+use futures::future::join_all;
+use serde::Serialize;
+use shardkv::proto::kv_client::KvClient;
+use shardkv::proto::shard_master_client::ShardMasterClient;
+use shardkv::proto::{Config, NodeStatusReply, NodeStatusRequest, StatusReply, StatusRequest};
+use std::process::ExitCode;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Longest wait for one replica's status.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show configuration NUM (default: the latest): which group owns which range,
+    /// and each group's nodes.
+    Query(QueryArgs),
+    /// Show every shard master replica and every node of every group: role, term,
+    /// applied index and configuration, held ranges; unreachable ones as DOWN (or NO ANSWER when too slow).
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QueryArgs {
+    /// The configuration number (default: the latest).
+    num: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {}
+
+pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Query(a) => query(ctx, a).await?,
+        Command::Status(_) => status(ctx).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn query(ctx: &Ctx, a: QueryArgs) -> anyhow::Result<()> {
+    let config = ctx
+        .master()?
+        .query(a.num)
+        .await
+        .map_err(|s| ctx.master_error(s))?;
+    match ctx.output() {
+        Output::Json => print_json(&ConfigJson::from(&config)),
+        Output::Table => output::print_config_table(&config),
+    }
+}
+
+fn channel(addr: &str, ctx: &Ctx) -> anyhow::Result<Channel> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(STATUS_TIMEOUT.min(ctx.deadline()))
+        .connect_lazy())
+}
+
+#[derive(Serialize)]
+struct MasterJson {
+    addr: String,
+    up: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    term: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latest_config: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct HeldJson {
+    #[serde(flatten)]
+    range: RangeJson,
+    state: &'static str,
+    config: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer_gid: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct NodeJson {
+    id: u64,
+    addr: String,
+    up: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    term: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    applied: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    ranges: Vec<HeldJson>,
+}
+
+#[derive(Serialize)]
+struct GroupStatusJson {
+    gid: u64,
+    nodes: Vec<NodeJson>,
+}
+
+#[derive(Serialize)]
+struct StatusJson {
+    masters: Vec<MasterJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config: Option<u64>,
+    groups: Vec<GroupStatusJson>,
+}
+
+fn master_json(addr: &str, reply: &Result<StatusReply, String>) -> MasterJson {
+    match reply {
+        Ok(s) => {
+            let r = s.replica.clone().unwrap_or_default();
+            MasterJson {
+                addr: addr.to_owned(),
+                up: true,
+                error: None,
+                id: Some(r.id),
+                role: Some(r.role),
+                term: Some(r.term),
+                applied: Some(r.applied_index),
+                latest_config: Some(s.latest_config_num),
+            }
+        }
+        Err(e) => MasterJson {
+            addr: addr.to_owned(),
+            up: false,
+            error: Some(e.clone()),
+            id: None,
+            role: None,
+            term: None,
+            applied: None,
+            latest_config: None,
+        },
+    }
+}
+
+fn node_json(id: u64, addr: &str, reply: &Result<NodeStatusReply, String>) -> NodeJson {
+    match reply {
+        Ok(s) => {
+            let r = s.replica.clone().unwrap_or_default();
+            NodeJson {
+                id,
+                addr: addr.to_owned(),
+                up: true,
+                error: None,
+                role: Some(r.role),
+                term: Some(r.term),
+                applied: Some(r.applied_index),
+                config: Some(s.config_num),
+                ranges: s
+                    .ranges
+                    .iter()
+                    .map(|h| HeldJson {
+                        range: RangeJson::from(h.range.as_ref()),
+                        state: state_text(h.state()),
+                        config: h.config_num,
+                        peer_gid: (h.peer_gid != 0).then_some(h.peer_gid),
+                    })
+                    .collect(),
+            }
+        }
+        Err(e) => NodeJson {
+            id,
+            addr: addr.to_owned(),
+            up: false,
+            error: Some(e.clone()),
+            role: None,
+            term: None,
+            applied: None,
+            config: None,
+            ranges: Vec::new(),
+        },
+    }
+}
+
+async fn status(ctx: &Ctx) -> anyhow::Result<()> {
+    // Every master replica, directly (not through the leader), all at once.
+    let master_channels = ctx
+        .masters
+        .iter()
+        .map(|a| channel(a, ctx))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let masters: Vec<Result<StatusReply, String>> =
+        join_all(master_channels.into_iter().map(|c| async move {
+            ShardMasterClient::new(c)
+                .status(StatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|e| output::call_error_text(&e))
+        }))
+        .await;
+    let masters: Vec<MasterJson> = ctx
+        .masters
+        .iter()
+        .zip(&masters)
+        .map(|(a, r)| master_json(a, r))
+        .collect();
+    let config: Result<Config, _> = if masters.iter().any(|m| m.up) {
+        ctx.master()?
+            .query(None)
+            .await
+            .map_err(|s| ctx.master_error(s))
+    } else {
+        Err(anyhow::anyhow!(
+            "cannot reach the shard master at {}: every replica is down",
+            ctx.masters_text()
+        ))
+    };
+    let mut groups = Vec::new();
+    if let Ok(config) = &config {
+        for g in &config.groups {
+            let channels = g
+                .nodes
+                .iter()
+                .map(|n| channel(&n.addr, ctx))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let replies: Vec<Result<NodeStatusReply, String>> =
+                join_all(channels.into_iter().map(|c| async move {
+                    KvClient::new(c)
+                        .node_status(NodeStatusRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|e| output::call_error_text(&e))
+                }))
+                .await;
+            groups.push(GroupStatusJson {
+                gid: g.gid,
+                nodes: g
+                    .nodes
+                    .iter()
+                    .zip(&replies)
+                    .map(|(n, r)| node_json(n.id, &n.addr, r))
+                    .collect(),
+            });
+        }
+    }
+    let report = StatusJson {
+        masters,
+        config: config.as_ref().ok().map(|c| c.num),
+        groups,
+    };
+    match ctx.output() {
+        Output::Json => print_json(&report)?,
+        Output::Table => print_status(&report)?,
+    }
+    // The replicas that could be reached are shown; a master that cannot answer is an error.
+    config.map(|_| ())
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map(T::to_string).unwrap_or_default()
+}
+
+fn print_status(report: &StatusJson) -> anyhow::Result<()> {
+    outln!("SHARD MASTER");
+    let mut t = Table::new(&["ID", "ADDR", "ROLE", "TERM", "APPLIED", "LATEST CONFIG"]);
+    for m in &report.masters {
+        if m.up {
+            t.row(vec![
+                opt(&m.id),
+                m.addr.clone(),
+                opt(&m.role),
+                opt(&m.term),
+                opt(&m.applied),
+                opt(&m.latest_config),
+            ]);
+        } else {
+            let label = output::unreachable_label(m.error.as_deref().unwrap_or_default());
+            t.row(vec!["-".into(), m.addr.clone(), label.into()]);
+        }
+    }
+    t.print()?;
+    let Some(num) = report.config else {
+        return Ok(());
+    };
+    if report.groups.is_empty() {
+        outln!();
+        outln!("configuration {num} has no groups");
+    }
+    for g in &report.groups {
+        outln!();
+        outln!("GROUP {} (latest configuration {num})", g.gid);
+        let mut t = Table::new(&[
+            "NODE", "ADDR", "ROLE", "TERM", "APPLIED", "CONFIG", "RANGES",
+        ]);
+        for n in &g.nodes {
+            if !n.up {
+                let label = output::unreachable_label(n.error.as_deref().unwrap_or_default());
+                t.row(vec![n.id.to_string(), n.addr.clone(), label.into()]);
+                continue;
+            }
+            let ranges: Vec<String> = n
+                .ranges
+                .iter()
+                .map(|h| {
+                    let peer = match (h.state, h.peer_gid) {
+                        ("PULLING", Some(p)) => format!(" <- {p}"),
+                        ("FROZEN", Some(p)) => format!(" -> {p}"),
+                        _ => String::new(),
+                    };
+                    let range = shardkv::proto::KeyRange {
+                        start: h.range.start.clone().into_bytes(),
+                        end: h.range.end.clone().unwrap_or_default().into_bytes(),
+                    };
+                    format!("{} {}{peer}", range_text(Some(&range)), h.state)
+                })
+                .collect();
+            let mut cells = vec![
+                n.id.to_string(),
+                n.addr.clone(),
+                opt(&n.role),
+                opt(&n.term),
+                opt(&n.applied),
+                opt(&n.config),
+                ranges.first().cloned().unwrap_or_else(|| "(none)".into()),
+            ];
+            t.row(std::mem::take(&mut cells));
+            for more in ranges.iter().skip(1) {
+                t.row(vec![
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    more.clone(),
+                ]);
+            }
+        }
+        t.print()?;
+    }
+    Ok(())
+}

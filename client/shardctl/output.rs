@@ -1,0 +1,241 @@
+//! Printing: aligned text tables for people, JSON for programs.
+
+use clap::ValueEnum;
+use serde::Serialize;
+use shardkv::proto::{Config, KeyRange, RangeState};
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned text for people.
+    Table,
+    /// One JSON document on stdout (keys and values as UTF-8 strings).
+    Json,
+}
+
+/// Bytes as text (invalid UTF-8 is shown as U+FFFD).
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A status's message with its causes, e.g. "tcp connect error: Connection refused".
+pub fn status_text(status: &tonic::Status) -> String {
+    let mut message = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !message.contains(&text) && text != "transport error" {
+            message = format!("{message}: {text}");
+        }
+        source = e.source();
+    }
+    message
+}
+
+/// How to show a replica whose status call failed: DOWN when it could not be
+/// reached, NO ANSWER when it was reached but did not answer in time.
+pub fn unreachable_label(error: &str) -> &'static str {
+    if error.starts_with(NO_ANSWER) {
+        "NO ANSWER"
+    } else {
+        "DOWN"
+    }
+}
+
+const NO_ANSWER: &str = "no answer in time";
+
+/// [`status_text`] for a status call, saying "no answer in time" for a timeout.
+pub fn call_error_text(status: &tonic::Status) -> String {
+    match status.code() {
+        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
+            format!("{NO_ANSWER}: {}", status_text(status))
+        }
+        _ => status_text(status),
+    }
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    outln!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// A text table whose columns are as wide as their widest cell.
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            rows: vec![header.iter().map(|h| h.to_string()).collect()],
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn print(&self) -> anyhow::Result<()> {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|cell| cell.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                if c + 1 < row.len() {
+                    let pad = widths[c] - cell.chars().count();
+                    line.push_str(cell);
+                    line.push_str(&" ".repeat(pad + 2));
+                } else {
+                    line.push_str(cell);
+                }
+            }
+            outln!("{}", line.trim_end());
+        }
+        Ok(())
+    }
+}
+
+/// A key range as `["start", "end")`, `+inf` for an open end.
+pub fn range_text(range: Option<&KeyRange>) -> String {
+    range.map(|r| r.to_string()).unwrap_or_else(|| "?".into())
+}
+
+pub fn state_text(state: RangeState) -> &'static str {
+    match state {
+        RangeState::Serving => "SERVING",
+        RangeState::Pulling => "PULLING",
+        RangeState::Frozen => "FROZEN",
+        RangeState::Garbage => "GARBAGE",
+    }
+}
+
+#[derive(Serialize)]
+pub struct RangeJson {
+    pub start: String,
+    /// `null` for +infinity.
+    pub end: Option<String>,
+}
+
+impl RangeJson {
+    pub fn from(range: Option<&KeyRange>) -> RangeJson {
+        let range = range.cloned().unwrap_or_else(KeyRange::full);
+        RangeJson {
+            start: text(&range.start),
+            end: (!range.end.is_empty()).then(|| text(&range.end)),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct NodeJson {
+    pub id: u64,
+    pub addr: String,
+}
+
+#[derive(Serialize)]
+pub struct AssignmentJson {
+    #[serde(flatten)]
+    pub range: RangeJson,
+    pub gid: u64,
+}
+
+#[derive(Serialize)]
+pub struct GroupJson {
+    pub gid: u64,
+    pub nodes: Vec<NodeJson>,
+}
+
+#[derive(Serialize)]
+pub struct ConfigJson {
+    pub num: u64,
+    pub ranges: Vec<AssignmentJson>,
+    pub groups: Vec<GroupJson>,
+}
+
+impl ConfigJson {
+    pub fn from(config: &Config) -> ConfigJson {
+        ConfigJson {
+            num: config.num,
+            ranges: config
+                .ranges
+                .iter()
+                .map(|r| AssignmentJson {
+                    range: RangeJson::from(r.range.as_ref()),
+                    gid: r.gid,
+                })
+                .collect(),
+            groups: config
+                .groups
+                .iter()
+                .map(|g| GroupJson {
+                    gid: g.gid,
+                    nodes: g
+                        .nodes
+                        .iter()
+                        .map(|n| NodeJson {
+                            id: n.id,
+                            addr: n.addr.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Prints a configuration: its ranges and owners, then its groups and their nodes.
+pub fn print_config_table(config: &Config) -> anyhow::Result<()> {
+    outln!("configuration {}", config.num);
+    let mut ranges = Table::new(&["RANGE", "GID"]);
+    for r in &config.ranges {
+        let owner = if r.gid == 0 {
+            "- (no group)".to_owned()
+        } else {
+            r.gid.to_string()
+        };
+        ranges.row(vec![range_text(r.range.as_ref()), owner]);
+    }
+    ranges.print()?;
+    outln!();
+    if config.groups.is_empty() {
+        outln!("no groups");
+        return Ok(());
+    }
+    let mut groups = Table::new(&["GID", "NODES"]);
+    for g in &config.groups {
+        let nodes: Vec<String> = g
+            .nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect();
+        groups.row(vec![g.gid.to_string(), nodes.join(", ")]);
+    }
+    groups.print()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_ranges_use_null_for_an_open_end() {
+        let r = RangeJson::from(Some(&KeyRange {
+            start: b"g".to_vec(),
+            end: Vec::new(),
+        }));
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"start":"g","end":null}"#
+        );
+    }
+}
