@@ -5,5 +5,6 @@ pub mod kv;
 pub mod master;
 pub mod playground;
 pub mod retry;
+pub mod router;
 
 pub use kv::{CasOutcome, Client, ClientOptions, Error, Pair, Scanner};

@@ -25,7 +25,7 @@ pub struct PlaygroundOptions {
     pub nodes_per_group: u64,
     /// Shard master replicas (ports 7001, 7002, ...).
     #[arg(long, default_value_t = 3)]
-    pub masters: u64,
+    pub replicas: u64,
     /// Keys at which the key space is pre-split so every group owns data at once.
     #[arg(long, value_delimiter = ',', default_value = "g,n,t")]
     pub split: Vec<String>,
@@ -91,17 +91,17 @@ fn spawn(mut command: Command, name: String, addr: String, dir: &Path) -> anyhow
 
 /// Runs the playground until Ctrl-C.
 pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
-    anyhow::ensure!(opts.masters >= 1 && opts.groups >= 1 && opts.nodes_per_group >= 1);
+    anyhow::ensure!(opts.replicas >= 1 && opts.groups >= 1 && opts.nodes_per_group >= 1);
     std::fs::create_dir_all(opts.dir.join("logs"))?;
     std::fs::create_dir_all(opts.dir.join("data"))?;
     let dir = opts.dir.canonicalize()?;
-    let masters: Vec<String> = (1..=opts.masters).map(master_addr).collect();
-    let master_peers = (1..=opts.masters)
+    let masters: Vec<String> = (1..=opts.replicas).map(master_addr).collect();
+    let master_peers = (1..=opts.replicas)
         .map(|i| format!("{i}={}", master_addr(i)))
         .collect::<Vec<_>>()
         .join(",");
     let mut procs = Vec::new();
-    for i in 1..=opts.masters {
+    for i in 1..=opts.replicas {
         let mut c = server_command("shardmaster")?;
         c.args([
             "--id",

@@ -1,7 +1,7 @@
 //! `shardctl`: administer a shardkv cluster and read and write its keys.
 //!
-//! Subcommands come in groups, one module each (`admin`, `info`, `data`); each
-//! module has its own clap `Command` enum, flattened into [`Commands`]. To add a
+//! Subcommands come in groups, one module each (`admin`, `info`, `data`, `local`);
+//! each module has its own clap `Command` enum, flattened into [`Commands`]. To add a
 //! group: write a module with a `Command` enum and an `async fn run(&Ctx, Command)`,
 //! then add one variant to [`Commands`] and one arm to [`run`].
 
@@ -17,6 +17,7 @@ macro_rules! outln {
 mod admin;
 mod data;
 mod info;
+mod local;
 mod output;
 
 use clap::{Args, Parser, Subcommand};
@@ -83,6 +84,8 @@ enum Commands {
     Info(info::Command),
     #[command(flatten)]
     Data(data::Command),
+    #[command(flatten)]
+    Local(local::Command),
 }
 
 /// What every command can use: the global options and ways to reach the cluster.
@@ -147,11 +150,21 @@ async fn run(ctx: &Ctx, command: Commands) -> anyhow::Result<ExitCode> {
         Commands::Admin(c) => admin::run(ctx, c).await,
         Commands::Info(c) => info::run(ctx, c).await,
         Commands::Data(c) => data::run(ctx, c).await,
+        Commands::Local(c) => local::run(ctx, c).await,
     }
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if let Some(served) = local::serve_if_asked().await {
+        return match served {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let cli = Cli::parse();
     let ctx = Ctx {
         masters: cli
