@@ -12,8 +12,8 @@ use shardkv::client::master::MasterClient;
 use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
-    AddNodeRequest, Config, ConfigReply, Group, JoinRequest, LeaveRequest, MoveRequest, Node,
-    NodeStatusRequest, RemoveNodeRequest, RequestId, SplitRequest,
+    Config, ConfigReply, Group, JoinRequest, LeaveRequest, MoveRequest, Node, NodeStatusRequest,
+    RequestId, SplitRequest,
 };
 use std::future::Future;
 use std::process::ExitCode;
@@ -33,9 +33,6 @@ pub enum Command {
     /// Remove a replica group: its ranges move to the others. Waits until the
     /// group holds no data any more (unless --no-wait).
     Leave(LeaveArgs),
-    /// Edit a group's member list in the shard master (routing only).
-    #[command(subcommand)]
-    Node(NodeCommand),
     /// Give the range that contains KEY to group GID.
     Move(MoveArgs),
     /// Cut the range that contains KEY into [start, KEY) and [KEY, end).
@@ -67,39 +64,6 @@ pub struct LeaveArgs {
     /// data to move.
     #[arg(long)]
     no_wait: bool,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum NodeCommand {
-    /// Add a node to a group's member list (the group's Raft membership is changed
-    /// separately).
-    Add(NodeAddArgs),
-    /// Remove a node from a group's member list (the group's Raft membership is
-    /// changed separately).
-    Remove(NodeRemoveArgs),
-}
-
-#[derive(Args, Debug)]
-pub struct NodeAddArgs {
-    /// The group.
-    #[arg(long)]
-    gid: u64,
-    /// The node's id within the group (non-zero).
-    #[arg(long)]
-    id: u64,
-    /// The node's HOST:PORT.
-    #[arg(long)]
-    addr: String,
-}
-
-#[derive(Args, Debug)]
-pub struct NodeRemoveArgs {
-    /// The group.
-    #[arg(long)]
-    gid: u64,
-    /// The node's id within the group.
-    #[arg(long)]
-    id: u64,
 }
 
 #[derive(Args, Debug)]
@@ -134,51 +98,6 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
             report(ctx, &config, &format!("group {} joined", a.gid))?;
         }
         Command::Leave(a) => return leave(ctx, &master, a).await,
-        Command::Node(NodeCommand::Add(a)) => {
-            let request = AddNodeRequest {
-                gid: a.gid,
-                node: Some(Node {
-                    id: a.id,
-                    addr: a.addr.clone(),
-                }),
-                id,
-            };
-            let config = execute(ctx, &master, |mut c| {
-                let r = request.clone();
-                async move { c.add_node(r).await }
-            })
-            .await?;
-            report(
-                ctx,
-                &config,
-                &format!(
-                    "node {} ({}) added to the member list of group {}; clients now route to \
-                     it. Adding it to the group's Raft membership is done separately.",
-                    a.id, a.addr, a.gid
-                ),
-            )?;
-        }
-        Command::Node(NodeCommand::Remove(a)) => {
-            let request = RemoveNodeRequest {
-                gid: a.gid,
-                node_id: a.id,
-                id,
-            };
-            let config = execute(ctx, &master, |mut c| {
-                let r = request;
-                async move { c.remove_node(r).await }
-            })
-            .await?;
-            report(
-                ctx,
-                &config,
-                &format!(
-                    "node {} removed from the member list of group {}; clients no longer \
-                     route to it. Removing it from the group's Raft membership is done separately.",
-                    a.id, a.gid
-                ),
-            )?;
-        }
         Command::Move(a) => {
             let request = MoveRequest {
                 key: a.key.clone().into_bytes(),
@@ -211,7 +130,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// A shard-master command id: one command per shardctl run, so seq 1 of a random client.
-fn request_id() -> RequestId {
+pub(crate) fn request_id() -> RequestId {
     let mut client_id = 0;
     while client_id == 0 {
         client_id = rand::random();
@@ -246,7 +165,11 @@ fn parse_nodes(specs: &[String]) -> anyhow::Result<Vec<Node>> {
 }
 
 /// Runs a configuration-changing command at the shard master leader.
-async fn execute<F, Fut>(ctx: &Ctx, master: &MasterClient, call: F) -> anyhow::Result<Config>
+pub(crate) async fn execute<F, Fut>(
+    ctx: &Ctx,
+    master: &MasterClient,
+    call: F,
+) -> anyhow::Result<Config>
 where
     F: Fn(ShardMasterClient<Channel>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<ConfigReply>, Status>>,
@@ -269,7 +192,7 @@ struct ChangeJson<'a> {
     config: ConfigJson,
 }
 
-fn report(ctx: &Ctx, config: &Config, message: &str) -> anyhow::Result<()> {
+pub(crate) fn report(ctx: &Ctx, config: &Config, message: &str) -> anyhow::Result<()> {
     match ctx.output() {
         Output::Json => print_json(&ChangeJson {
             message,

@@ -1,8 +1,8 @@
 //! `shardctl`: administer a shardkv cluster and read and write its keys.
 //!
-//! Subcommands come in groups, one module each (`admin`, `info`, `data`, `local`);
-//! each module has its own clap `Command` enum, flattened into [`Commands`]. To add a
-//! group: write a module with a `Command` enum and an `async fn run(&Ctx, Command)`,
+//! Subcommands come in groups, one module each (`admin`, `members`, `info`, `data`,
+//! `local`); each module has its own clap `Command` enum, flattened into
+//! [`Commands`]. To add a group: write a module with a `Command` enum and an `async fn run(&Ctx, Command)`,
 //! then add one variant to [`Commands`] and one arm to [`run`].
 
 /// `println!` that returns write errors (a closed pipe) instead of panicking; use in
@@ -18,6 +18,7 @@ mod admin;
 mod data;
 mod info;
 mod local;
+mod members;
 mod output;
 
 use clap::{Args, Parser, Subcommand};
@@ -85,6 +86,8 @@ enum Commands {
     #[command(flatten)]
     Data(data::Command),
     #[command(flatten)]
+    Members(members::Command),
+    #[command(flatten)]
     Local(local::Command),
 }
 
@@ -150,6 +153,7 @@ async fn run(ctx: &Ctx, command: Commands) -> anyhow::Result<ExitCode> {
         Commands::Admin(c) => admin::run(ctx, c).await,
         Commands::Info(c) => info::run(ctx, c).await,
         Commands::Data(c) => data::run(ctx, c).await,
+        Commands::Members(c) => members::run(ctx, c).await,
         Commands::Local(c) => local::run(ctx, c).await,
     }
 }
