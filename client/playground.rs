@@ -6,6 +6,7 @@ use crate::client::master::MasterClient;
 use crate::proto::kv_client::KvClient;
 use crate::proto::{Group, JoinRequest, Node, NodeStatusRequest, RangeState, SplitRequest};
 use anyhow::Context;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -69,11 +70,18 @@ fn server_command(server: &str) -> anyhow::Result<Command> {
 
 fn spawn(mut command: Command, name: String, addr: String, dir: &Path) -> anyhow::Result<Proc> {
     let log = dir.join("logs").join(format!("{name}.log"));
-    let file = std::fs::OpenOptions::new()
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log)
         .with_context(|| format!("cannot open {}", log.display()))?;
+    // The command line, so a killed process can be restarted by hand.
+    let std = command.as_std();
+    let line: Vec<String> = std::iter::once(std.get_program())
+        .chain(std.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    writeln!(file, "# started: {}", line.join(" "))?;
     let child = command
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
