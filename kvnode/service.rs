@@ -34,6 +34,8 @@ impl Default for Limits {
     }
 }
 
+/// A scan page stops once it holds about this many bytes (and resumes after).
+const MAX_SCAN_BYTES: usize = 4 << 20;
 /// Most bytes of records in one transfer chunk.
 const MAX_PULL_BYTES: u32 = 4 << 20;
 
@@ -59,6 +61,9 @@ fn kv_error(e: KvError) -> Status {
         ),
         KvError::Superseded { seq } => Status::failed_precondition(format!(
             "write {seq} was already answered (the client acknowledged it)"
+        )),
+        KvError::TooManyInFlight { limit } => Status::resource_exhausted(format!(
+            "more than {limit} unacknowledged writes from this client; advance first_incomplete"
         )),
         KvError::Malformed => Status::invalid_argument("malformed command"),
     }
@@ -160,7 +165,10 @@ impl Kv for KvService {
 
     async fn scan(&self, r: Request<ScanRequest>) -> Result<Response<ScanReply>, Status> {
         let r = r.into_inner();
-        check_key("start", &r.start)?;
+        // An empty start is the beginning of the key space.
+        if !r.start.is_empty() {
+            check_key("start", &r.start)?;
+        }
         if !r.end.is_empty() && r.end <= r.start {
             return Err(status::invalid_argument("end", "must be after start", 0));
         }
@@ -177,7 +185,7 @@ impl Kv for KvService {
         let (pairs, resume) = self
             .replica
             .state()
-            .scan(&r.start, &r.end, limit as usize)
+            .scan(&r.start, &r.end, limit as usize, MAX_SCAN_BYTES)
             .map_err(internal)?
             .map_err(kv_error)?;
         Ok(Response::new(ScanReply { pairs, resume }))

@@ -37,6 +37,8 @@ pub enum KvError {
     WrongGroup { config_num: u64 },
     /// The client already acknowledged this write's reply, so this is a stale copy.
     Superseded { seq: u64 },
+    /// The client has more unacknowledged writes than the server remembers replies for.
+    TooManyInFlight { limit: usize },
     /// The command could not be decoded.
     Malformed,
 }
@@ -138,13 +140,15 @@ impl KvState {
         Ok(Ok(self.store().get(&data_key(key))?))
     }
 
-    /// Up to `limit` pairs of `[start, end)` within the served range containing
-    /// `start`, and where to resume (empty when `[start, end)` is exhausted).
+    /// Up to `limit` pairs (and about `max_bytes`) of `[start, end)` within the served
+    /// range containing `start`, and where to resume (empty when `[start, end)` is
+    /// exhausted). An empty `start` is the beginning of the key space.
     pub fn scan(
         &self,
         start: &[u8],
         end: &[u8],
         limit: usize,
+        max_bytes: usize,
     ) -> anyhow::Result<Result<ScanPage, KvError>> {
         let range = match self.serving_range(start) {
             Ok(r) => r.clone(),
@@ -162,16 +166,18 @@ impl KvState {
             end: stop,
         });
         let mut pairs = Vec::new();
+        let mut bytes = 0;
         for item in self
             .store()
             .keyspace()
             .range::<Vec<u8>, _>((Bound::Included(bounds.0), bounds.1))
         {
             let (k, v) = item.into_inner()?;
-            if pairs.len() == limit {
+            if pairs.len() == limit || bytes >= max_bytes {
                 // Resume at the first key not returned.
                 return Ok(Ok((pairs, k[1..].to_vec())));
             }
+            bytes += k.len() + v.len();
             pairs.push(KeyValue {
                 key: k[1..].to_vec(),
                 value: v.to_vec(),
@@ -285,20 +291,22 @@ impl KvState {
         if let Some(entry) = session.entries.iter().find(|e| e.seq == id.seq) {
             return Ok(Ok(entry.reply.clone().unwrap_or_default()));
         }
-        let reply = KvReply {
-            reply: Some(write(self.store(), batch)?),
-        };
         session.first_incomplete = session.first_incomplete.max(id.first_incomplete);
         let floor = session.first_incomplete;
         session.entries.retain(|e| e.seq >= floor);
+        // Forgetting an unacknowledged reply would let its retry apply twice: refuse.
+        if session.entries.len() >= MAX_SESSION_ENTRIES {
+            return Ok(Err(KvError::TooManyInFlight {
+                limit: MAX_SESSION_ENTRIES,
+            }));
+        }
+        let reply = KvReply {
+            reply: Some(write(self.store(), batch)?),
+        };
         session.entries.push(SessionEntry {
             seq: id.seq,
             reply: Some(reply.clone()),
         });
-        if session.entries.len() > MAX_SESSION_ENTRIES {
-            session.entries.sort_by_key(|e| e.seq);
-            session.entries.remove(0);
-        }
         session.last_index = index;
         batch.put(session_key(id.client_id), session.encode_to_vec());
         Ok(Ok(reply))
@@ -580,7 +588,192 @@ impl StateMachine for KvState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Group, Node, RangeAssignment};
+    use crate::proto::{Group, InstallChunk, Node, PutRequest, RangeAssignment};
+    use crate::storage::{Engine, Identity};
+
+    /// A kv state on a fresh store; commands are applied as the driver does.
+    struct Harness {
+        _dir: tempfile::TempDir,
+        store: SmStore,
+        state: KvState,
+        index: u64,
+    }
+
+    impl Harness {
+        fn new(gid: u64) -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let identity = Identity {
+                cluster: "t".into(),
+                role: "kvnode".into(),
+                group: gid,
+                node: 1,
+            };
+            let (_, store) = Engine::open(dir.path(), &identity)
+                .unwrap()
+                .into_stores()
+                .unwrap();
+            let mut state = KvState::new(gid);
+            state.restore(&store).unwrap();
+            Harness {
+                _dir: dir,
+                store,
+                state,
+                index: 10,
+            }
+        }
+
+        fn apply(&mut self, command: Command) -> KvResult {
+            self.index += 1;
+            let mut batch = self.store.batch();
+            let encoded = KvCommand {
+                command: Some(command),
+            }
+            .encode_to_vec();
+            let result = self.state.apply(self.index, &encoded, &mut batch);
+            self.store.commit(batch, (self.index, 1), None).unwrap();
+            result
+        }
+
+        /// Applies an internal command, which always succeeds.
+        fn exec(&mut self, command: Command) {
+            self.apply(command).expect("internal commands succeed");
+        }
+
+        fn put(&mut self, key: &str, value: &[u8], id: Option<RequestId>) -> KvResult {
+            self.apply(Command::Put(PutRequest {
+                key: key.into(),
+                value: value.to_vec(),
+                id,
+            }))
+        }
+
+        fn get(&self, key: &str) -> Option<Vec<u8>> {
+            self.state.get(key.as_bytes()).unwrap().unwrap()
+        }
+    }
+
+    fn id(client_id: u64, seq: u64, first_incomplete: u64) -> Option<RequestId> {
+        Some(RequestId {
+            client_id,
+            seq,
+            first_incomplete,
+        })
+    }
+
+    #[test]
+    fn scan_pages_stop_at_the_byte_budget_and_resume() {
+        let mut h = Harness::new(1);
+        h.exec(Command::Config(config(1, &[], &[1])));
+        for k in ["a", "b", "c", "d", "e"] {
+            h.put(k, &[b'x'; 1000], None).unwrap();
+        }
+        let (pairs, resume) = h.state.scan(b"", b"", 100, 2500).unwrap().unwrap();
+        let keys: Vec<&[u8]> = pairs.iter().map(|p| p.key.as_slice()).collect();
+        assert_eq!(keys, [b"a", b"b", b"c"]);
+        assert_eq!(resume, b"d");
+        let (pairs, resume) = h.state.scan(b"d", b"", 100, 1 << 20).unwrap().unwrap();
+        assert_eq!(pairs.len(), 2);
+        assert!(resume.is_empty());
+    }
+
+    #[test]
+    fn sessions_answer_retries_and_refuse_to_forget_unacknowledged_replies() {
+        let mut h = Harness::new(1);
+        h.exec(Command::Config(config(1, &[], &[1])));
+        h.put("k", b"v1", id(7, 1, 1)).unwrap();
+        h.put("k", b"v2", id(7, 2, 1)).unwrap();
+        // A retry of seq 1 is answered from the session, not applied again.
+        h.put("k", b"v1", id(7, 1, 1)).unwrap();
+        assert_eq!(h.get("k").as_deref(), Some(&b"v2"[..]));
+        // Once the client acknowledged seq 1, a stale copy of it is refused.
+        h.put("other", b"x", id(7, 3, 2)).unwrap();
+        assert_eq!(
+            h.put("k", b"v1", id(7, 1, 2)),
+            Err(KvError::Superseded { seq: 1 })
+        );
+        // Seqs 2..=257 unacknowledged fill the session: the next one is refused.
+        for seq in 4..=MAX_SESSION_ENTRIES as u64 + 1 {
+            h.put("k", b"fill", id(7, seq, 2)).unwrap();
+        }
+        let next = MAX_SESSION_ENTRIES as u64 + 2;
+        assert_eq!(
+            h.put("k", b"late", id(7, next, 2)),
+            Err(KvError::TooManyInFlight {
+                limit: MAX_SESSION_ENTRIES
+            })
+        );
+        assert_eq!(h.get("k").as_deref(), Some(&b"fill"[..]));
+    }
+
+    #[test]
+    fn a_moved_range_is_pulled_installed_once_and_collected_at_the_source() {
+        let (c1, c2) = (config(1, &["n"], &[1, 1]), config(2, &["n"], &[1, 2]));
+        let mut source = Harness::new(1);
+        let mut dest = Harness::new(2);
+        source.exec(Command::Config(c1.clone()));
+        dest.exec(Command::Config(c1));
+        for k in ["apple", "melon", "pear", "zebra"] {
+            source.put(k, k.as_bytes(), None).unwrap();
+        }
+        source.put("zebra", b"zebra-2", id(9, 1, 1)).unwrap();
+        source.exec(Command::Config(c2.clone()));
+        dest.exec(Command::Config(c2));
+        assert_eq!(
+            source.state.get(b"zebra").unwrap(),
+            Err(KvError::WrongGroup { config_num: 2 })
+        );
+        let moving = dest.state.held()[0].clone();
+        assert_eq!(moving.state(), RangeState::Pulling);
+        let range = moving.range.clone().unwrap();
+        // Pull in small chunks, installing each; then install the first chunk again.
+        let mut cursor = Vec::new();
+        let mut first_chunk = None;
+        for _ in 0..100 {
+            let (records, done) = source.state.pull(2, &range, &cursor, 1).unwrap().unwrap();
+            if let Some(last) = records.last() {
+                cursor = last.key.clone();
+            }
+            let chunk = InstallChunk {
+                config_num: 2,
+                range: Some(range.clone()),
+                records,
+            };
+            first_chunk.get_or_insert_with(|| chunk.clone());
+            dest.exec(Command::Install(chunk));
+            if done {
+                break;
+            }
+        }
+        let op = RangeOp {
+            config_num: 2,
+            range: Some(range.clone()),
+        };
+        dest.exec(Command::FinishPull(op.clone()));
+        dest.exec(Command::Install(first_chunk.unwrap()));
+        assert_eq!(dest.get("zebra").as_deref(), Some(&b"zebra-2"[..]));
+        assert_eq!(dest.get("pear").as_deref(), Some(&b"pear"[..]));
+        // The write the source answered is remembered at the destination.
+        dest.put("zebra", b"zebra-2", id(9, 1, 1)).unwrap();
+        dest.put("zebra", b"zebra-3", id(9, 2, 1)).unwrap();
+        dest.put("zebra", b"zebra-2", id(9, 1, 1)).unwrap();
+        assert_eq!(dest.get("zebra").as_deref(), Some(&b"zebra-3"[..]));
+        // The source drops its copy through its log.
+        source.exec(Command::Release(op.clone()));
+        for _ in 0..10 {
+            source.exec(Command::DeleteChunk(op.clone()));
+        }
+        assert_eq!(source.state.held().len(), 1, "only [\"\", n) is left");
+        let (start, end) = data_bounds(&range);
+        let left = source
+            .store
+            .keyspace()
+            .range::<Vec<u8>, _>((Bound::Included(start), end))
+            .count();
+        assert_eq!(left, 0, "the moved range's data is gone from the source");
+        assert!(dest.state.held()[0].release_pending);
+        dest.exec(Command::Released(op));
+        assert!(dest.state.settled());
+    }
 
     fn config(num: u64, bounds: &[&str], owners: &[u64]) -> Config {
         let mut starts: Vec<Vec<u8>> = vec![Vec::new()];
