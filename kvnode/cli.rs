@@ -54,6 +54,9 @@ pub struct Args {
     /// How often the leader checks for a new configuration and transfer work, in ms.
     #[arg(long, default_value_t = 100)]
     pub poll_ms: u64,
+    /// How often to report to the shard master, in ms.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -95,8 +98,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )?;
     tokio::spawn(kvnode::run_migrations(
         node.replica.clone(),
-        masters,
+        masters.clone(),
         Duration::from_millis(args.poll_ms),
+        logger.clone(),
+    ));
+    tokio::spawn(kvnode::run_heartbeats(
+        node.replica.clone(),
+        masters,
+        listen.clone(),
+        Duration::from_millis(args.heartbeat_ms),
         logger.clone(),
     ));
     let limits = Limits {

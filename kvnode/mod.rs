@@ -3,10 +3,12 @@
 //! the ordered data of the ranges the group owns.
 
 pub mod cli;
+mod heartbeat;
 mod migration;
 mod service;
 mod state;
 
+pub use heartbeat::run_heartbeats;
 pub use migration::run_migrations;
 pub use service::{KvService, Limits, TransferService};
 pub use state::{KvError, KvState};

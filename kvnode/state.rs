@@ -97,6 +97,11 @@ impl KvState {
         self.store.as_ref().expect("restored before use")
     }
 
+    /// The store, for reads that must not hold the state lock (long scans).
+    pub fn store_handle(&self) -> SmStore {
+        self.store().clone()
+    }
+
     /// This group's id.
     pub fn gid(&self) -> u64 {
         self.gid
@@ -400,7 +405,11 @@ impl KvState {
                         && h.config_num == op.config_num
                         && same_range(&h.range, &range)
                 }) {
-                    self.held[h].release_pending = false;
+                    // The transfer is over: the range no longer has a peer.
+                    let held = &mut self.held[h];
+                    held.release_pending = false;
+                    held.peer_gid = 0;
+                    held.peer_nodes.clear();
                     self.save_held(batch);
                 }
                 done
@@ -493,6 +502,22 @@ impl KvState {
         }
         Ok(())
     }
+}
+
+/// Number of keys and bytes (keys plus values) of `range` in `store`.
+pub fn range_stats(store: &SmStore, range: &KeyRange) -> anyhow::Result<(u64, u64)> {
+    let (start, end) = data_bounds(range);
+    let mut keys = 0;
+    let mut bytes = 0;
+    for item in store
+        .keyspace()
+        .range::<Vec<u8>, _>((Bound::Included(start), end))
+    {
+        let (k, v) = item.into_inner()?;
+        keys += 1;
+        bytes += (k.len() - 1 + v.len()) as u64;
+    }
+    Ok((keys, bytes))
 }
 
 /// The ranges group `gid` holds in configuration `next`, coming from `prev`.
@@ -773,6 +798,11 @@ mod tests {
         assert!(dest.state.held()[0].release_pending);
         dest.exec(Command::Released(op));
         assert!(dest.state.settled());
+        assert_eq!(
+            dest.state.held()[0].peer_gid,
+            0,
+            "a finished transfer has no peer"
+        );
     }
 
     fn config(num: u64, bounds: &[&str], owners: &[u64]) -> Config {

@@ -37,6 +37,9 @@ pub struct Args {
     /// Compact the Raft log once it holds this many applied entries.
     #[arg(long, default_value_t = 10_000)]
     pub compact_threshold: u64,
+    /// A kvnode silent for this long (no heartbeat) is reported DOWN, in ms.
+    #[arg(long, default_value_t = 5000)]
+    pub down_after_ms: u64,
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -78,6 +81,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = node.shutdown();
     let routes = tonic::service::Routes::new(shardmaster::server(MasterService::new(
         node.replica.clone(),
+        Duration::from_millis(args.down_after_ms),
     )))
     .add_service(node.raft_service.clone())
     .add_service(node.membership_service.clone());

@@ -3,6 +3,7 @@
 
 mod balance;
 pub mod cli;
+mod liveness;
 mod service;
 mod state;
 

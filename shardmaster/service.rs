@@ -1,25 +1,41 @@
 //! The `ShardMaster` gRPC service: translates requests into proposals and reads of
 //! the replicated [`MasterState`], and results into replies.
 
+use super::liveness::Liveness;
 use super::state::{MasterState, Outcome};
 use crate::proto::master_command::Command;
 use crate::proto::shard_master_server::ShardMaster;
 use crate::proto::{
-    AddNodeRequest, Config, ConfigReply, JoinRequest, LeaveRequest, MasterCommand, MoveRequest,
-    QueryRequest, RemoveNodeRequest, ReplicaStatus, SplitRequest, StatusReply, StatusRequest,
+    AddNodeRequest, Config, ConfigReply, HeartbeatReply, HeartbeatRequest, JoinRequest,
+    LeaveRequest, MasterCommand, MoveRequest, QueryRequest, RemoveNodeRequest, ReplicaStatus,
+    SplitRequest, StatusReply, StatusRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::status;
 use prost::Message;
+use std::time::Duration;
 use tonic::{Code, Request, Response, Status};
 
 pub struct MasterService {
     replica: Replica<MasterState>,
+    liveness: Liveness,
 }
 
 impl MasterService {
-    pub fn new(replica: Replica<MasterState>) -> MasterService {
-        MasterService { replica }
+    /// `down_after`: silence after which a kvnode is reported DOWN.
+    pub fn new(replica: Replica<MasterState>, down_after: Duration) -> MasterService {
+        MasterService {
+            replica,
+            liveness: Liveness::new(down_after),
+        }
+    }
+
+    /// Keeps the liveness table in step with this replica's leadership.
+    fn observe_role(&self) -> bool {
+        let status = self.replica.status();
+        let leading = status.role == Role::Leader;
+        self.liveness.observe(leading.then_some(status.term));
+        leading
     }
 
     async fn execute(&self, command: Command) -> Result<Response<ConfigReply>, Status> {
@@ -108,7 +124,19 @@ impl ShardMaster for MasterService {
         Ok(Response::new(self.local_config(num)?))
     }
 
+    async fn heartbeat(
+        &self,
+        r: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        if !self.observe_role() {
+            return Err(status::from_replica(self.replica.status().not_leader()));
+        }
+        self.liveness.record(r.into_inner());
+        Ok(Response::new(HeartbeatReply {}))
+    }
+
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        self.observe_role();
         let s = self.replica.status();
         let role = if s.is_learner(s.id) {
             "learner"
@@ -127,9 +155,11 @@ impl ShardMaster for MasterService {
             voters: s.conf_state.voters.clone(),
             learners: s.conf_state.learners.clone(),
         };
+        let latest = self.replica.state().latest().clone();
         Ok(Response::new(StatusReply {
             replica: Some(replica),
-            latest_config_num: self.replica.state().latest().num,
+            latest_config_num: latest.num,
+            nodes: self.liveness.report(&latest),
         }))
     }
 }

@@ -9,7 +9,10 @@ use futures::future::join_all;
 use serde::Serialize;
 use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
-use shardkv::proto::{Config, NodeStatusReply, NodeStatusRequest, StatusReply, StatusRequest};
+use shardkv::proto::{
+    Config, Liveness, NodeHealth, NodeStatusReply, NodeStatusRequest, StatusReply, StatusRequest,
+};
+use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
@@ -96,6 +99,9 @@ struct NodeJson {
     id: u64,
     addr: String,
     up: bool,
+    /// What the shard master leader's heartbeat table says: "UP 0.4s ago", "DOWN 12.0s
+    /// ago", "UNKNOWN" (no leader, or a new one that has not heard from it yet).
+    master_sees: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -152,7 +158,24 @@ fn master_json(addr: &str, reply: &Result<StatusReply, String>) -> MasterJson {
     }
 }
 
-fn node_json(id: u64, addr: &str, reply: &Result<NodeStatusReply, String>) -> NodeJson {
+/// The leader's heartbeat view of a node, in words.
+fn liveness_text(health: Option<&NodeHealth>) -> String {
+    match health {
+        None => "UNKNOWN".into(),
+        Some(h) => match (h.liveness(), h.last_seen_ms) {
+            (Liveness::Unknown, _) => "UNKNOWN".into(),
+            (state, 0) => state.as_str_name().into(),
+            (state, ms) => format!("{} {:.1}s ago", state.as_str_name(), ms as f64 / 1000.0),
+        },
+    }
+}
+
+fn node_json(
+    id: u64,
+    addr: &str,
+    reply: &Result<NodeStatusReply, String>,
+    master_sees: String,
+) -> NodeJson {
     match reply {
         Ok(s) => {
             let r = s.replica.clone().unwrap_or_default();
@@ -160,6 +183,7 @@ fn node_json(id: u64, addr: &str, reply: &Result<NodeStatusReply, String>) -> No
                 id,
                 addr: addr.to_owned(),
                 up: true,
+                master_sees,
                 error: None,
                 role: Some(r.role),
                 term: Some(r.term),
@@ -181,6 +205,7 @@ fn node_json(id: u64, addr: &str, reply: &Result<NodeStatusReply, String>) -> No
             id,
             addr: addr.to_owned(),
             up: false,
+            master_sees,
             error: Some(e.clone()),
             role: None,
             term: None,
@@ -207,6 +232,18 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
                 .map_err(|e| output::call_error_text(&e))
         }))
         .await;
+    // Liveness from heartbeats is known to the leader only.
+    let health: HashMap<(u64, u64), NodeHealth> = masters
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .find(|r| r.replica.as_ref().is_some_and(|x| x.role == "leader"))
+        .map(|r| {
+            r.nodes
+                .iter()
+                .map(|n| ((n.gid, n.node_id), n.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
     let masters: Vec<MasterJson> = ctx
         .masters
         .iter()
@@ -247,7 +284,10 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
                     .nodes
                     .iter()
                     .zip(&replies)
-                    .map(|(n, r)| node_json(n.id, &n.addr, r))
+                    .map(|(n, r)| {
+                        let seen = liveness_text(health.get(&(g.gid, n.id)));
+                        node_json(n.id, &n.addr, r, seen)
+                    })
                     .collect(),
             });
         }
@@ -299,12 +339,24 @@ fn print_status(report: &StatusJson) -> anyhow::Result<()> {
         outln!();
         outln!("GROUP {} (latest configuration {num})", g.gid);
         let mut t = Table::new(&[
-            "NODE", "ADDR", "ROLE", "TERM", "APPLIED", "CONFIG", "RANGES",
+            "NODE",
+            "ADDR",
+            "MASTER SEES",
+            "ROLE",
+            "TERM",
+            "APPLIED",
+            "CONFIG",
+            "RANGES",
         ]);
         for n in &g.nodes {
             if !n.up {
                 let label = output::unreachable_label(n.error.as_deref().unwrap_or_default());
-                t.row(vec![n.id.to_string(), n.addr.clone(), label.into()]);
+                t.row(vec![
+                    n.id.to_string(),
+                    n.addr.clone(),
+                    n.master_sees.clone(),
+                    label.into(),
+                ]);
                 continue;
             }
             let ranges: Vec<String> = n
@@ -326,6 +378,7 @@ fn print_status(report: &StatusJson) -> anyhow::Result<()> {
             let mut cells = vec![
                 n.id.to_string(),
                 n.addr.clone(),
+                n.master_sees.clone(),
                 opt(&n.role),
                 opt(&n.term),
                 opt(&n.applied),
@@ -334,15 +387,9 @@ fn print_status(report: &StatusJson) -> anyhow::Result<()> {
             ];
             t.row(std::mem::take(&mut cells));
             for more in ranges.iter().skip(1) {
-                t.row(vec![
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                    more.clone(),
-                ]);
+                let mut row = vec![String::new(); 7];
+                row.push(more.clone());
+                t.row(row);
             }
         }
         t.print()?;

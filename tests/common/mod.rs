@@ -12,19 +12,27 @@
 //!   write is applied once.
 //! - [`wait_until`] is the bounded polling helper every wait is built on.
 //!
-//! kvnode groups can reuse [`Proc`], [`free_ports`], [`grpc_channel`], [`rpc`] and
-//! [`wait_until`]; keep their processes in a struct that also owns (or borrows) the
-//! [`TempDir`] so logs outlive the processes.
+//! - [`KvCluster`] is a [`MasterCluster`] plus kv replica groups (`kvnode`
+//!   processes), in the masters' temporary directory: join groups through the master,
+//!   kill/restart/pause any node, wait until a group (or every group) serves the
+//!   latest configuration, read a node's `NodeStatus`.
+//! - [`KvTestClient`] is a routing test client: config from the masters, key -> gid
+//!   -> leader (NotLeader hints, WrongGroup refreshes), bounded retries with one
+//!   [`RequestId`] per write, and a scan that follows `resume` across groups.
 #![allow(dead_code)]
 
+use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::master_command::Command;
+use shardkv::proto::range_transfer_client::RangeTransferClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
-    AddNodeRequest, Config, Group, JoinRequest, LeaveRequest, MoveRequest, Node, QueryRequest,
-    RemoveNodeRequest, RequestId, SplitRequest, StatusReply, StatusRequest,
+    AddNodeRequest, CompareAndSwapReply, CompareAndSwapRequest, Config, DeleteRequest, GetRequest,
+    Group, HeldRange, JoinRequest, KeyRange, KeyValue, LeaveRequest, MoveRequest, Node,
+    NodeStatusReply, NodeStatusRequest, PutRequest, QueryRequest, RangeState, RemoveNodeRequest,
+    RequestId, ScanReply, ScanRequest, SplitRequest, StatusReply, StatusRequest,
 };
 use shardkv::status::detail;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::future::Future;
 use std::io::Write;
@@ -1108,5 +1116,986 @@ pub fn check_balanced(c: &Config) {
             "config {} is unbalanced: ranges per group {counts:?}",
             c.num
         );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// kv replica groups.
+
+/// How often test kvnodes look for a new configuration and transfer work.
+pub const TEST_POLL_MS: u64 = 50;
+/// Largest reply the fixture's kv clients accept (a scan page of big values).
+pub const KV_CLIENT_MAX_MESSAGE: usize = 256 << 20;
+
+/// How to start a [`KvCluster`].
+#[derive(Debug, Clone)]
+pub struct KvOptions {
+    /// Shard-master replicas.
+    pub masters: usize,
+    /// Groups started at once, gids `1..=groups` (started, not joined: see
+    /// [`KvCluster::join`]).
+    pub groups: u64,
+    /// kvnodes per group; node index `i` has Raft id `i + 1`.
+    pub replicas: usize,
+    pub tick_ms: u64,
+    pub poll_ms: u64,
+    pub max_value_bytes: Option<usize>,
+    pub compact_threshold: Option<u64>,
+    pub log_level: String,
+    /// Appended to every kvnode's command line.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for KvOptions {
+    fn default() -> Self {
+        KvOptions {
+            masters: 3,
+            groups: 2,
+            replicas: 3,
+            tick_ms: TEST_TICK_MS,
+            poll_ms: TEST_POLL_MS,
+            max_value_bytes: None,
+            compact_threshold: None,
+            log_level: "info".into(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// The kvnodes of one replica group. Node index `i` has Raft id `i + 1`.
+pub struct KvGroup {
+    gid: u64,
+    procs: Vec<Proc>,
+    addrs: Vec<String>,
+}
+
+impl KvGroup {
+    pub fn gid(&self) -> u64 {
+        self.gid
+    }
+
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    pub fn addr(&self, i: usize) -> &str {
+        &self.addrs[i]
+    }
+
+    pub fn addrs(&self) -> &[String] {
+        &self.addrs
+    }
+
+    pub fn proc(&self, i: usize) -> &Proc {
+        &self.procs[i]
+    }
+
+    /// Indexes of the nodes that are started and not paused.
+    pub fn up(&self) -> Vec<usize> {
+        (0..self.len()).filter(|&i| self.procs[i].is_up()).collect()
+    }
+
+    /// The group as the shard master records it (for Join).
+    pub fn spec(&self) -> Group {
+        Group {
+            gid: self.gid,
+            nodes: self
+                .addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| Node {
+                    id: i as u64 + 1,
+                    addr: a.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A shard-master cluster plus kv replica groups, all in the masters' temporary
+/// directory (`kv-G-N/` data and `kv-G-N.log` per kvnode).
+pub struct KvCluster {
+    // Dropped first: kvnodes die (and print their logs) before the masters and the
+    // directory go.
+    groups: BTreeMap<u64, KvGroup>,
+    /// Channels by address, reused across calls; forgotten on kill/restart/pause or a
+    /// transport failure.
+    channels: Mutex<HashMap<String, Channel>>,
+    options: KvOptions,
+    masters: MasterCluster,
+}
+
+impl KvCluster {
+    /// Starts the masters and groups `1..=options.groups` (none joined yet).
+    pub fn start(options: KvOptions) -> KvCluster {
+        let masters = MasterCluster::start_with(MasterOptions {
+            replicas: options.masters,
+            tick_ms: options.tick_ms,
+            ..Default::default()
+        });
+        let mut cluster = KvCluster {
+            groups: BTreeMap::new(),
+            channels: Mutex::new(HashMap::new()),
+            options: options.clone(),
+            masters,
+        };
+        for gid in 1..=options.groups {
+            cluster.add_group(gid);
+        }
+        cluster
+    }
+
+    /// Starts the `options.replicas` kvnodes of a new group `gid` (not joined).
+    pub fn add_group(&mut self, gid: u64) {
+        self.add_group_with(gid, &[]);
+    }
+
+    /// [`KvCluster::add_group`] with extra kvnode arguments for this group only.
+    pub fn add_group_with(&mut self, gid: u64, extra: &[&str]) {
+        assert!(gid > 0, "gid 0 is reserved");
+        assert!(!self.groups.contains_key(&gid), "group {gid} exists");
+        let n = self.options.replicas;
+        let addrs: Vec<String> = free_ports(n)
+            .into_iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let peers = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{}={a}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let masters = self.masters.addrs().join(",");
+        let program = env!("CARGO_BIN_EXE_kvnode");
+        let dir = self.masters.dir().to_path_buf();
+        let mut procs = Vec::new();
+        for i in 0..n {
+            let id = i as u64 + 1;
+            let name = format!("kv-{gid}-{id}");
+            let mut args = vec![
+                "--gid".to_string(),
+                gid.to_string(),
+                "--id".into(),
+                id.to_string(),
+                "--peers".into(),
+                peers.clone(),
+                "--masters".into(),
+                masters.clone(),
+                "--data-dir".into(),
+                dir.join(&name).display().to_string(),
+                "--tick-ms".into(),
+                self.options.tick_ms.to_string(),
+                "--poll-ms".into(),
+                self.options.poll_ms.to_string(),
+                "--log-level".into(),
+                self.options.log_level.clone(),
+            ];
+            if let Some(v) = self.options.max_value_bytes {
+                args.extend(["--max-value-bytes".to_string(), v.to_string()]);
+            }
+            if let Some(t) = self.options.compact_threshold {
+                args.extend(["--compact-threshold".to_string(), t.to_string()]);
+            }
+            args.extend(self.options.extra_args.iter().cloned());
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let log = dir.join(format!("{name}.log"));
+            procs.push(Proc::spawn(name, program, args, log));
+        }
+        self.groups.insert(gid, KvGroup { gid, procs, addrs });
+    }
+
+    pub fn masters(&self) -> &MasterCluster {
+        &self.masters
+    }
+
+    pub fn masters_mut(&mut self) -> &mut MasterCluster {
+        &mut self.masters
+    }
+
+    pub fn gids(&self) -> Vec<u64> {
+        self.groups.keys().copied().collect()
+    }
+
+    pub fn group(&self, gid: u64) -> &KvGroup {
+        self.groups
+            .get(&gid)
+            .unwrap_or_else(|| panic!("no group {gid} in the fixture"))
+    }
+
+    fn group_mut(&mut self, gid: u64) -> &mut KvGroup {
+        self.groups
+            .get_mut(&gid)
+            .unwrap_or_else(|| panic!("no group {gid} in the fixture"))
+    }
+
+    pub fn addr(&self, gid: u64, i: usize) -> &str {
+        self.group(gid).addr(i)
+    }
+
+    pub fn kill9(&mut self, gid: u64, i: usize) {
+        self.group_mut(gid).procs[i].kill9();
+        self.forget_node(gid, i);
+    }
+
+    pub fn restart(&mut self, gid: u64, i: usize) {
+        self.group_mut(gid).procs[i].restart();
+        self.forget_node(gid, i);
+    }
+
+    /// Starts node `i` of `gid` if it is not started.
+    pub fn start_node(&mut self, gid: u64, i: usize) {
+        if !self.group(gid).procs[i].is_started() {
+            self.group_mut(gid).procs[i].start();
+        }
+        self.forget_node(gid, i);
+    }
+
+    pub fn pause(&mut self, gid: u64, i: usize) {
+        self.group_mut(gid).procs[i].pause();
+        self.forget_node(gid, i);
+    }
+
+    pub fn resume(&mut self, gid: u64, i: usize) {
+        self.group_mut(gid).procs[i].resume();
+        self.forget_node(gid, i);
+    }
+
+    /// Kills every node of group `gid`.
+    pub fn kill9_group(&mut self, gid: u64) {
+        for i in 0..self.group(gid).len() {
+            self.kill9(gid, i);
+        }
+    }
+
+    /// Kills every kvnode and every shard master.
+    pub fn kill9_all(&mut self) {
+        for gid in self.gids() {
+            self.kill9_group(gid);
+        }
+        self.masters.kill9_all();
+    }
+
+    /// Starts every shard master and kvnode that is not started.
+    pub fn start_stopped(&mut self) {
+        self.masters.start_stopped();
+        for gid in self.gids() {
+            for i in 0..self.group(gid).len() {
+                self.start_node(gid, i);
+            }
+        }
+    }
+
+    /// Kills everything, then starts everything again with the same data.
+    pub fn restart_all(&mut self) {
+        self.kill9_all();
+        self.start_stopped();
+    }
+
+    fn forget_node(&self, gid: u64, i: usize) {
+        let addr = self.addr(gid, i).to_owned();
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&addr);
+    }
+
+    fn channel(&self, addr: &str) -> Channel {
+        self.channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(addr.to_owned())
+            .or_insert_with(|| grpc_channel(addr))
+            .clone()
+    }
+
+    /// A raw `Kv` client of node `i` of `gid` (no routing, no retries).
+    pub fn kv(&self, gid: u64, i: usize) -> KvClient<Channel> {
+        KvClient::new(self.channel(self.addr(gid, i)))
+            .max_decoding_message_size(KV_CLIENT_MAX_MESSAGE)
+    }
+
+    /// A raw `RangeTransfer` client of node `i` of `gid` (what another group's leader
+    /// calls to pull a range).
+    pub fn transfer(&self, gid: u64, i: usize) -> RangeTransferClient<Channel> {
+        RangeTransferClient::new(self.channel(self.addr(gid, i)))
+            .max_decoding_message_size(KV_CLIENT_MAX_MESSAGE)
+    }
+
+    /// NodeStatus of node `i` of `gid`.
+    pub async fn node_status(&self, gid: u64, i: usize) -> Result<NodeStatusReply, Status> {
+        let r = rpc(self.kv(gid, i).node_status(NodeStatusRequest {}))
+            .await
+            .map(|r| r.into_inner());
+        if let Err(s) = &r {
+            if is_transport_failure(s) {
+                self.forget_node(gid, i);
+            }
+        }
+        r
+    }
+
+    /// NodeStatus of node `i` of `gid`, which must answer.
+    pub async fn must_node_status(&self, gid: u64, i: usize) -> NodeStatusReply {
+        self.node_status(gid, i)
+            .await
+            .unwrap_or_else(|e| panic!("NodeStatus of node {i} of group {gid}: {e}"))
+    }
+
+    /// A retrying shard-master writer.
+    pub fn master_client(&self) -> MasterClient {
+        self.masters.master_client()
+    }
+
+    /// Joins `gids` (each with its real node addresses) in one Join.
+    pub async fn join(&self, gids: &[u64]) -> Config {
+        let groups = gids.iter().map(|&g| self.group(g).spec()).collect();
+        self.master_client()
+            .join(groups)
+            .await
+            .unwrap_or_else(|e| panic!("Join {gids:?}: {e}"))
+    }
+
+    /// The latest configuration any up shard-master replica has applied (a command
+    /// is applied by the replica that answered it before it answers).
+    pub async fn latest_config(&self) -> Result<Config, Status> {
+        let up = self.masters.up();
+        let replies =
+            futures::future::join_all(up.iter().map(|&i| self.masters.query(i, None))).await;
+        best_config(replies)
+    }
+
+    /// A routing kv client with a fresh client id.
+    pub fn client(&self) -> KvTestClient {
+        KvTestClient::new(self.masters.addrs().to_vec())
+    }
+
+    /// NodeStatus of every up node of `gid`: (index, reply or error).
+    pub async fn group_statuses(&self, gid: u64) -> Vec<(usize, Result<NodeStatusReply, Status>)> {
+        let up = self.group(gid).up();
+        let replies = futures::future::join_all(up.iter().map(|&i| self.node_status(gid, i))).await;
+        up.into_iter().zip(replies).collect()
+    }
+
+    /// One look: the node of `gid` that says it leads (the highest term if several do).
+    pub async fn leader(&self, gid: u64) -> Option<usize> {
+        let statuses = self.group_statuses(gid).await;
+        pick_leader(&statuses).map(|(i, _)| i)
+    }
+
+    /// Waits until some up node of `gid` says it leads; returns its index.
+    pub async fn wait_leader(&self, gid: u64, timeout: Duration) -> usize {
+        let found = Mutex::new(None);
+        let ok = wait_until(timeout, || async {
+            let l = self.leader(gid).await;
+            *found.lock().unwrap() = l;
+            l.is_some()
+        })
+        .await;
+        assert!(ok, "group {gid} has no leader after {timeout:?}");
+        let l = found.lock().unwrap().expect("found");
+        l
+    }
+
+    /// `Ok(leader's status)` if `gid`'s leader has applied `config` and holds exactly
+    /// the ranges `config` gives it, all SERVING and none release-pending; otherwise
+    /// what was seen.
+    pub async fn group_serving_view(
+        &self,
+        gid: u64,
+        config: &Config,
+    ) -> Result<NodeStatusReply, String> {
+        let statuses = self.group_statuses(gid).await;
+        let view = statuses
+            .iter()
+            .map(|(i, s)| match s {
+                Ok(s) => format!("node {i}: {}", describe_node(s)),
+                Err(e) => format!("node {i}: {:?} {}", e.code(), e.message()),
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let Some((_, leader)) = pick_leader(&statuses) else {
+            return Err(format!("no leader: {view}"));
+        };
+        if leader.config_num != config.num {
+            return Err(format!(
+                "leader at config {}, latest is {}: {view}",
+                leader.config_num, config.num
+            ));
+        }
+        if leader
+            .ranges
+            .iter()
+            .any(|h| h.state() != RangeState::Serving || h.release_pending)
+        {
+            return Err(format!("transfers under way: {view}"));
+        }
+        let held = merge_ranges(leader.ranges.iter().filter_map(|h| h.range.clone()));
+        let owned = merge_ranges(
+            config
+                .ranges
+                .iter()
+                .filter(|r| r.gid == gid)
+                .filter_map(|r| r.range.clone()),
+        );
+        if held != owned {
+            return Err(format!(
+                "leader holds {} but config {} gives it {}: {view}",
+                show_ranges(&held),
+                config.num,
+                show_ranges(&owned)
+            ));
+        }
+        Ok(leader.clone())
+    }
+
+    /// Waits until `gid`'s leader is at the shard master's latest configuration with
+    /// every held range SERVING, none release-pending, and exactly the ranges that
+    /// configuration gives it (none for a group that left). Returns the leader's status.
+    pub async fn wait_group_serving(&self, gid: u64, timeout: Duration) -> NodeStatusReply {
+        let found = Mutex::new(None);
+        let last_view = Mutex::new(String::from("(no look completed)"));
+        let ok = wait_until(timeout, || async {
+            let config = match self.latest_config().await {
+                Ok(c) => c,
+                Err(e) => {
+                    *last_view.lock().unwrap() = format!("no config from the masters: {e}");
+                    return false;
+                }
+            };
+            match self.group_serving_view(gid, &config).await {
+                Ok(s) => {
+                    *found.lock().unwrap() = Some(s);
+                    true
+                }
+                Err(v) => {
+                    *last_view.lock().unwrap() = v;
+                    false
+                }
+            }
+        })
+        .await;
+        assert!(
+            ok,
+            "group {gid} did not serve the latest configuration within {timeout:?}; last view: {}",
+            last_view.lock().unwrap()
+        );
+        let s = found.lock().unwrap().take().expect("found");
+        s
+    }
+
+    /// Waits until every group of the latest configuration serves it (see
+    /// [`KvCluster::wait_group_serving`]); returns that configuration.
+    pub async fn wait_settled(&self, timeout: Duration) -> Config {
+        let found = Mutex::new(None);
+        let last_view = Mutex::new(String::from("(no look completed)"));
+        let ok = wait_until(timeout, || async {
+            let config = match self.latest_config().await {
+                Ok(c) => c,
+                Err(e) => {
+                    *last_view.lock().unwrap() = format!("no config from the masters: {e}");
+                    return false;
+                }
+            };
+            for g in &config.groups {
+                if let Err(v) = self.group_serving_view(g.gid, &config).await {
+                    *last_view.lock().unwrap() = format!("group {}: {v}", g.gid);
+                    return false;
+                }
+            }
+            *found.lock().unwrap() = Some(config);
+            true
+        })
+        .await;
+        assert!(
+            ok,
+            "groups did not settle within {timeout:?}; last view: {}",
+            last_view.lock().unwrap()
+        );
+        let c = found.lock().unwrap().take().expect("found");
+        c
+    }
+
+    /// Waits until node `i` of `gid` has applied the masters' latest configuration and
+    /// at least as much of the log as its group's leader (read before it). Returns the
+    /// node's status.
+    pub async fn wait_caught_up(&self, gid: u64, i: usize, timeout: Duration) -> NodeStatusReply {
+        let found = Mutex::new(None);
+        let last_view = Mutex::new(String::from("(no look completed)"));
+        let ok = wait_until(timeout, || async {
+            let config = match self.latest_config().await {
+                Ok(c) => c,
+                Err(e) => {
+                    *last_view.lock().unwrap() = format!("no config from the masters: {e}");
+                    return false;
+                }
+            };
+            let statuses = self.group_statuses(gid).await;
+            let Some((l, leader)) = pick_leader(&statuses) else {
+                *last_view.lock().unwrap() = "no leader".into();
+                return false;
+            };
+            let leader_applied = leader.replica.as_ref().map(|r| r.applied_index);
+            let (l, leader_applied) = (l, leader_applied.unwrap_or(u64::MAX));
+            let node = match self.node_status(gid, i).await {
+                Ok(s) => s,
+                Err(e) => {
+                    *last_view.lock().unwrap() = format!("node {i}: {e}");
+                    return false;
+                }
+            };
+            let applied = node.replica.as_ref().map_or(0, |r| r.applied_index);
+            *last_view.lock().unwrap() = format!(
+                "node {i}: {}; leader {l} applied {leader_applied}; latest config {}",
+                describe_node(&node),
+                config.num
+            );
+            if node.config_num == config.num && applied >= leader_applied {
+                *found.lock().unwrap() = Some(node);
+                true
+            } else {
+                false
+            }
+        })
+        .await;
+        assert!(
+            ok,
+            "node {i} of group {gid} did not catch up within {timeout:?}; last view: {}",
+            last_view.lock().unwrap()
+        );
+        let s = found.lock().unwrap().take().expect("found");
+        s
+    }
+}
+
+/// The highest-numbered configuration among `replies` (errors ignored unless all fail).
+fn best_config(replies: Vec<Result<Config, Status>>) -> Result<Config, Status> {
+    let mut best: Option<Config> = None;
+    let mut last_error = Status::unavailable("no shard master replica asked");
+    for r in replies {
+        match r {
+            Ok(c) if best.as_ref().is_none_or(|b| c.num > b.num) => best = Some(c),
+            Ok(_) => {}
+            Err(e) => last_error = e,
+        }
+    }
+    best.ok_or(last_error)
+}
+
+/// The node that says it leads, with the highest term if several do.
+fn pick_leader(
+    statuses: &[(usize, Result<NodeStatusReply, Status>)],
+) -> Option<(usize, &NodeStatusReply)> {
+    statuses
+        .iter()
+        .filter_map(|(i, s)| s.as_ref().ok().map(|s| (*i, s)))
+        .filter(|(_, s)| s.replica.as_ref().is_some_and(|r| r.role == "leader"))
+        .max_by_key(|(_, s)| s.replica.as_ref().map_or(0, |r| r.term))
+}
+
+/// One line about a node: role, term, applied index, config and held ranges.
+pub fn describe_node(s: &NodeStatusReply) -> String {
+    let r = s.replica.clone().unwrap_or_default();
+    format!(
+        "id {} {} term {} applied {} config {} held [{}]",
+        r.id,
+        r.role,
+        r.term,
+        r.applied_index,
+        s.config_num,
+        describe_held(&s.ranges)
+    )
+}
+
+/// Held ranges as `[start, end) STATE(peer)` items.
+pub fn describe_held(held: &[HeldRange]) -> String {
+    held.iter()
+        .map(|h| {
+            format!(
+                "{} {:?}{}{}",
+                h.range.clone().unwrap_or_default(),
+                h.state(),
+                if h.peer_gid != 0 {
+                    format!("(g{})", h.peer_gid)
+                } else {
+                    String::new()
+                },
+                if h.release_pending {
+                    " release-pending"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Sorts ranges and merges adjacent ones (an empty end is +infinity).
+pub fn merge_ranges(ranges: impl IntoIterator<Item = KeyRange>) -> Vec<KeyRange> {
+    let mut ranges: Vec<KeyRange> = ranges.into_iter().collect();
+    ranges.sort_by(|a, b| a.start.cmp(&b.start));
+    let mut merged: Vec<KeyRange> = Vec::new();
+    for r in ranges {
+        match merged.last_mut() {
+            Some(last) if !last.end.is_empty() && last.end == r.start => last.end = r.end,
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+pub fn show_ranges(ranges: &[KeyRange]) -> String {
+    let parts: Vec<String> = ranges.iter().map(|r| r.to_string()).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+// ---------------------------------------------------------------------------
+// A routing kv test client.
+
+/// Test scaffolding, not the product client: routes each request by key to the
+/// owning group (configuration from the shard masters), finds the group's leader
+/// (NotLeader hints; the next node on UNAVAILABLE), refreshes the configuration on
+/// WrongGroup, and retries with backoff until `deadline`. Every write carries a
+/// [`RequestId`] (`first_incomplete = seq`: a sequential client) reused across its
+/// retries.
+pub struct KvTestClient {
+    masters: Vec<String>,
+    channels: HashMap<String, Channel>,
+    config: Option<Config>,
+    /// Known leader address per gid.
+    leaders: HashMap<u64, String>,
+    /// Next node to try per gid while its leader is unknown.
+    next_node: HashMap<u64, usize>,
+    client_id: u64,
+    seq: u64,
+    /// Give up on one call after this long.
+    pub deadline: Duration,
+    /// Time limit of one attempt.
+    pub attempt_timeout: Duration,
+    /// Attempts made by the last call (1 = no retry).
+    pub last_attempts: u32,
+    /// The group that answered the last successful call.
+    pub last_gid: u64,
+}
+
+impl KvTestClient {
+    pub fn new(masters: Vec<String>) -> KvTestClient {
+        KvTestClient::with_client_id(masters, rand::random::<u64>() | 1)
+    }
+
+    pub fn with_client_id(masters: Vec<String>, client_id: u64) -> KvTestClient {
+        assert!(!masters.is_empty());
+        KvTestClient {
+            masters,
+            channels: HashMap::new(),
+            config: None,
+            leaders: HashMap::new(),
+            next_node: HashMap::new(),
+            client_id,
+            seq: 0,
+            deadline: Duration::from_secs(20),
+            attempt_timeout: RPC_TIMEOUT,
+            last_attempts: 0,
+            last_gid: 0,
+        }
+    }
+
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// A fresh request id (the next seq; every earlier write counts as answered).
+    pub fn next_id(&mut self) -> RequestId {
+        self.seq += 1;
+        RequestId {
+            client_id: self.client_id,
+            seq: self.seq,
+            first_incomplete: self.seq,
+        }
+    }
+
+    /// The configuration the client routes by (None before the first call).
+    pub fn config(&self) -> Option<&Config> {
+        self.config.as_ref()
+    }
+
+    fn channel(&mut self, addr: &str) -> Channel {
+        self.channels
+            .entry(addr.to_owned())
+            .or_insert_with(|| grpc_channel(addr))
+            .clone()
+    }
+
+    /// Fetches the latest configuration (the highest any master replica answers).
+    pub async fn refresh_config(&mut self) -> Result<&Config, Status> {
+        let addrs = self.masters.clone();
+        let calls = addrs.iter().map(|a| {
+            let mut c = ShardMasterClient::new(self.channel(a));
+            async move {
+                rpc(c.query(QueryRequest { num: None }))
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        });
+        let replies = futures::future::join_all(calls).await;
+        for (a, r) in addrs.iter().zip(&replies) {
+            if let Err(s) = r {
+                if is_transport_failure(s) {
+                    self.channels.remove(a);
+                }
+            }
+        }
+        let best = best_config(replies)?;
+        if self.config.as_ref().is_none_or(|c| best.num >= c.num) {
+            self.config = Some(best);
+        }
+        Ok(self.config.as_ref().expect("set"))
+    }
+
+    /// Runs `call` at the leader of the group owning `key`, retrying as described on
+    /// the type. Errors other than not-leader, unreachable, time-out and wrong-group are
+    /// returned at once.
+    pub async fn call<T, F, Fut>(&mut self, key: &[u8], what: &str, call: F) -> Result<T, Status>
+    where
+        F: Fn(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        let mut attempts = 0u32;
+        let mut last = Status::unavailable("no attempt made");
+        let mut refresh = self.config.is_none();
+        while attempts < 10_000 && start.elapsed() < self.deadline {
+            attempts += 1;
+            self.last_attempts = attempts;
+            let left = self.deadline.saturating_sub(start.elapsed());
+            if refresh {
+                match rpc_within(left, self.refresh_config()).await {
+                    Ok(_) => refresh = false,
+                    Err(e) => {
+                        last = e;
+                        tokio::time::sleep(backoff.min(left)).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                        continue;
+                    }
+                }
+            }
+            let config = self.config.as_ref().expect("refreshed");
+            let gid = config.owner(key).1;
+            let nodes: Vec<String> = config
+                .group(gid)
+                .map(|g| g.nodes.iter().map(|n| n.addr.clone()).collect())
+                .unwrap_or_default();
+            if gid == 0 || nodes.is_empty() {
+                last = Status::unavailable(format!(
+                    "no group serves the key in config {}",
+                    config.num
+                ));
+                refresh = true;
+                tokio::time::sleep(backoff.min(left)).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+            let addr = match self.leaders.get(&gid) {
+                Some(a) => a.clone(),
+                None => {
+                    let n = self.next_node.entry(gid).or_default();
+                    nodes[*n % nodes.len()].clone()
+                }
+            };
+            let client =
+                KvClient::new(self.channel(&addr)).max_decoding_message_size(KV_CLIENT_MAX_MESSAGE);
+            let limit = self
+                .attempt_timeout
+                .min(self.deadline.saturating_sub(start.elapsed()))
+                .max(Duration::from_millis(50));
+            let status = match rpc_within(limit, call(client)).await {
+                Ok(reply) => {
+                    self.leaders.insert(gid, addr);
+                    self.last_gid = gid;
+                    return Ok(reply.into_inner());
+                }
+                Err(s) => s,
+            };
+            let mut hinted = false;
+            match (status.code(), detail(&status)) {
+                (Code::Unavailable, Some(DetailKind::NotLeader(nl))) => {
+                    if !nl.leader_addr.is_empty() && nl.leader_addr != addr {
+                        self.leaders.insert(gid, nl.leader_addr.clone());
+                        hinted = true;
+                    } else {
+                        self.forget_leader(gid);
+                    }
+                }
+                (Code::FailedPrecondition, Some(DetailKind::WrongGroup(_))) => refresh = true,
+                _ if is_transport_failure(&status) => {
+                    self.channels.remove(&addr);
+                    self.forget_leader(gid);
+                }
+                _ => return Err(status),
+            }
+            last = status;
+            let pause = if hinted {
+                Duration::from_millis(5)
+            } else {
+                backoff
+            };
+            tokio::time::sleep(pause.min(self.deadline.saturating_sub(start.elapsed()))).await;
+            if !hinted {
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+        Err(Status::with_details(
+            last.code(),
+            format!(
+                "{what}: gave up after {attempts} attempts in {:?}; last error: {}",
+                start.elapsed(),
+                last.message()
+            ),
+            last.details().to_vec().into(),
+        ))
+    }
+
+    /// Forgets `gid`'s leader and moves on to its next node.
+    fn forget_leader(&mut self, gid: u64) {
+        self.leaders.remove(&gid);
+        *self.next_node.entry(gid).or_default() += 1;
+    }
+
+    pub async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+        let request = GetRequest { key: key.to_vec() };
+        let reply = self
+            .call(key, "Get", |mut c| {
+                let r = request.clone();
+                async move { c.get(r).await }
+            })
+            .await?;
+        Ok(reply.found.then_some(reply.value))
+    }
+
+    pub async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), Status> {
+        let id = self.next_id();
+        self.put_with_id(key, value, id).await
+    }
+
+    /// Put with an explicit request id (reused across this call's retries).
+    pub async fn put_with_id(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        id: RequestId,
+    ) -> Result<(), Status> {
+        let request = PutRequest {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            id: Some(id),
+        };
+        self.call(key, "Put", |mut c| {
+            let r = request.clone();
+            async move { c.put(r).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes `key`; true if it existed.
+    pub async fn delete(&mut self, key: &[u8]) -> Result<bool, Status> {
+        let id = self.next_id();
+        let request = DeleteRequest {
+            key: key.to_vec(),
+            id: Some(id),
+        };
+        let reply = self
+            .call(key, "Delete", |mut c| {
+                let r = request.clone();
+                async move { c.delete(r).await }
+            })
+            .await?;
+        Ok(reply.existed)
+    }
+
+    pub async fn cas(
+        &mut self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: Option<&[u8]>,
+    ) -> Result<CompareAndSwapReply, Status> {
+        let id = self.next_id();
+        self.cas_with_id(key, expected, value, id).await
+    }
+
+    /// CompareAndSwap with an explicit request id (reused across this call's retries).
+    pub async fn cas_with_id(
+        &mut self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        value: Option<&[u8]>,
+        id: RequestId,
+    ) -> Result<CompareAndSwapReply, Status> {
+        let request = CompareAndSwapRequest {
+            key: key.to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+            value: value.map(<[u8]>::to_vec),
+            id: Some(id),
+        };
+        self.call(key, "CompareAndSwap", |mut c| {
+            let r = request.clone();
+            async move { c.compare_and_swap(r).await }
+        })
+        .await
+    }
+
+    /// One Scan call, routed by `start`.
+    pub async fn scan_page(
+        &mut self,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+    ) -> Result<ScanReply, Status> {
+        let request = ScanRequest {
+            start: start.to_vec(),
+            end: end.to_vec(),
+            limit,
+        };
+        self.call(start, "Scan", |mut c| {
+            let r = request.clone();
+            async move { c.scan(r).await }
+        })
+        .await
+    }
+
+    /// Every pair in `[start, end)` (empty end: +infinity), following `resume` across
+    /// ranges and groups, `page` pairs per call at most (0: the server's maximum).
+    /// An empty `start` is sent as `"\0"`, the smallest valid key (the server checks
+    /// `start` like a key and refuses an empty one). Fails if `resume` does not advance.
+    pub async fn scan_all(
+        &mut self,
+        start: &[u8],
+        end: &[u8],
+        page: u32,
+    ) -> Result<Vec<KeyValue>, Status> {
+        let mut from = if start.is_empty() {
+            vec![0]
+        } else {
+            start.to_vec()
+        };
+        let mut out = Vec::new();
+        for _ in 0..100_000 {
+            let reply = self.scan_page(&from, end, page).await?;
+            out.extend(reply.pairs);
+            if reply.resume.is_empty() {
+                return Ok(out);
+            }
+            if reply.resume <= from || (!end.is_empty() && reply.resume.as_slice() >= end) {
+                return Err(Status::internal(format!(
+                    "scan from {:?} answered resume {:?} (end {:?})",
+                    String::from_utf8_lossy(&from),
+                    String::from_utf8_lossy(&reply.resume),
+                    String::from_utf8_lossy(end)
+                )));
+            }
+            from = reply.resume;
+        }
+        Err(Status::internal("scan did not finish in 100000 pages"))
     }
 }
