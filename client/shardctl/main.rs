@@ -15,6 +15,7 @@ macro_rules! outln {
 }
 
 mod admin;
+mod bench;
 mod data;
 mod info;
 mod local;
@@ -89,6 +90,8 @@ enum Commands {
     Members(members::Command),
     #[command(flatten)]
     Local(local::Command),
+    /// Measure throughput and latency with a closed-loop workload.
+    Bench(bench::BenchArgs),
 }
 
 /// What every command can use: the global options and ways to reach the cluster.
@@ -111,6 +114,10 @@ impl Ctx {
 
     pub fn output(&self) -> Output {
         self.output
+    }
+
+    pub fn masters(&self) -> &[String] {
+        &self.masters
     }
 
     pub fn masters_text(&self) -> String {
@@ -155,6 +162,7 @@ async fn run(ctx: &Ctx, command: Commands) -> anyhow::Result<ExitCode> {
         Commands::Data(c) => data::run(ctx, c).await,
         Commands::Members(c) => members::run(ctx, c).await,
         Commands::Local(c) => local::run(ctx, c).await,
+        Commands::Bench(a) => bench::run(ctx, a).await,
     }
 }
 

@@ -1,0 +1,415 @@
+//! `shardctl bench`: a closed-loop load generator over the client library. Each of
+//! `--concurrency` tasks issues one request at a time for the run's duration (or op
+//! count), after a warm-up; latencies go into HDR histograms per operation type.
+
+use crate::output::{print_json, Output, Table};
+use crate::Ctx;
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::distr::Distribution;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use shardkv::client::{Client, ClientOptions, Error};
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Share of reads per workload.
+#[derive(ValueEnum, Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Puts only.
+    WriteOnly,
+    /// Gets only (of preloaded keys).
+    ReadOnly,
+    /// Half gets, half puts.
+    Mixed,
+    /// 95% gets, 5% puts.
+    ReadMostly,
+}
+
+impl Workload {
+    fn read_ratio(self) -> f64 {
+        match self {
+            Workload::WriteOnly => 0.0,
+            Workload::ReadOnly => 1.0,
+            Workload::Mixed => 0.5,
+            Workload::ReadMostly => 0.95,
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyChoice {
+    Uniform,
+    /// Zipfian over the key space (exponent --zipf-exponent): a few keys are hot.
+    Zipfian,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Mix of operations.
+    #[arg(long, value_enum, default_value_t = Workload::Mixed)]
+    workload: Workload,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// How keys are picked.
+    #[arg(long, value_enum, default_value_t = KeyChoice::Uniform)]
+    distribution: KeyChoice,
+    #[arg(long, default_value_t = 0.99)]
+    zipf_exponent: f64,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Requests in flight at once (one per task).
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Client instances the tasks are spread over (each has its own connections).
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    /// Measured run time in seconds (ignored with --ops).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Stop after this many measured operations instead of after --duration.
+    #[arg(long)]
+    ops: Option<u64>,
+    /// Unmeasured run time before measuring, in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Write every key once before the run (needed for reads to find data).
+    #[arg(long)]
+    preload: bool,
+    /// Seed of the key and operation choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Op {
+    Get,
+    Put,
+}
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Put => "put",
+        }
+    }
+}
+
+/// What one task measured.
+#[derive(Default)]
+struct Tally {
+    latencies: BTreeMap<Op, Histogram<u64>>,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn record(&mut self, op: Op, took: Duration) {
+        let histogram = self
+            .latencies
+            .entry(op)
+            .or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"));
+        // Microseconds, clamped to the histogram's range.
+        let _ = histogram.record((took.as_micros() as u64).clamp(1, 60_000_000));
+    }
+
+    fn merge(&mut self, other: Tally) {
+        for (op, h) in other.latencies {
+            match self.latencies.get_mut(&op) {
+                Some(mine) => mine.add(&h).expect("same bounds"),
+                None => {
+                    self.latencies.insert(op, h);
+                }
+            }
+        }
+        for (kind, n) in other.errors {
+            *self.errors.entry(kind).or_default() += n;
+        }
+    }
+}
+
+fn error_kind(e: &Error) -> &'static str {
+    match e {
+        Error::InvalidArgument { .. } => "invalid-argument",
+        Error::Unavailable(_) => "unavailable",
+        Error::DeadlineExceeded(_) => "deadline-exceeded",
+        Error::Internal(_) => "internal",
+    }
+}
+
+fn key(i: u64) -> Vec<u8> {
+    format!("bench/{i:012}").into_bytes()
+}
+
+struct KeyPicker {
+    keys: u64,
+    zipf: Option<rand_distr::Zipf<f64>>,
+}
+
+impl KeyPicker {
+    fn new(args: &BenchArgs) -> anyhow::Result<KeyPicker> {
+        anyhow::ensure!(args.keys > 0, "--keys must be at least 1");
+        let zipf = match args.distribution {
+            KeyChoice::Uniform => None,
+            KeyChoice::Zipfian => {
+                Some(rand_distr::Zipf::new(args.keys as f64, args.zipf_exponent)?)
+            }
+        };
+        Ok(KeyPicker {
+            keys: args.keys,
+            zipf,
+        })
+    }
+
+    fn pick(&self, rng: &mut impl Rng) -> u64 {
+        match &self.zipf {
+            // Zipf ranks start at 1; spread the hot ranks over the key space so they do
+            // not all land in one range.
+            Some(z) => (z.sample(rng) as u64 - 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) % self.keys,
+            None => rng.random_range(0..self.keys),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct OpReport {
+    op: &'static str,
+    count: u64,
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    workload: Workload,
+    distribution: KeyChoice,
+    keys: u64,
+    value_size: usize,
+    concurrency: usize,
+    clients: usize,
+    seconds: f64,
+    total_ops: u64,
+    ops_per_sec: f64,
+    operations: Vec<OpReport>,
+    errors: BTreeMap<String, u64>,
+}
+
+pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        args.concurrency > 0 && args.clients > 0,
+        "--concurrency and --clients must be at least 1"
+    );
+    let picker = Arc::new(KeyPicker::new(&args)?);
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
+        let options = ClientOptions {
+            call_deadline: ctx.deadline(),
+            ..ClientOptions::default()
+        };
+        clients.push(Client::connect_with(ctx.masters(), options).await?);
+    }
+    let value = vec![b'v'; args.value_size];
+    if args.preload {
+        preload(&clients, &args, &value).await?;
+    }
+    let counted = Arc::new(AtomicU64::new(0));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..args.concurrency {
+        let client = clients[t % clients.len()].clone();
+        let picker = picker.clone();
+        let (counted, measuring, stop) = (counted.clone(), measuring.clone(), stop.clone());
+        let value = value.clone();
+        let read_ratio = args.workload.read_ratio();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_add(t as u64));
+        let ops_limit = args.ops;
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            while !stop.load(Ordering::Relaxed) {
+                let k = key(picker.pick(&mut rng));
+                let op = if rng.random_bool(read_ratio) {
+                    Op::Get
+                } else {
+                    Op::Put
+                };
+                let started = Instant::now();
+                let result = match op {
+                    Op::Get => client.get(&k).await.map(|_| ()),
+                    Op::Put => client.put(&k, &value).await,
+                };
+                if !measuring.load(Ordering::Relaxed) {
+                    continue;
+                }
+                match result {
+                    Ok(()) => tally.record(op, started.elapsed()),
+                    Err(e) => *tally.errors.entry(error_kind(&e).to_owned()).or_default() += 1,
+                }
+                let done = counted.fetch_add(1, Ordering::Relaxed) + 1;
+                if ops_limit.is_some_and(|limit| done >= limit) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+            tally
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let bar = progress(&args);
+    let limit = Duration::from_secs_f64(args.duration);
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let done = counted.load(Ordering::Relaxed);
+        match args.ops {
+            Some(_) => bar.set_position(done),
+            None => {
+                bar.set_position(started.elapsed().as_millis() as u64);
+                if started.elapsed() >= limit {
+                    stop.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        bar.set_message(format!("{done} ops"));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    let mut tally = Tally::default();
+    for task in tasks {
+        tally.merge(task.await?);
+    }
+    let report = report(&args, seconds, tally);
+    match ctx.output() {
+        Output::Json => print_json(&report)?,
+        Output::Table => print_report(&report)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes every key once, `concurrency` at a time.
+async fn preload(clients: &[Client], args: &BenchArgs, value: &[u8]) -> anyhow::Result<()> {
+    let bar = ProgressBar::new(args.keys).with_message("preloading");
+    bar.set_style(ProgressStyle::with_template(
+        "{msg} {bar:40} {pos}/{len} ({eta})",
+    )?);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..args.concurrency {
+        let client = clients[t % clients.len()].clone();
+        let (next, bar, value, keys) = (next.clone(), bar.clone(), value.to_vec(), args.keys);
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= keys {
+                    return Ok::<(), Error>(());
+                }
+                client.put(&key(i), &value).await?;
+                bar.inc(1);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn progress(args: &BenchArgs) -> ProgressBar {
+    let (len, template) = match args.ops {
+        Some(ops) => (ops, "{bar:40} {pos}/{len} ops {msg}"),
+        None => (
+            (args.duration * 1000.0) as u64,
+            "{bar:40} {elapsed} of the run, {msg}",
+        ),
+    };
+    let bar = ProgressBar::new(len);
+    bar.set_style(ProgressStyle::with_template(template).expect("template"));
+    bar
+}
+
+fn report(args: &BenchArgs, seconds: f64, tally: Tally) -> Report {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let operations: Vec<OpReport> = tally
+        .latencies
+        .iter()
+        .map(|(op, h)| OpReport {
+            op: op.name(),
+            count: h.len(),
+            ops_per_sec: h.len() as f64 / seconds,
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p95_ms: ms(h.value_at_quantile(0.95)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+        })
+        .collect();
+    let total_ops: u64 = operations.iter().map(|o| o.count).sum();
+    Report {
+        workload: args.workload,
+        distribution: args.distribution,
+        keys: args.keys,
+        value_size: args.value_size,
+        concurrency: args.concurrency,
+        clients: args.clients,
+        seconds,
+        total_ops,
+        ops_per_sec: total_ops as f64 / seconds,
+        operations,
+        errors: tally.errors,
+    }
+}
+
+fn print_report(r: &Report) -> anyhow::Result<()> {
+    outln!(
+        "{:?} workload, {} keys ({:?}), {}-byte values, {} in flight over {} client(s)",
+        r.workload,
+        r.keys,
+        r.distribution,
+        r.value_size,
+        r.concurrency,
+        r.clients
+    );
+    outln!(
+        "{} operations in {:.1} s: {:.0} ops/s",
+        r.total_ops,
+        r.seconds,
+        r.ops_per_sec
+    );
+    let mut t = Table::new(&[
+        "OP", "COUNT", "OPS/S", "P50 MS", "P95 MS", "P99 MS", "P99.9 MS", "MAX MS",
+    ]);
+    for o in &r.operations {
+        t.row(vec![
+            o.op.to_owned(),
+            o.count.to_string(),
+            format!("{:.0}", o.ops_per_sec),
+            format!("{:.2}", o.p50_ms),
+            format!("{:.2}", o.p95_ms),
+            format!("{:.2}", o.p99_ms),
+            format!("{:.2}", o.p999_ms),
+            format!("{:.2}", o.max_ms),
+        ]);
+    }
+    t.print()?;
+    if r.errors.is_empty() {
+        outln!("no errors");
+    } else {
+        for (kind, n) in &r.errors {
+            outln!("errors: {n} {kind}");
+        }
+    }
+    Ok(())
+}
