@@ -229,6 +229,7 @@ impl Kv for KvService {
                 first_log_index: s.first_log_index,
                 voters: s.conf_state.voters.clone(),
                 learners: s.conf_state.learners.clone(),
+                unreachable: s.unreachable(),
             }),
             gid: state.gid(),
             config_num: state.config().num,

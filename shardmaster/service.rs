@@ -154,6 +154,7 @@ impl ShardMaster for MasterService {
             first_log_index: s.first_log_index,
             voters: s.conf_state.voters.clone(),
             learners: s.conf_state.learners.clone(),
+            unreachable: s.unreachable(),
         };
         let latest = self.replica.state().latest().clone();
         Ok(Response::new(StatusReply {

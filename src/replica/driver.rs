@@ -14,6 +14,7 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use slog::{error, info, warn, Logger};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Replica;
@@ -53,6 +54,8 @@ struct Driver<S: StateMachine> {
     applied: u64,
     /// A conf change removed this node: stop after this step.
     removed: bool,
+    /// When a message from each peer last arrived: who is alive, as this node sees it.
+    last_heard: HashMap<u64, Instant>,
     peers: std::collections::BTreeMap<u64, String>,
     status: watch::Sender<ReplicaStatus>,
 }
@@ -124,6 +127,7 @@ pub fn start<S: StateMachine>(
         staged_snapshot: None,
         applied: applied_state.index,
         removed: false,
+        last_heard: HashMap::new(),
         peers: applied_state.peers,
         status: status_tx,
     };
@@ -283,6 +287,7 @@ impl<S: StateMachine> Driver<S> {
     fn on_event(&mut self, event: NetEvent) -> anyhow::Result<()> {
         match event {
             NetEvent::Message(msg) => {
+                self.last_heard.insert(msg.from, Instant::now());
                 if let Err(e) = self.node.step(msg) {
                     warn!(self.logger, "dropped a Raft message"; "error" => %e);
                 }
@@ -539,15 +544,23 @@ impl<S: StateMachine> Driver<S> {
             StateRole::Leader => Role::Leader,
         };
         let conf_state = raft.prs().conf().to_conf_state();
+        // A live peer answers every heartbeat; three missed ones mean it is gone. (Raft's
+        // own recent_active is refreshed only once per election timeout: too stale to
+        // decide whether removing a member leaves a live majority.)
+        let window = self.options.tick * (3 * self.options.heartbeat_ticks as u32);
         let progress: std::collections::BTreeMap<u64, PeerProgress> = if role == Role::Leader {
             raft.prs()
                 .iter()
                 .map(|(id, p)| {
+                    let heard = self
+                        .last_heard
+                        .get(id)
+                        .is_some_and(|t| t.elapsed() < window);
                     (
                         *id,
                         PeerProgress {
                             matched: p.matched,
-                            recent_active: p.recent_active || *id == self.options.id,
+                            recent_active: heard || *id == self.options.id,
                         },
                     )
                 })

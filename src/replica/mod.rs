@@ -186,7 +186,7 @@ pub struct ReplicaStatus {
 pub struct PeerProgress {
     /// Highest log index known to be replicated on the member.
     pub matched: u64,
-    /// The member answered within the last election timeout.
+    /// The leader heard from the member within the last three heartbeat intervals.
     pub recent_active: bool,
 }
 
@@ -197,6 +197,15 @@ impl ReplicaStatus {
             leader_id: self.leader_id,
             leader_addr: self.peers.get(&self.leader_id).cloned(),
         }
+    }
+
+    /// On the leader: members it has not heard from lately.
+    pub fn unreachable(&self) -> Vec<u64> {
+        self.progress
+            .iter()
+            .filter(|(_, p)| !p.recent_active)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// True if `id` is a learner (it replicates but does not vote).
