@@ -16,6 +16,9 @@ use tonic::{Request, Response, Status};
 /// Longest wait for a learner to catch up, or for a leadership transfer.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the members of a group to be heard from before a removal that
+/// would leave no live majority is refused (several heartbeat intervals).
+const LIVENESS_SETTLE: Duration = Duration::from_secs(2);
 
 pub struct MembershipService<S: StateMachine> {
     replica: Replica<S>,
@@ -198,13 +201,27 @@ impl<S: StateMachine> Membership for MembershipService<S> {
                     "node {id} is the last voter of the group"
                 )));
             }
-            let live = remaining
-                .iter()
-                .filter(|v| status.progress.get(v).is_some_and(|p| p.recent_active))
-                .count();
-            if live <= remaining.len() / 2 {
+            let live = |s: &ReplicaStatus| {
+                remaining
+                    .iter()
+                    .filter(|v| s.progress.get(v).is_some_and(|p| p.recent_active))
+                    .count()
+            };
+            // A leader elected a moment ago has not heard from every member yet: give
+            // the members a few heartbeats to answer before calling them down.
+            let settled = self
+                .wait_for(LIVENESS_SETTLE, |s| {
+                    s.role != Role::Leader || live(s) > remaining.len() / 2
+                })
+                .await;
+            let now = settled.unwrap_or_else(|_| self.replica.status());
+            if now.role != Role::Leader {
+                return Err(status::from_replica(now.not_leader()));
+            }
+            if live(&now) <= remaining.len() / 2 {
                 return Err(Status::failed_precondition(format!(
-                    "removing node {id} would leave {live} live voters of {}: no majority",
+                    "removing node {id} would leave {} live voters of {}: no majority",
+                    live(&now),
                     remaining.len()
                 )));
             }

@@ -456,6 +456,18 @@ async fn leader_transfer_moves_leadership_and_keeps_serving() {
     .await
     .expect_err("no node 9");
     assert_eq!(refused.code(), Code::InvalidArgument);
+
+    // Removing a leader hands leadership over first; the caller retries at the brand
+    // new leader, whose liveness view must not mistake "not heard yet" for "down".
+    let leader = cluster.wait_leader(1, SETTLE_WAIT).await;
+    let id = leader as u64 + 1;
+    let reply = at_leader(&addrs, |mut c| async move {
+        c.remove_member(RemoveMemberRequest { id }).await
+    })
+    .await
+    .expect("remove the leader right after it handed over");
+    assert!(!reply.voters.contains(&id), "{reply:?}");
+    client.put(b"after", b"removed").await.expect("put");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
