@@ -11,7 +11,7 @@ use crate::proto::range_transfer_server::RangeTransfer;
 use crate::proto::{
     CompareAndSwapReply, CompareAndSwapRequest, DeleteReply, DeleteRequest, GetReply, GetRequest,
     KeyRange, KvCommand, NodeStatusReply, NodeStatusRequest, PullReply, PullRequest, PutReply,
-    PutRequest, RangeOp, ReleaseReply, ReleaseRequest, ReplicaStatus, ScanReply, ScanRequest,
+    PutRequest, RangeOp, ReleaseReply, ReleaseRequest, ScanReply, ScanRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::status;
@@ -210,27 +210,10 @@ impl Kv for KvService {
         &self,
         _: Request<NodeStatusRequest>,
     ) -> Result<Response<NodeStatusReply>, Status> {
-        let s = self.replica.status();
-        let role = if s.is_learner(s.id) {
-            "learner"
-        } else {
-            s.role.as_str()
-        };
+        let replica = self.replica.status().to_proto();
         let state = self.replica.state();
         Ok(Response::new(NodeStatusReply {
-            replica: Some(ReplicaStatus {
-                id: s.id,
-                addr: s.peers.get(&s.id).cloned().unwrap_or_default(),
-                role: role.to_owned(),
-                term: s.term,
-                leader_id: s.leader_id,
-                commit_index: s.commit_index,
-                applied_index: s.applied_index,
-                first_log_index: s.first_log_index,
-                voters: s.conf_state.voters.clone(),
-                learners: s.conf_state.learners.clone(),
-                unreachable: s.unreachable(),
-            }),
+            replica: Some(replica),
             gid: state.gid(),
             config_num: state.config().num,
             ranges: state.held().to_vec(),

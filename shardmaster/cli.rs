@@ -47,17 +47,7 @@ pub struct Args {
 
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let peers = match &args.peers {
-        Some(spec) => node::parse_peers(spec)?,
-        None => Default::default(),
-    };
-    let listen = match args.listen {
-        Some(l) => l,
-        None => peers
-            .get(&args.id)
-            .cloned()
-            .with_context(|| format!("--peers has no address for id {}", args.id))?,
-    };
+    let (peers, listen) = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen)?;
     let logger = server::logger(&args.log_level, format!("master-{}", args.id));
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

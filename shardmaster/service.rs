@@ -7,8 +7,8 @@ use crate::proto::master_command::Command;
 use crate::proto::shard_master_server::ShardMaster;
 use crate::proto::{
     AddNodeRequest, Config, ConfigReply, HeartbeatReply, HeartbeatRequest, JoinRequest,
-    LeaveRequest, MasterCommand, MoveRequest, QueryRequest, RemoveNodeRequest, ReplicaStatus,
-    SplitRequest, StatusReply, StatusRequest,
+    LeaveRequest, MasterCommand, MoveRequest, QueryRequest, RemoveNodeRequest, SplitRequest,
+    StatusReply, StatusRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::status;
@@ -137,25 +137,7 @@ impl ShardMaster for MasterService {
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         self.observe_role();
-        let s = self.replica.status();
-        let role = if s.is_learner(s.id) {
-            "learner"
-        } else {
-            s.role.as_str()
-        };
-        let replica = ReplicaStatus {
-            id: s.id,
-            addr: s.peers.get(&s.id).cloned().unwrap_or_default(),
-            role: role.to_owned(),
-            term: s.term,
-            leader_id: s.leader_id,
-            commit_index: s.commit_index,
-            applied_index: s.applied_index,
-            first_log_index: s.first_log_index,
-            voters: s.conf_state.voters.clone(),
-            learners: s.conf_state.learners.clone(),
-            unreachable: s.unreachable(),
-        };
+        let replica = self.replica.status().to_proto();
         let latest = self.replica.state().latest().clone();
         Ok(Response::new(StatusReply {
             replica: Some(replica),

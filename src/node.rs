@@ -32,6 +32,27 @@ pub fn parse_peers(spec: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
+/// The initial members (from `--peers`, if given) and this node's own address (from
+/// `--listen`, else its entry in `--peers`).
+pub fn resolve_addresses(
+    id: u64,
+    peers: Option<&str>,
+    listen: Option<String>,
+) -> anyhow::Result<(BTreeMap<u64, String>, String)> {
+    let peers = match peers {
+        Some(spec) => parse_peers(spec)?,
+        None => BTreeMap::new(),
+    };
+    let listen = match listen {
+        Some(l) => l,
+        None => peers
+            .get(&id)
+            .cloned()
+            .with_context(|| format!("--peers has no address for id {id}"))?,
+    };
+    Ok((peers, listen))
+}
+
 /// What a replica process needs to start.
 pub struct NodeSpec {
     pub cluster: String,

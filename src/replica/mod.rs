@@ -212,6 +212,28 @@ impl ReplicaStatus {
     pub fn is_learner(&self, id: u64) -> bool {
         self.conf_state.learners.contains(&id)
     }
+
+    /// The view served by the shard master's and kvnodes' status RPCs.
+    pub fn to_proto(&self) -> crate::proto::ReplicaStatus {
+        let role = if self.is_learner(self.id) {
+            "learner"
+        } else {
+            self.role.as_str()
+        };
+        crate::proto::ReplicaStatus {
+            id: self.id,
+            addr: self.peers.get(&self.id).cloned().unwrap_or_default(),
+            role: role.to_owned(),
+            term: self.term,
+            leader_id: self.leader_id,
+            commit_index: self.commit_index,
+            applied_index: self.applied_index,
+            first_log_index: self.first_log_index,
+            voters: self.conf_state.voters.clone(),
+            learners: self.conf_state.learners.clone(),
+            unreachable: self.unreachable(),
+        }
+    }
 }
 
 pub(crate) enum Request<S: StateMachine> {
