@@ -1,7 +1,9 @@
 //! `shardctl bench`: a closed-loop load generator over the client library. Each of
 //! `--concurrency` tasks issues one request at a time for the run's duration (or op
 //! count), after a warm-up; latencies go into HDR histograms per operation type.
+//! With `--etcd` the same workload goes to an etcd cluster instead, for comparison.
 
+use crate::etcd::EtcdKv;
 use crate::output::{print_json, Output, Table};
 use crate::Ctx;
 use clap::{Args, ValueEnum};
@@ -87,6 +89,48 @@ pub struct BenchArgs {
     /// Seed of the key and operation choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Send the workload to these etcd members (HOST:PORT,...) instead of shardkv;
+    /// client instance i connects to member i mod N.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+}
+
+/// Where the load goes: shardkv through its client library, or etcd.
+#[derive(Clone)]
+enum Target {
+    Shardkv(Client),
+    Etcd(EtcdKv),
+}
+
+impl Target {
+    async fn connect(ctx: &Ctx, args: &BenchArgs, i: usize) -> anyhow::Result<Target> {
+        if args.etcd.is_empty() {
+            let options = ClientOptions {
+                call_deadline: ctx.deadline(),
+                ..ClientOptions::default()
+            };
+            Ok(Target::Shardkv(
+                Client::connect_with(ctx.masters(), options).await?,
+            ))
+        } else {
+            let endpoint = &args.etcd[i % args.etcd.len()];
+            Ok(Target::Etcd(
+                EtcdKv::connect(endpoint, ctx.deadline()).await?,
+            ))
+        }
+    }
+
+    /// Runs one operation; on failure, the kind of error.
+    async fn run(&self, op: Op, key: &[u8], value: &[u8]) -> Result<(), String> {
+        match (self, op) {
+            (Target::Shardkv(c), Op::Get) => {
+                c.get(key).await.map(|_| ()).map_err(|e| error_kind(&e))
+            }
+            (Target::Shardkv(c), Op::Put) => c.put(key, value).await.map_err(|e| error_kind(&e)),
+            (Target::Etcd(c), Op::Get) => c.get(key).await.map_err(|s| etcd_error_kind(&s)),
+            (Target::Etcd(c), Op::Put) => c.put(key, value).await.map_err(|s| etcd_error_kind(&s)),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -136,13 +180,18 @@ impl Tally {
     }
 }
 
-fn error_kind(e: &Error) -> &'static str {
+fn error_kind(e: &Error) -> String {
     match e {
         Error::InvalidArgument { .. } => "invalid-argument",
         Error::Unavailable(_) => "unavailable",
         Error::DeadlineExceeded(_) => "deadline-exceeded",
         Error::Internal(_) => "internal",
     }
+    .to_owned()
+}
+
+fn etcd_error_kind(s: &tonic::Status) -> String {
+    format!("etcd-{:?}", s.code()).to_lowercase()
 }
 
 fn key(i: u64) -> Vec<u8> {
@@ -199,6 +248,8 @@ struct Report {
     value_size: usize,
     concurrency: usize,
     clients: usize,
+    /// "shardkv", or "etcd" with `--etcd`.
+    target: &'static str,
     seconds: f64,
     total_ops: u64,
     ops_per_sec: f64,
@@ -213,12 +264,8 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
     );
     let picker = Arc::new(KeyPicker::new(&args)?);
     let mut clients = Vec::new();
-    for _ in 0..args.clients {
-        let options = ClientOptions {
-            call_deadline: ctx.deadline(),
-            ..ClientOptions::default()
-        };
-        clients.push(Client::connect_with(ctx.masters(), options).await?);
+    for i in 0..args.clients {
+        clients.push(Target::connect(ctx, &args, i).await?);
     }
     let value = vec![b'v'; args.value_size];
     if args.preload {
@@ -246,16 +293,13 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
                     Op::Put
                 };
                 let started = Instant::now();
-                let result = match op {
-                    Op::Get => client.get(&k).await.map(|_| ()),
-                    Op::Put => client.put(&k, &value).await,
-                };
+                let result = client.run(op, &k, &value).await;
                 if !measuring.load(Ordering::Relaxed) {
                     continue;
                 }
                 match result {
                     Ok(()) => tally.record(op, started.elapsed()),
-                    Err(e) => *tally.errors.entry(error_kind(&e).to_owned()).or_default() += 1,
+                    Err(kind) => *tally.errors.entry(kind).or_default() += 1,
                 }
                 let done = counted.fetch_add(1, Ordering::Relaxed) + 1;
                 if ops_limit.is_some_and(|limit| done >= limit) {
@@ -299,7 +343,7 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes every key once, `concurrency` at a time.
-async fn preload(clients: &[Client], args: &BenchArgs, value: &[u8]) -> anyhow::Result<()> {
+async fn preload(clients: &[Target], args: &BenchArgs, value: &[u8]) -> anyhow::Result<()> {
     let bar = ProgressBar::new(args.keys).with_message("preloading");
     bar.set_style(ProgressStyle::with_template(
         "{msg} {bar:40} {pos}/{len} ({eta})",
@@ -313,9 +357,12 @@ async fn preload(clients: &[Client], args: &BenchArgs, value: &[u8]) -> anyhow::
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= keys {
-                    return Ok::<(), Error>(());
+                    return Ok::<(), anyhow::Error>(());
                 }
-                client.put(&key(i), &value).await?;
+                client
+                    .run(Op::Put, &key(i), &value)
+                    .await
+                    .map_err(|kind| anyhow::anyhow!("preloading failed: {kind}"))?;
                 bar.inc(1);
             }
         }));
@@ -364,6 +411,11 @@ fn report(args: &BenchArgs, seconds: f64, tally: Tally) -> Report {
         value_size: args.value_size,
         concurrency: args.concurrency,
         clients: args.clients,
+        target: if args.etcd.is_empty() {
+            "shardkv"
+        } else {
+            "etcd"
+        },
         seconds,
         total_ops,
         ops_per_sec: total_ops as f64 / seconds,
@@ -374,7 +426,8 @@ fn report(args: &BenchArgs, seconds: f64, tally: Tally) -> Report {
 
 fn print_report(r: &Report) -> anyhow::Result<()> {
     outln!(
-        "{:?} workload, {} keys ({:?}), {}-byte values, {} in flight over {} client(s)",
+        "{}: {:?} workload, {} keys ({:?}), {}-byte values, {} in flight over {} client(s)",
+        r.target,
         r.workload,
         r.keys,
         r.distribution,

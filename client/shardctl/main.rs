@@ -17,6 +17,7 @@ macro_rules! outln {
 mod admin;
 mod bench;
 mod data;
+mod etcd;
 mod info;
 mod local;
 mod members;
