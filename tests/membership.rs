@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{expect_within, free_ports, rpc, KvCluster, KvOptions, Proc};
+use common::{
+    expect_within, fake_group, free_ports, rpc, KvCluster, KvOptions, MasterClient, MasterCluster,
+    Proc,
+};
 use shardkv::client::{Client, ClientOptions};
 use shardkv::linearizability::{check, Input, Output, Recorder};
 use shardkv::proto::membership_client::MembershipClient;
@@ -574,4 +577,111 @@ async fn joining_node_that_is_never_added_says_why_it_waits() {
     .await;
     assert!(joiner.is_up());
     assert!(Path::new(joiner.log_path()).exists());
+}
+
+/// Runs `shardctl` with `args` and returns its exit success and combined output.
+fn shardctl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(args)
+        .output()
+        .expect("run shardctl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_master_replica_is_replaced_through_shardctl() {
+    let mut cluster = MasterCluster::start(3);
+    cluster.wait_leader(SETTLE_WAIT).await;
+    let mut masters = cluster.master_client();
+    masters.join(vec![fake_group(1, 3)]).await.expect("join 1");
+    // The new replica starts empty and waits to be added.
+    let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let dir = cluster.dir().join("master-4");
+    let args: Vec<String> = [
+        "--id",
+        "4",
+        "--join",
+        "--listen",
+        &addr,
+        "--data-dir",
+        &dir.display().to_string(),
+        "--tick-ms",
+        "30",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = cluster.dir().join("master-4.log");
+    let _joiner = Proc::spawn("master-4", env!("CARGO_BIN_EXE_shardmaster"), args, log);
+    let old = cluster.addrs().join(",");
+    let (ok, out) = shardctl(&[
+        "--masters",
+        &old,
+        "master",
+        "add",
+        "--id",
+        "4",
+        "--addr",
+        &addr,
+    ]);
+    assert!(ok, "master add: {out}");
+    // Replace replica 1: the group is then 2, 3 and the new 4.
+    let (ok, out) = shardctl(&["--masters", &old, "master", "remove", "--id", "1"]);
+    assert!(ok, "master remove: {out}");
+    expect_within(CHANGE_WAIT, "the removed replica to stop", || {
+        let stopped = cluster.proc_mut(0).exited().is_some();
+        async move { stopped }
+    })
+    .await;
+    let new: Vec<String> = cluster.addrs()[1..]
+        .iter()
+        .cloned()
+        .chain([addr.clone()])
+        .collect();
+    let mut masters = MasterClient::new(new.clone());
+    let latest = masters
+        .join(vec![fake_group(2, 3)])
+        .await
+        .expect("join 2 after the replacement");
+    // Every remaining replica, the new one included, holds the same history.
+    let mut client = ShardMasterClient::new(channel(&addr));
+    let expected = (1..=latest.num).collect::<Vec<_>>();
+    expect_within(CHANGE_WAIT, "the new replica to hold every config", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .query(shardkv::proto::QueryRequest { num: None })
+                .await
+                .is_ok_and(|r| r.into_inner().num == latest.num)
+        }
+    })
+    .await;
+    for num in expected {
+        let mine = rpc(client.query(shardkv::proto::QueryRequest { num: Some(num) }))
+            .await
+            .expect("query the new replica")
+            .into_inner();
+        let theirs = cluster.query(1, Some(num)).await.expect("query replica 2");
+        assert_eq!(mine, theirs, "config {num}");
+    }
+    let (ok, out) = shardctl(&[
+        "--masters",
+        &new.join(","),
+        "master",
+        "transfer-leader",
+        "--to",
+        "4",
+    ]);
+    assert!(ok, "transfer to the new replica: {out}");
+    assert!(out.contains("replica 4 now leads"), "{out}");
+    let (ok, out) = shardctl(&["--masters", &old, "master", "remove", "--id", "7"]);
+    assert!(
+        !ok && out.contains("not a member"),
+        "unknown replica: {out}"
+    );
 }

@@ -2,6 +2,8 @@
 //! membership is who votes; the shard master's member list is where clients route.
 //! Adding: Raft first (the node joins as a learner, catches up, becomes a voter),
 //! then the list. Removing: the list first (clients stop routing there), then Raft.
+//! `shardctl master ...` does the same for the shard master's own replicas, which
+//! clients find through `--masters` rather than a member list.
 
 use crate::admin::{execute, report, request_id};
 use crate::Ctx;
@@ -31,6 +33,45 @@ pub enum Command {
     /// Add or remove one node of a group, or move its leadership.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Add or remove a shard master replica, or move the shard master's leadership.
+    #[command(subcommand)]
+    Master(MasterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MasterCommand {
+    /// Add a replica (already started with `shardmaster --join --listen ADDR`): it
+    /// joins as a learner, catches up, and becomes a voter. Then add its address to
+    /// --masters (SHARDKV_MASTERS) of clients, kvnodes and routers.
+    Add(MasterAddArgs),
+    /// Remove a replica (hands leadership over first if it leads). The replica stops.
+    Remove(MasterRemoveArgs),
+    /// Hand the shard master's leadership to another replica.
+    TransferLeader(MasterTransferArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MasterAddArgs {
+    /// The replica's id (non-zero, unused by the other replicas).
+    #[arg(long)]
+    id: u64,
+    /// The replica's HOST:PORT.
+    #[arg(long)]
+    addr: String,
+}
+
+#[derive(Args, Debug)]
+pub struct MasterRemoveArgs {
+    /// The replica's id.
+    #[arg(long)]
+    id: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct MasterTransferArgs {
+    /// The replica to lead; by default the most up-to-date other voter.
+    #[arg(long)]
+    to: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,7 +118,64 @@ pub struct TransferArgs {
     to: Option<u64>,
 }
 
-pub async fn run(ctx: &Ctx, Command::Node(command): Command) -> anyhow::Result<ExitCode> {
+pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Node(c) => run_node(ctx, c).await,
+        Command::Master(c) => run_master(ctx, c).await,
+    }
+}
+
+async fn run_master(ctx: &Ctx, command: MasterCommand) -> anyhow::Result<ExitCode> {
+    let masters: Vec<String> = ctx.masters().to_vec();
+    let what = "the shard master";
+    match command {
+        MasterCommand::Add(a) => {
+            let request = AddMemberRequest {
+                node: Some(Node {
+                    id: a.id,
+                    addr: a.addr.clone(),
+                }),
+            };
+            let reply = at_leader(what, &masters, ctx.timeout_or(DEFAULT_ADD_WAIT), |mut c| {
+                let r = request.clone();
+                async move { c.add_member(r).await }
+            })
+            .await?;
+            outln!(
+                "replica {} ({}) is a voting member of the shard master (voters {:?}); add it to --masters",
+                a.id,
+                a.addr,
+                reply.voters
+            );
+        }
+        MasterCommand::Remove(a) => {
+            let reply = at_leader(what, &masters, ctx.deadline(), |mut c| async move {
+                c.remove_member(RemoveMemberRequest { id: a.id }).await
+            })
+            .await?;
+            outln!(
+                "replica {} left the shard master (voters {:?}) and has stopped",
+                a.id,
+                reply.voters
+            );
+        }
+        MasterCommand::TransferLeader(a) => {
+            let to = a.to.unwrap_or(0);
+            let reply = at_leader(what, &masters, ctx.deadline(), |mut c| async move {
+                c.transfer_leader(TransferLeaderRequest { to }).await
+            })
+            .await?;
+            outln!("replica {} now leads the shard master", reply.leader_id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn node_addrs(group: &Group) -> Vec<String> {
+    group.nodes.iter().map(|n| n.addr.clone()).collect()
+}
+
+async fn run_node(ctx: &Ctx, command: NodeCommand) -> anyhow::Result<ExitCode> {
     let master = ctx.master()?;
     let config = master.query(None).await.map_err(|s| ctx.master_error(s))?;
     let group_of = |gid: u64| -> anyhow::Result<Group> {
@@ -96,10 +194,15 @@ pub async fn run(ctx: &Ctx, Command::Node(command): Command) -> anyhow::Result<E
                 node: Some(node.clone()),
             };
             let wait = ctx.timeout_or(DEFAULT_ADD_WAIT);
-            at_leader(&group, wait, |mut c| {
-                let r = request.clone();
-                async move { c.add_member(r).await }
-            })
+            at_leader(
+                &format!("group {}", group.gid),
+                &node_addrs(&group),
+                wait,
+                |mut c| {
+                    let r = request.clone();
+                    async move { c.add_member(r).await }
+                },
+            )
             .await?;
             let request = AddNodeRequest {
                 gid: a.gid,
@@ -129,9 +232,12 @@ pub async fn run(ctx: &Ctx, Command::Node(command): Command) -> anyhow::Result<E
                 async move { c.remove_node(r).await }
             })
             .await?;
-            at_leader(&group, ctx.deadline(), |mut c| async move {
-                c.remove_member(RemoveMemberRequest { id: a.id }).await
-            })
+            at_leader(
+                &format!("group {}", group.gid),
+                &node_addrs(&group),
+                ctx.deadline(),
+                |mut c| async move { c.remove_member(RemoveMemberRequest { id: a.id }).await },
+            )
             .await?;
             let message = format!("node {} left group {} and has stopped", a.id, a.gid);
             report(ctx, &config, &message)?;
@@ -139,9 +245,12 @@ pub async fn run(ctx: &Ctx, Command::Node(command): Command) -> anyhow::Result<E
         NodeCommand::TransferLeader(a) => {
             let group = group_of(a.gid)?;
             let to = a.to.unwrap_or(0);
-            let reply = at_leader(&group, ctx.deadline(), |mut c| async move {
-                c.transfer_leader(TransferLeaderRequest { to }).await
-            })
+            let reply = at_leader(
+                &format!("group {}", group.gid),
+                &node_addrs(&group),
+                ctx.deadline(),
+                |mut c| async move { c.transfer_leader(TransferLeaderRequest { to }).await },
+            )
             .await?;
             outln!("node {} now leads group {}", reply.leader_id, a.gid);
         }
@@ -149,9 +258,14 @@ pub async fn run(ctx: &Ctx, Command::Node(command): Command) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-/// Calls `call` on the leader of `group`, trying its nodes in turn and following
-/// not-leader hints, until it answers or `deadline` passes.
-async fn at_leader<T, F, Fut>(group: &Group, deadline: Duration, call: F) -> anyhow::Result<T>
+/// Calls `call` on the leader of a Raft group (`what`, at `addrs`), trying its nodes
+/// in turn and following not-leader hints, until it answers or `deadline` passes.
+async fn at_leader<T, F, Fut>(
+    what: &str,
+    addrs: &[String],
+    deadline: Duration,
+    call: F,
+) -> anyhow::Result<T>
 where
     F: Fn(MembershipClient<Channel>) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
@@ -162,7 +276,7 @@ where
     let mut last_error = String::from("no node answered");
     for _ in 0..MAX_ATTEMPTS {
         if queue.is_empty() {
-            queue.extend(group.nodes.iter().map(|n| n.addr.clone()));
+            queue.extend(addrs.iter().cloned());
         }
         let Some(addr) = queue.pop_front() else { break };
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
@@ -190,7 +304,6 @@ where
         last_error = format!("{addr}: {}", status.message());
     }
     anyhow::bail!(
-        "no leader of group {} completed the change within {deadline:?} (last: {last_error})",
-        group.gid
+        "no leader of {what} completed the change within {deadline:?} (last: {last_error})"
     )
 }
