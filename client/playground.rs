@@ -81,7 +81,10 @@ impl Layout {
         anyhow::ensure!(opts.master_port > 0, "--master-port must not be 0");
         anyhow::ensure!(opts.kv_port > 0, "--kv-port must not be 0");
         let router: std::net::SocketAddr = opts.router.parse().with_context(|| {
-            format!("--router {:?}: expected IP:PORT, e.g. 127.0.0.1:7070", opts.router)
+            format!(
+                "--router {:?}: expected IP:PORT, e.g. 127.0.0.1:7070",
+                opts.router
+            )
         })?;
         anyhow::ensure!(router.port() > 0, "--router: the port must not be 0");
         let last_master = opts.master_port as u64 + opts.replicas - 1;
@@ -140,7 +143,8 @@ impl Layout {
     fn ports(&self) -> Vec<(String, u16)> {
         let masters = (1..=self.replicas).map(|i| (format!("master{i}"), self.master_port(i)));
         let kv = (1..=self.groups).flat_map(|gid| {
-            (1..=self.nodes_per_group).map(move |id| (format!("g{gid}-n{id}"), self.kv_port(gid, id)))
+            (1..=self.nodes_per_group)
+                .map(move |id| (format!("g{gid}-n{id}"), self.kv_port(gid, id)))
         });
         masters
             .chain(kv)
@@ -267,8 +271,14 @@ fn start_all(
 ) -> anyhow::Result<()> {
     for i in 1..=opts.replicas {
         let mut c = server_command("shardmaster")?;
-        c.args(["--id", &i.to_string(), "--peers", master_peers, "--data-dir"])
-            .arg(dir.join("data").join(format!("master{i}")));
+        c.args([
+            "--id",
+            &i.to_string(),
+            "--peers",
+            master_peers,
+            "--data-dir",
+        ])
+        .arg(dir.join("data").join(format!("master{i}")));
         procs.push(spawn(c, format!("master{i}"), layout.master_addr(i), dir)?);
     }
     for gid in 1..=opts.groups {
@@ -282,7 +292,12 @@ fn start_all(
                 .args(["--peers", &peers, "--masters", &masters.join(",")])
                 .arg("--data-dir")
                 .arg(dir.join("data").join(format!("g{gid}-n{id}")));
-            procs.push(spawn(c, format!("g{gid}-n{id}"), layout.kv_addr(gid, id), dir)?);
+            procs.push(spawn(
+                c,
+                format!("g{gid}-n{id}"),
+                layout.kv_addr(gid, id),
+                dir,
+            )?);
         }
     }
     let mut router = Command::new(std::env::current_exe()?);

@@ -89,7 +89,10 @@ fn bad_arguments_exit_2_with_a_usage_message_before_any_network_call() {
         (&["query", "notanumber"], &["invalid value", "notanumber"]),
         (&["leave", "--gid", "x"], &["invalid value"]),
         (&["cas", "k", "--value", "v"], &["required"]),
-        (&["join", "--gid", "3", "--node", "127.0.0.1:1"], &["--node"]),
+        (
+            &["join", "--gid", "3", "--node", "127.0.0.1:1"],
+            &["--node"],
+        ),
     ];
     for (args, needles) in cases {
         let ran = shardctl(&masters, args, RUN_LIMIT);
@@ -101,7 +104,8 @@ fn bad_arguments_exit_2_with_a_usage_message_before_any_network_call() {
         );
     }
     let mut c = std::process::Command::new(bin("shardctl"));
-    c.env_remove("SHARDKV_MASTERS").args(["--masters", ",", "query"]);
+    c.env_remove("SHARDKV_MASTERS")
+        .args(["--masters", ",", "query"]);
     let ran = run_within(&mut c, RUN_LIMIT);
     assert_error("empty --masters", &ran, &["no shard master address"]);
     // --help is not an error.
@@ -150,7 +154,10 @@ async fn refused_requests_exit_non_zero_and_json_output_parses() {
         let ran = run(&full);
         assert_code(&format!("shardctl {}", full.join(" ")), &ran, code);
         serde_json::from_str(&ran.stdout).unwrap_or_else(|e| {
-            panic!("shardctl {full:?}: stdout is not JSON ({e}): {}", ran.describe())
+            panic!(
+                "shardctl {full:?}: stdout is not JSON ({e}): {}",
+                ran.describe()
+            )
         })
     };
     let q = json(&["query"], 0);

@@ -78,7 +78,10 @@ async fn append(client: &Client, key: &str, token: &str, out: &Mutex<Outcomes>) 
                 current = o.current;
             }
             Err(e) => {
-                out.lock().unwrap().errors.push(format!("cas {key} {token}: {e}"));
+                out.lock()
+                    .unwrap()
+                    .errors
+                    .push(format!("cas {key} {token}: {e}"));
                 return false;
             }
         }
@@ -163,7 +166,11 @@ async fn writes_are_applied_exactly_once_across_a_leader_kill_and_a_migration() 
         .iter()
         .map(|c| config.owner(c.as_bytes()).1)
         .collect();
-    assert_eq!(owners.len(), 2, "counters should span both groups: {config:?}");
+    assert_eq!(
+        owners.len(),
+        2,
+        "counters should span both groups: {config:?}"
+    );
 
     // Generous deadlines: a call waits out an election or a transfer on a loaded machine.
     let options = ClientOptions {
@@ -225,7 +232,10 @@ async fn writes_are_applied_exactly_once_across_a_leader_kill_and_a_migration() 
     // Every acknowledged unique put is there, once (a scan lists each key once, in order).
     let all = reader.scan(b"", b"", 0).await.expect("scan");
     let keys: Vec<&Vec<u8>> = all.iter().map(|(k, _)| k).collect();
-    assert!(keys.windows(2).all(|w| w[0] < w[1]), "scan not in strict key order");
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "scan not in strict key order"
+    );
     let found: BTreeMap<Vec<u8>, Vec<u8>> = all
         .iter()
         .filter(|(k, _)| k.get(1..3) == Some(b"/u"))
@@ -254,12 +264,18 @@ async fn writes_are_applied_exactly_once_across_a_leader_kill_and_a_migration() 
         let tokens: Vec<&str> = value.split(';').filter(|t| !t.is_empty()).collect();
         let mut seen = BTreeSet::new();
         for t in &tokens {
-            assert!(seen.insert(*t), "{counter}: token {t} applied twice: {value}");
+            assert!(
+                seen.insert(*t),
+                "{counter}: token {t} applied twice: {value}"
+            );
         }
         let acked = out.tokens_acked.get(counter).cloned().unwrap_or_default();
         let unknown = out.tokens_unknown.get(counter).cloned().unwrap_or_default();
         for t in &acked {
-            assert!(seen.contains(t.as_str()), "{counter}: acknowledged {t} lost");
+            assert!(
+                seen.contains(t.as_str()),
+                "{counter}: acknowledged {t} lost"
+            );
         }
         for t in &seen {
             assert!(

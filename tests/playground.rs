@@ -18,7 +18,11 @@ const HTTP_LIMIT: Duration = Duration::from_secs(30);
 
 /// The address of the leader of group `gid`, from `shardctl status --output json`.
 fn leader_addr(masters: &str, gid: u64) -> Option<String> {
-    let ran = shardctl(masters, &["--output", "json", "status"], Duration::from_secs(60));
+    let ran = shardctl(
+        masters,
+        &["--output", "json", "status"],
+        Duration::from_secs(60),
+    );
     let status: serde_json::Value = serde_json::from_str(&ran.stdout).ok()?;
     status["groups"]
         .as_array()?
@@ -59,7 +63,10 @@ fn put_get_eventually(router: &str, key: &str, value: &str) {
             }
         }
     });
-    assert!(ok, "{key} not written and read back through the router; last: {last}");
+    assert!(
+        ok,
+        "{key} not written and read back through the router; last: {last}"
+    );
 }
 
 #[test]
@@ -75,21 +82,40 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
     assert_eq!(
         names,
         [
-            "master1", "master2", "master3", "g1-n1", "g1-n2", "g1-n3", "g2-n1", "g2-n2",
-            "g2-n3", "router"
+            "master1", "master2", "master3", "g1-n1", "g1-n2", "g1-n3", "g2-n1", "g2-n2", "g2-n3",
+            "router"
         ]
     );
-    assert_eq!(pg.proc("master2").addr, format!("127.0.0.1:{}", ports.port(7002)));
-    assert_eq!(pg.proc("g2-n3").addr, format!("127.0.0.1:{}", ports.port(8203)));
+    assert_eq!(
+        pg.proc("master2").addr,
+        format!("127.0.0.1:{}", ports.port(7002))
+    );
+    assert_eq!(
+        pg.proc("g2-n3").addr,
+        format!("127.0.0.1:{}", ports.port(8203))
+    );
     assert_eq!(pg.proc("router").addr, ports.router_addr());
     for p in &pg.procs {
-        assert!(pid_alive(p.pid), "{} (pid {}) is not running", p.name, p.pid);
-        assert!(p.log.exists(), "{} has no log at {}", p.name, p.log.display());
+        assert!(
+            pid_alive(p.pid),
+            "{} (pid {}) is not running",
+            p.name,
+            p.pid
+        );
+        assert!(
+            p.log.exists(),
+            "{} has no log at {}",
+            p.name,
+            p.log.display()
+        );
     }
     // It tells the user how to reach it, at the moved ports.
     let out = pg.stdout();
     assert!(out.contains(&ports.masters()), "{out}");
-    assert!(out.contains(&format!("localhost:{}", ports.port(7070))), "{out}");
+    assert!(
+        out.contains(&format!("localhost:{}", ports.port(7070))),
+        "{out}"
+    );
 
     let router = ports.router_addr();
     put_get_eventually(&router, "apple", "value-for-apple");
@@ -134,7 +160,10 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
         pg.stderr()
     );
     let left = wait_pids_gone(&pids, Duration::from_secs(10));
-    assert!(left.is_empty(), "still running after the playground stopped: {left:?}");
+    assert!(
+        left.is_empty(),
+        "still running after the playground stopped: {left:?}"
+    );
     assert!(
         pg.stderr().contains("stopping every process"),
         "{}",
@@ -161,7 +190,10 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
     assert!(pg.child().signal("INT"));
     assert!(pg.child().wait_exit(STOP_WAIT).is_some_and(|s| s.success()));
     let left = wait_pids_gone(&pids, Duration::from_secs(10));
-    assert!(left.is_empty(), "still running after the second stop: {left:?}");
+    assert!(
+        left.is_empty(),
+        "still running after the second stop: {left:?}"
+    );
 }
 
 #[test]
@@ -177,7 +209,10 @@ fn a_taken_port_or_a_bad_layout_is_refused_before_anything_starts() {
     let ran = run_within(&mut c, Duration::from_secs(60));
     assert_eq!(ran.code, Some(2), "{}", ran.describe());
     assert!(
-        ran.stderr.contains(&format!("port {} (for g2-n1) is not free", ports.port(8201))),
+        ran.stderr.contains(&format!(
+            "port {} (for g2-n1) is not free",
+            ports.port(8201)
+        )),
         "{}",
         ran.describe()
     );
@@ -186,13 +221,8 @@ fn a_taken_port_or_a_bad_layout_is_refused_before_anything_starts() {
 
     // Overlapping layouts are refused with the flags to change.
     let mut c = std::process::Command::new(common::user::bin("shardctl"));
-    c.current_dir(tmp.path()).args([
-        "playground",
-        "--master-port",
-        "20001",
-        "--kv-port",
-        "20002",
-    ]);
+    c.current_dir(tmp.path())
+        .args(["playground", "--master-port", "20001", "--kv-port", "20002"]);
     let ran = run_within(&mut c, Duration::from_secs(60));
     assert_eq!(ran.code, Some(2), "{}", ran.describe());
     assert!(ran.stderr.contains("--kv-port"), "{}", ran.describe());

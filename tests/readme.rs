@@ -172,9 +172,11 @@ fn check_output(command: &str, output: &str, values: &mut HashMap<String, String
     let fail = |what: &str| panic!("{command}\n  should {what}; it printed:\n{output}");
     let note = comment(command).unwrap_or("");
     // "# 404", "# 400 ...": an HTTP status shown by curl -i.
-    if let Some(code) = note.split_whitespace().next().filter(|c| {
-        c.len() == 3 && c.chars().all(|ch| ch.is_ascii_digit())
-    }) {
+    if let Some(code) = note
+        .split_whitespace()
+        .next()
+        .filter(|c| c.len() == 3 && c.chars().all(|ch| ch.is_ascii_digit()))
+    {
         if !output.contains(&format!(" {code} ")) {
             fail(&format!("answer HTTP {code}"));
         }
@@ -308,7 +310,10 @@ fn the_walkthrough_works_command_by_command() {
     let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
     let readme = std::fs::read_to_string(&readme_path).expect("read README.md");
     let blocks = sh_blocks(&readme, "Walkthrough");
-    assert!(blocks.len() >= 5, "few sh blocks in the walkthrough: {blocks:?}");
+    assert!(
+        blocks.len() >= 5,
+        "few sh blocks in the walkthrough: {blocks:?}"
+    );
     let all: Vec<String> = blocks.iter().flat_map(|b| commands(b)).collect();
     if all.iter().any(|c| c.trim_start().starts_with("grpcurl")) {
         assert!(
@@ -355,6 +360,13 @@ fn the_walkthrough_works_command_by_command() {
         let t = Instant::now();
         let r = shell.run(&cmd, COMMAND_LIMIT);
         times.push((t.elapsed(), command.lines().next().unwrap_or("").to_owned()));
+        // A transcript, shown when the test fails (or with --nocapture).
+        println!(
+            "$ {cmd}\n{}\n[exit {} after {:?}]",
+            r.output,
+            r.status,
+            t.elapsed()
+        );
         assert_eq!(
             r.status, 0,
             "README command failed (exit status {}):\n{command}\nran as:\n{cmd}\noutput:\n{}",
@@ -386,7 +398,10 @@ fn the_walkthrough_works_command_by_command() {
         pg.stderr()
     );
     let left = wait_pids_gone(&pids, Duration::from_secs(10));
-    assert!(left.is_empty(), "playground processes left running: {left:?}");
+    assert!(
+        left.is_empty(),
+        "playground processes left running: {left:?}"
+    );
     let mut slowest = times.clone();
     slowest.sort_by(|a, b| b.0.cmp(&a.0));
     eprintln!(
@@ -404,7 +419,12 @@ fn the_walkthrough_parser_reads_commands_as_a_user_pastes_them() {
     let block = "a 1   # one\nfor i in 1 2; do\n  echo $i &\ndone\nb \\\n  c\n\nd";
     assert_eq!(
         commands(block),
-        ["a 1   # one", "for i in 1 2; do\n  echo $i &\ndone", "b \\\n  c", "d"]
+        [
+            "a 1   # one",
+            "for i in 1 2; do\n  echo $i &\ndone",
+            "b \\\n  c",
+            "d"
+        ]
     );
     assert_eq!(comment("curl -i x   # 404"), Some("404"));
     assert_eq!(code("curl x   # y"), "curl x  ");
@@ -414,7 +434,9 @@ fn the_walkthrough_parser_reads_commands_as_a_user_pastes_them() {
     );
     let p = PortBlock { base: 20000 };
     assert_eq!(
-        p.rewrite("a 127.0.0.1:7001,127.0.0.1:7003 http://localhost:7070/k 1=127.0.0.1:8301 :80 :70012"),
+        p.rewrite(
+            "a 127.0.0.1:7001,127.0.0.1:7003 http://localhost:7070/k 1=127.0.0.1:8301 :80 :70012"
+        ),
         "a 127.0.0.1:20001,127.0.0.1:20003 http://localhost:20070/k 1=127.0.0.1:21301 :80 :70012"
     );
 }

@@ -63,8 +63,12 @@ async fn setup(router_args: &[&str]) -> Setup {
 
 impl Setup {
     fn req(&self, method: &str, path: &str, body: &[u8]) -> HttpResponse {
-        http(method, &self.addr, path, body, HTTP_LIMIT)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}; router log:\n{}", self.router.log_tail(40)))
+        http(method, &self.addr, path, body, HTTP_LIMIT).unwrap_or_else(|e| {
+            panic!(
+                "{method} {path}: {e}; router log:\n{}",
+                self.router.log_tail(40)
+            )
+        })
     }
 
     fn expect(&self, method: &str, path: &str, body: &[u8], status: u16, text: &str) {

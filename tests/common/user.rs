@@ -460,9 +460,12 @@ impl Playground {
     pub fn start(cwd: &Path, dir: &Path, ports: PortBlock) -> Playground {
         let stderr_path = dir.with_file_name(format!(
             "{}-stderr.log",
-            dir.file_name().and_then(|n| n.to_str()).unwrap_or("playground")
+            dir.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("playground")
         ));
-        let stderr = std::fs::File::create(&stderr_path).expect("create the playground's stderr log");
+        let stderr =
+            std::fs::File::create(&stderr_path).expect("create the playground's stderr log");
         let mut command = Command::new(bin("shardctl"));
         command
             .arg("playground")
@@ -505,7 +508,11 @@ impl Playground {
                 Ok(_) => {}
                 Err(ended) => panic!(
                     "the playground {} within {timeout:?}; stdout:\n{}\nstderr:\n{}",
-                    if ended { "exited before it was up" } else { "was not up" },
+                    if ended {
+                        "exited before it was up"
+                    } else {
+                        "was not up"
+                    },
                     self.stdout.so_far(),
                     self.stderr()
                 ),
