@@ -223,7 +223,7 @@ async fn writes_are_applied_exactly_once_across_a_leader_kill_and_a_migration() 
     let final_config = cluster.wait_settled(SETTLE_WAIT).await;
     assert_eq!(final_config.owner(moved).1, to);
 
-    let out = out.lock().unwrap();
+    let out = std::mem::take(&mut *out.lock().unwrap());
     assert!(out.phantoms.is_empty(), "{:?}", out.phantoms);
     // Retries should hide every disruption within the call deadline.
     assert!(out.errors.is_empty(), "failed calls: {:?}", out.errors);

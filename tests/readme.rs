@@ -241,26 +241,24 @@ fn check_output(command: &str, output: &str, values: &mut HashMap<String, String
                 fail(&format!("print JSON ({e})"));
             }
         }
-        ["shardctl", "join", "--gid", gid, ..] => {
-            if !output.contains(&format!("group {gid} joined")) {
-                fail("say the group joined");
-            }
+        ["shardctl", "join", "--gid", gid, ..]
+            if !output.contains(&format!("group {gid} joined")) =>
+        {
+            fail("say the group joined")
         }
-        ["shardctl", "status"] if note.contains("DOWN") => {
-            if !output.contains("DOWN") {
-                fail("show the killed node DOWN");
-            }
+        ["shardctl", "status"] if note.contains("DOWN") && !output.contains("DOWN") => {
+            fail("show the killed node DOWN")
         }
-        ["grpcurl", .., "list"] => {
-            if !output.contains("shardkv.v1.ShardMaster") || !output.contains("shardkv.v1.Kv") {
-                fail("list the services");
-            }
+        ["grpcurl", .., "list"]
+            if !output.contains("shardkv.v1.ShardMaster") || !output.contains("shardkv.v1.Kv") =>
+        {
+            fail("list the services")
         }
-        ["grpcurl", .., method] if method.ends_with("Kv/Get") => {
-            // value-for-apple in base64
-            if !output.contains("dmFsdWUtZm9yLWFwcGxl") {
-                fail("return the value put just before");
-            }
+        // value-for-apple in base64
+        ["grpcurl", .., method]
+            if method.ends_with("Kv/Get") && !output.contains("dmFsdWUtZm9yLWFwcGxl") =>
+        {
+            fail("return the value put just before")
         }
         _ => {}
     }
@@ -403,7 +401,7 @@ fn the_walkthrough_works_command_by_command() {
         "playground processes left running: {left:?}"
     );
     let mut slowest = times.clone();
-    slowest.sort_by(|a, b| b.0.cmp(&a.0));
+    slowest.sort_by_key(|t| std::cmp::Reverse(t.0));
     eprintln!(
         "{} walkthrough commands in {:?}; slowest: {:?}",
         all.len(),
