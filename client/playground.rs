@@ -220,6 +220,9 @@ fn spawn(mut command: Command, name: String, addr: String, dir: &Path) -> anyhow
 pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
     let layout = Layout::new(&opts)?;
     layout.check_free()?;
+    // Before the first child starts: a signal that came while starting would otherwise
+    // kill this process with its default action and leave the children running.
+    let mut stop_requested = StopSignals::install()?;
     std::fs::create_dir_all(opts.dir.join("logs"))?;
     std::fs::create_dir_all(opts.dir.join("data"))?;
     let dir = opts.dir.canonicalize()?;
@@ -238,7 +241,7 @@ pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(opts.startup_timeout);
     let result = tokio::select! {
         r = bootstrap(&opts, &layout, &masters, deadline) => r,
-        _ = crate::server::shutdown_signal() => {
+        _ = stop_requested.recv() => {
             eprintln!("interrupted while starting: stopping every process of the playground...");
             stop(&mut procs).await;
             anyhow::bail!("interrupted before the playground was up");
@@ -253,11 +256,45 @@ pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
         )));
     }
     print_summary(&procs, &dir, &masters, &layout);
-    crate::server::shutdown_signal().await;
+    stop_requested.recv().await;
     eprintln!("stopping every process of the playground...");
     stop(&mut procs).await;
     eprintln!("the playground has stopped");
     Ok(())
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, listened for from the moment they are installed.
+struct StopSignals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(StopSignals {
+                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    /// Returns once either signal has arrived (also one that arrived before the call).
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// Starts every server process and the router, appending them to `procs`.

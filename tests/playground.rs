@@ -6,8 +6,8 @@
 mod common;
 
 use common::user::{
-    http, pid_alive, poll_until, run_within, shardctl, signal, wait_pids_gone, Playground,
-    PortBlock,
+    group_members, http, pid_alive, poll_until, run_within, shardctl, signal, wait_pids_gone,
+    Playground, PortBlock,
 };
 use std::net::TcpListener;
 use std::time::Duration;
@@ -164,6 +164,11 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
         left.is_empty(),
         "still running after the playground stopped: {left:?}"
     );
+    let group = group_members(pg.pid());
+    assert!(
+        group.is_empty(),
+        "left in the playground's process group: {group:?}"
+    );
     assert!(
         pg.stderr().contains("stopping every process"),
         "{}",
@@ -186,13 +191,58 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
     pg.wait_up(UP_WAIT);
     let r = http("GET", &router, "/keys/apple", b"", HTTP_LIMIT).expect("GET apple");
     assert_eq!((r.status, r.text()), (200, "value-for-apple-2".into()));
+    // This time stop it with SIGTERM (what `kill PID` sends): the same clean stop.
     let pids = pg.pids();
-    assert!(pg.child().signal("INT"));
-    assert!(pg.child().wait_exit(STOP_WAIT).is_some_and(|s| s.success()));
+    assert!(pg.child().signal("TERM"));
+    let status = pg.child().wait_exit(STOP_WAIT);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "after SIGTERM: {status:?}"
+    );
     let left = wait_pids_gone(&pids, Duration::from_secs(10));
     assert!(
         left.is_empty(),
         "still running after the second stop: {left:?}"
+    );
+    let group = group_members(pg.pid());
+    assert!(
+        group.is_empty(),
+        "left in the playground's process group: {group:?}"
+    );
+}
+
+#[test]
+fn ctrl_c_while_starting_up_stops_what_was_started() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let ports = PortBlock::pick();
+    let mut pg = Playground::start(tmp.path(), &tmp.path().join("playground"), ports);
+    // As soon as it has started a server (long before the cluster can be up).
+    assert!(
+        poll_until(Duration::from_secs(60), || group_members(pg.pid()).len()
+            >= 2),
+        "the playground started no server"
+    );
+    assert!(pg.child().signal("INT"));
+    let status = pg.child().wait_exit(STOP_WAIT);
+    assert!(
+        status.is_some(),
+        "the playground ignored SIGINT while starting"
+    );
+    let mut left = Vec::new();
+    poll_until(Duration::from_secs(10), || {
+        left = group_members(pg.pid());
+        left.is_empty()
+    });
+    assert!(
+        left.is_empty(),
+        "left running after SIGINT during start-up: {left:?}"
+    );
+    // It said what happened (or, if it was up already, stopped as usual).
+    let stderr = pg.stderr();
+    eprintln!("playground's stderr after an early SIGINT: {stderr}");
+    assert!(
+        stderr.contains("interrupted") || stderr.contains("stopping every process"),
+        "{stderr}"
     );
 }
 

@@ -204,6 +204,30 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// The live processes (zombies excluded) of process group `pgid`, from /proc.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            // After "(comm)": state, ppid, pgrp.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.len() > 2
+                && fields[0] != "Z"
+                && fields[0] != "X"
+                && fields[2] == pgid.to_string()
+        })
+        .collect()
+}
+
 /// Waits until none of `pids` is alive; returns those still alive after `timeout`.
 pub fn wait_pids_gone(pids: &[u32], timeout: Duration) -> Vec<u32> {
     poll_until(timeout, || pids.iter().all(|&p| !pid_alive(p)));
