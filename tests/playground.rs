@@ -110,12 +110,16 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
         );
     }
     // It tells the user how to reach it, at the moved ports.
-    let out = pg.stdout();
-    assert!(out.contains(&ports.masters()), "{out}");
-    assert!(
-        out.contains(&format!("localhost:{}", ports.port(7070))),
-        "{out}"
-    );
+    for hint in [
+        format!("export SHARDKV_MASTERS={}", ports.masters()),
+        format!("http://localhost:{}/keys/apple", ports.port(7070)),
+    ] {
+        assert!(
+            pg.wait_stdout_contains(&hint, Duration::from_secs(10)),
+            "no {hint:?} in:\n{}",
+            pg.stdout()
+        );
+    }
 
     let router = ports.router_addr();
     put_get_eventually(&router, "apple", "value-for-apple");

@@ -336,12 +336,17 @@ pub fn http(
         body.len()
     );
     stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut raw = Vec::new();
     // A server may answer (413) and close before reading the whole body: the write may
-    // fail, the answer is still there to read.
-    stream.read_to_end(&mut raw)?;
-    parse_response(&raw)
+    // fail while the answer is there to read.
+    let sent = stream.write_all(body);
+    let mut raw = Vec::new();
+    match (stream.read_to_end(&mut raw), sent) {
+        (Ok(_), _) => parse_response(&raw),
+        (Err(_), Err(e)) => Err(e),
+        (Err(e), Ok(())) if raw.is_empty() => Err(e),
+        // Reset after the answer arrived.
+        (Err(_), Ok(())) => parse_response(&raw),
+    }
 }
 
 fn parse_response(raw: &[u8]) -> std::io::Result<HttpResponse> {
@@ -591,6 +596,11 @@ impl Playground {
 
     pub fn pids(&self) -> Vec<u32> {
         self.procs.iter().map(|p| p.pid).collect()
+    }
+
+    /// Waits until its stdout contains `needle` (the table comes before the hints).
+    pub fn wait_stdout_contains(&self, needle: &str, timeout: Duration) -> bool {
+        poll_until(timeout, || self.stdout.so_far().contains(needle))
     }
 
     /// Everything it printed on stdout so far.
