@@ -113,6 +113,14 @@ async fn put_get_delete_round_trip_through_both_groups() {
     s.expect("PUT", "/keys/empty-value", b"", 200, "OK");
     let r = s.req("GET", "/keys/empty-value", b"");
     assert_eq!((r.status, r.body.len()), (200, 0));
+    // Values up to 1 MiB (the router's and the kvnodes' default limit) are stored;
+    // a larger one is 413.
+    let mib = vec![b'v'; 1 << 20];
+    s.expect("PUT", "/keys/big", &mib, 200, "OK");
+    assert!(s.req("GET", "/keys/big", b"").body == mib);
+    let r = s.req("PUT", "/keys/big", &vec![b'w'; (1 << 20) + 1]);
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert!(s.req("GET", "/keys/big", b"").body == mib);
     // DELETE: 200 when it existed, then 404.
     s.expect("DELETE", "/keys/apple", b"", 200, "OK");
     s.expect("GET", "/keys/apple", b"", 404, "key not found");
