@@ -24,14 +24,21 @@ pub struct PlaygroundOptions {
     /// kvnodes per group.
     #[arg(long, default_value_t = 3)]
     pub nodes_per_group: u64,
-    /// Shard master replicas (ports 7001, 7002, ...).
+    /// Shard master replicas (ports --master-port, --master-port + 1, ...).
     #[arg(long, default_value_t = 3)]
     pub replicas: u64,
+    /// Port of the first shard master; replica I listens on this port + I - 1.
+    #[arg(long, default_value_t = 7001, value_name = "PORT")]
+    pub master_port: u16,
+    /// Port of node 1 of group 1; node N of group G listens on this port
+    /// + 100 * (G - 1) + (N - 1) (so 8101-8103, 8201-8203, ... by default).
+    #[arg(long, default_value_t = 8101, value_name = "PORT")]
+    pub kv_port: u16,
     /// Keys at which the key space is pre-split so every group owns data at once.
     #[arg(long, value_delimiter = ',', default_value = "g,n,t")]
     pub split: Vec<String>,
     /// Address of the HTTP router.
-    #[arg(long, default_value = "127.0.0.1:7070")]
+    #[arg(long, default_value = "127.0.0.1:7070", value_name = "HOST:PORT")]
     pub router: String,
     /// How long to wait for the cluster to become healthy, in seconds.
     #[arg(long, default_value_t = 60)]
@@ -46,12 +53,123 @@ struct Proc {
     child: Child,
 }
 
-fn master_addr(i: u64) -> String {
-    format!("127.0.0.1:{}", 7000 + i)
+/// Ports between the first nodes of two consecutive groups.
+const GROUP_PORT_STRIDE: u64 = 100;
+
+/// Where every process of the playground listens, checked for sense.
+#[derive(Debug, Clone)]
+struct Layout {
+    replicas: u64,
+    groups: u64,
+    nodes_per_group: u64,
+    master_port: u16,
+    kv_port: u16,
+    router: std::net::SocketAddr,
 }
 
-fn kv_addr(gid: u64, id: u64) -> String {
-    format!("127.0.0.1:{}", 8000 + gid * 100 + id)
+impl Layout {
+    /// Checks the options: at least one of everything, every port in range, none
+    /// used twice. Does not check that the ports are free (see [`Layout::check_free`]).
+    fn new(opts: &PlaygroundOptions) -> anyhow::Result<Layout> {
+        anyhow::ensure!(opts.replicas >= 1, "--replicas must be at least 1");
+        anyhow::ensure!(opts.groups >= 1, "--groups must be at least 1");
+        anyhow::ensure!(
+            (1..GROUP_PORT_STRIDE).contains(&opts.nodes_per_group),
+            "--nodes-per-group must be between 1 and {} (each group has a block of {GROUP_PORT_STRIDE} ports)",
+            GROUP_PORT_STRIDE - 1
+        );
+        anyhow::ensure!(opts.master_port > 0, "--master-port must not be 0");
+        anyhow::ensure!(opts.kv_port > 0, "--kv-port must not be 0");
+        let router: std::net::SocketAddr = opts.router.parse().with_context(|| {
+            format!(
+                "--router {:?}: expected IP:PORT, e.g. 127.0.0.1:7070",
+                opts.router
+            )
+        })?;
+        anyhow::ensure!(router.port() > 0, "--router: the port must not be 0");
+        let last_master = opts.master_port as u64 + opts.replicas - 1;
+        anyhow::ensure!(
+            last_master <= u16::MAX as u64,
+            "--master-port {} with {} replicas needs ports up to {last_master}, past 65535",
+            opts.master_port,
+            opts.replicas
+        );
+        let last_kv = opts.kv_port as u64
+            + GROUP_PORT_STRIDE * (opts.groups - 1)
+            + (opts.nodes_per_group - 1);
+        anyhow::ensure!(
+            last_kv <= u16::MAX as u64,
+            "--kv-port {} with {} groups needs ports up to {last_kv}, past 65535",
+            opts.kv_port,
+            opts.groups
+        );
+        let layout = Layout {
+            replicas: opts.replicas,
+            groups: opts.groups,
+            nodes_per_group: opts.nodes_per_group,
+            master_port: opts.master_port,
+            kv_port: opts.kv_port,
+            router,
+        };
+        let mut seen: std::collections::HashMap<u16, String> = Default::default();
+        for (name, port) in layout.ports() {
+            if let Some(other) = seen.insert(port, name.clone()) {
+                anyhow::bail!(
+                    "port {port} would be used by both {other} and {name}: \
+                     choose --master-port, --kv-port and --router so they do not overlap"
+                );
+            }
+        }
+        Ok(layout)
+    }
+
+    fn master_port(&self, i: u64) -> u16 {
+        (self.master_port as u64 + i - 1) as u16
+    }
+
+    fn master_addr(&self, i: u64) -> String {
+        format!("127.0.0.1:{}", self.master_port(i))
+    }
+
+    fn kv_port(&self, gid: u64, id: u64) -> u16 {
+        (self.kv_port as u64 + GROUP_PORT_STRIDE * (gid - 1) + (id - 1)) as u16
+    }
+
+    fn kv_addr(&self, gid: u64, id: u64) -> String {
+        format!("127.0.0.1:{}", self.kv_port(gid, id))
+    }
+
+    /// Every process's name and port.
+    fn ports(&self) -> Vec<(String, u16)> {
+        let masters = (1..=self.replicas).map(|i| (format!("master{i}"), self.master_port(i)));
+        let kv = (1..=self.groups).flat_map(|gid| {
+            (1..=self.nodes_per_group)
+                .map(move |id| (format!("g{gid}-n{id}"), self.kv_port(gid, id)))
+        });
+        masters
+            .chain(kv)
+            .chain(std::iter::once(("router".to_owned(), self.router.port())))
+            .collect()
+    }
+
+    /// Fails with a clear message if a port is taken (another playground, usually),
+    /// before any process is started.
+    fn check_free(&self) -> anyhow::Result<()> {
+        for (name, port) in self.ports() {
+            let ip = if name == "router" {
+                self.router.ip()
+            } else {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            };
+            if let Err(e) = std::net::TcpListener::bind((ip, port)) {
+                anyhow::bail!(
+                    "port {port} (for {name}) is not free on {ip}: {e}; is another playground \
+                     running? Stop it, or choose other ports with --master-port, --kv-port and --router"
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The program that runs `server` ("shardmaster" or "kvnode"): its binary next to this
@@ -97,33 +215,112 @@ fn spawn(mut command: Command, name: String, addr: String, dir: &Path) -> anyhow
     })
 }
 
-/// Runs the playground until Ctrl-C.
+/// Runs the playground until Ctrl-C (SIGINT) or SIGTERM, then stops every process it
+/// started.
 pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
-    anyhow::ensure!(opts.replicas >= 1 && opts.groups >= 1 && opts.nodes_per_group >= 1);
+    let layout = Layout::new(&opts)?;
+    layout.check_free()?;
+    // Before the first child starts: a signal that came while starting would otherwise
+    // kill this process with its default action and leave the children running.
+    let mut stop_requested = StopSignals::install()?;
     std::fs::create_dir_all(opts.dir.join("logs"))?;
     std::fs::create_dir_all(opts.dir.join("data"))?;
     let dir = opts.dir.canonicalize()?;
-    let masters: Vec<String> = (1..=opts.replicas).map(master_addr).collect();
+    let masters: Vec<String> = (1..=opts.replicas).map(|i| layout.master_addr(i)).collect();
     let master_peers = (1..=opts.replicas)
-        .map(|i| format!("{i}={}", master_addr(i)))
+        .map(|i| format!("{i}={}", layout.master_addr(i)))
         .collect::<Vec<_>>()
         .join(",");
     let mut procs = Vec::new();
+    let started = start_all(&opts, &layout, &masters, &master_peers, &dir, &mut procs);
+    if let Err(e) = started {
+        stop(&mut procs).await;
+        return Err(e);
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(opts.startup_timeout);
+    let result = tokio::select! {
+        r = bootstrap(&opts, &layout, &masters, deadline) => r,
+        _ = stop_requested.recv() => {
+            eprintln!("interrupted while starting: stopping every process of the playground...");
+            stop(&mut procs).await;
+            anyhow::bail!("interrupted before the playground was up");
+        }
+    };
+    if let Err(e) = result {
+        stop(&mut procs).await;
+        let logs = dir.join("logs");
+        return Err(e.context(format!(
+            "the playground did not start; logs are in {}",
+            logs.display()
+        )));
+    }
+    print_summary(&procs, &dir, &masters, &layout);
+    stop_requested.recv().await;
+    eprintln!("stopping every process of the playground...");
+    stop(&mut procs).await;
+    eprintln!("the playground has stopped");
+    Ok(())
+}
+
+/// SIGINT (Ctrl-C) and SIGTERM, listened for from the moment they are installed.
+struct StopSignals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(StopSignals {
+                int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+                term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(StopSignals {})
+    }
+
+    /// Returns once either signal has arrived (also one that arrived before the call).
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Starts every server process and the router, appending them to `procs`.
+fn start_all(
+    opts: &PlaygroundOptions,
+    layout: &Layout,
+    masters: &[String],
+    master_peers: &str,
+    dir: &Path,
+    procs: &mut Vec<Proc>,
+) -> anyhow::Result<()> {
     for i in 1..=opts.replicas {
         let mut c = server_command("shardmaster")?;
         c.args([
             "--id",
             &i.to_string(),
             "--peers",
-            &master_peers,
+            master_peers,
             "--data-dir",
         ])
         .arg(dir.join("data").join(format!("master{i}")));
-        procs.push(spawn(c, format!("master{i}"), master_addr(i), &dir)?);
+        procs.push(spawn(c, format!("master{i}"), layout.master_addr(i), dir)?);
     }
     for gid in 1..=opts.groups {
         let peers = (1..=opts.nodes_per_group)
-            .map(|id| format!("{id}={}", kv_addr(gid, id)))
+            .map(|id| format!("{id}={}", layout.kv_addr(gid, id)))
             .collect::<Vec<_>>()
             .join(",");
         for id in 1..=opts.nodes_per_group {
@@ -132,7 +329,12 @@ pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
                 .args(["--peers", &peers, "--masters", &masters.join(",")])
                 .arg("--data-dir")
                 .arg(dir.join("data").join(format!("g{gid}-n{id}")));
-            procs.push(spawn(c, format!("g{gid}-n{id}"), kv_addr(gid, id), &dir)?);
+            procs.push(spawn(
+                c,
+                format!("g{gid}-n{id}"),
+                layout.kv_addr(gid, id),
+                dir,
+            )?);
         }
     }
     let mut router = Command::new(std::env::current_exe()?);
@@ -143,22 +345,7 @@ pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
         "--listen",
         &opts.router,
     ]);
-    procs.push(spawn(router, "router".into(), opts.router.clone(), &dir)?);
-
-    let deadline = Instant::now() + Duration::from_secs(opts.startup_timeout);
-    let result = bootstrap(&opts, &masters, deadline).await;
-    if let Err(e) = result {
-        stop(&mut procs).await;
-        let logs = dir.join("logs");
-        return Err(e.context(format!(
-            "the playground did not start; logs are in {}",
-            logs.display()
-        )));
-    }
-    print_summary(&procs, &dir, &masters);
-    tokio::signal::ctrl_c().await?;
-    eprintln!("stopping every process of the playground...");
-    stop(&mut procs).await;
+    procs.push(spawn(router, "router".into(), opts.router.clone(), dir)?);
     Ok(())
 }
 
@@ -166,6 +353,7 @@ pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
 /// every group serves its ranges.
 async fn bootstrap(
     opts: &PlaygroundOptions,
+    layout: &Layout,
     masters: &[String],
     deadline: Instant,
 ) -> anyhow::Result<()> {
@@ -191,7 +379,7 @@ async fn bootstrap(
                 nodes: (1..=opts.nodes_per_group)
                     .map(|id| Node {
                         id,
-                        addr: kv_addr(gid, id),
+                        addr: layout.kv_addr(gid, id),
                     })
                     .collect(),
             })
@@ -256,7 +444,7 @@ where
     }
 }
 
-fn print_summary(procs: &[Proc], dir: &Path, masters: &[String]) {
+fn print_summary(procs: &[Proc], dir: &Path, masters: &[String], layout: &Layout) {
     println!("shardkv playground is up. Data and logs: {}", dir.display());
     println!();
     println!("{:<10} {:<18} {:>8}  LOG", "PROCESS", "ADDRESS", "PID");
@@ -271,8 +459,13 @@ fn print_summary(procs: &[Proc], dir: &Path, masters: &[String]) {
     }
     println!();
     println!("Try:");
-    println!("  curl -X PUT -d \"value-for-apple\" http://localhost:7070/keys/apple");
-    println!("  curl http://localhost:7070/keys/apple");
+    let router = if layout.router.ip().is_loopback() {
+        format!("localhost:{}", layout.router.port())
+    } else {
+        layout.router.to_string()
+    };
+    println!("  curl -X PUT -d \"value-for-apple\" http://{router}/keys/apple");
+    println!("  curl http://{router}/keys/apple");
     println!("  export SHARDKV_MASTERS={}", masters.join(","));
     println!("  shardctl status");
     println!();
@@ -295,5 +488,65 @@ async fn stop(procs: &mut [Proc]) {
         {
             let _ = p.child.kill().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: PlaygroundOptions,
+    }
+
+    fn layout(args: &[&str]) -> anyhow::Result<Layout> {
+        let cli = Cli::try_parse_from(std::iter::once("playground").chain(args.iter().copied()))?;
+        Layout::new(&cli.opts)
+    }
+
+    #[test]
+    fn default_ports_are_the_documented_ones() {
+        let l = layout(&[]).unwrap();
+        assert_eq!(l.master_addr(1), "127.0.0.1:7001");
+        assert_eq!(l.master_addr(3), "127.0.0.1:7003");
+        assert_eq!(l.kv_addr(1, 1), "127.0.0.1:8101");
+        assert_eq!(l.kv_addr(2, 3), "127.0.0.1:8203");
+        assert_eq!(l.router.port(), 7070);
+        assert_eq!(l.ports().len(), 3 + 6 + 1);
+    }
+
+    #[test]
+    fn ports_move_with_the_flags() {
+        let l = layout(&[
+            "--master-port",
+            "20001",
+            "--kv-port",
+            "21101",
+            "--router",
+            "127.0.0.1:20070",
+        ])
+        .unwrap();
+        assert_eq!(l.master_addr(2), "127.0.0.1:20002");
+        assert_eq!(l.kv_addr(2, 1), "127.0.0.1:21201");
+    }
+
+    #[test]
+    fn nonsense_layouts_are_refused_with_a_reason() {
+        let e = layout(&["--master-port", "65534"]).unwrap_err();
+        assert!(e.to_string().contains("past 65535"), "{e}");
+        let e = layout(&["--kv-port", "7002"]).unwrap_err();
+        assert!(e.to_string().contains("port 7002"), "{e}");
+        let e = layout(&["--router", "127.0.0.1:8101"]).unwrap_err();
+        assert!(e.to_string().contains("both g1-n1 and router"), "{e}");
+        let e = layout(&["--router", "localhost"]).unwrap_err();
+        assert!(e.to_string().contains("IP:PORT"), "{e}");
+        let e = layout(&["--nodes-per-group", "100"]).unwrap_err();
+        assert!(e.to_string().contains("--nodes-per-group"), "{e}");
+        let e = layout(&["--master-port", "0"]).unwrap_err();
+        assert!(e.to_string().contains("must not be 0"), "{e}");
+        assert!(layout(&["--kv-port", "65500", "--groups", "2"]).is_err());
     }
 }

@@ -93,11 +93,19 @@ async fn delete_key(State(gw): State<Arc<Gateway>>, Path(key): Path<String>) -> 
     }
 }
 
+/// `/keys/` (and `/keys`): a request for the empty key, which cannot exist. Without
+/// this route axum would answer 404, which reads as "no such key" to a curl user.
+async fn empty_key() -> Response {
+    (StatusCode::BAD_REQUEST, "key must not be empty\n").into_response()
+}
+
 /// Serves the HTTP router until Ctrl-C or SIGTERM.
 pub async fn run(client: Client, options: RouterOptions, logger: Logger) -> anyhow::Result<()> {
     let gateway = Arc::new(Gateway { client, logger });
     let app = Router::new()
         .route("/keys/{key}", get(get_key).put(put_key).delete(delete_key))
+        .route("/keys/", get(empty_key).put(empty_key).delete(empty_key))
+        .route("/keys", get(empty_key).put(empty_key).delete(empty_key))
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
         .with_state(gateway.clone());
     let listener = tokio::net::TcpListener::bind(&options.listen)

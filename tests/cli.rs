@@ -1,0 +1,175 @@
+//! The `shardctl` binary as a user runs it: exit codes and messages for a cluster
+//! that is down, for bad arguments and for refused requests, and `--output json`
+//! that parses. Documented exit codes (`shardctl --help`): 0 success; 1 `get` found
+//! no key or `cas` did not swap; 2 an error, with the reason on stderr.
+
+mod common;
+
+use common::user::{bin, run_within, shardctl, Ran};
+use common::{free_ports, KvCluster, KvOptions};
+use std::time::Duration;
+
+/// Time limit of one shardctl run that should succeed or fail on its own.
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+fn assert_code(what: &str, ran: &Ran, code: i32) {
+    assert_eq!(ran.code, Some(code), "{what}: {}", ran.describe());
+}
+
+/// Asserts `ran` failed with exit code 2 and a stderr mentioning every one of `needles`.
+fn assert_error(what: &str, ran: &Ran, needles: &[&str]) {
+    assert_code(what, ran, 2);
+    for n in needles {
+        assert!(
+            ran.stderr.contains(n),
+            "{what}: stderr does not say {n:?}: {}",
+            ran.describe()
+        );
+    }
+}
+
+/// A running cluster: one shard master, one group of one kvnode, joined and serving.
+async fn small_cluster() -> (KvCluster, String) {
+    let cluster = KvCluster::start(KvOptions {
+        masters: 1,
+        groups: 1,
+        replicas: 1,
+        ..Default::default()
+    });
+    cluster.join(&[1]).await;
+    cluster.wait_settled(Duration::from_secs(60)).await;
+    let masters = cluster.masters().addrs().join(",");
+    (cluster, masters)
+}
+
+#[test]
+fn a_down_cluster_fails_every_command_quickly_with_exit_2_and_says_why() {
+    // Ports nobody listens on: the shard master is "down".
+    let closed: Vec<String> = free_ports(2)
+        .into_iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let masters = closed.join(",");
+    for args in [
+        &["get", "k"][..],
+        &["put", "k", "v"],
+        &["query"],
+        &["status"],
+        &["split", "m"],
+        &["--output", "json", "get", "k"],
+    ] {
+        let mut full = vec!["--timeout", "2"];
+        full.extend_from_slice(args);
+        let ran = shardctl(&masters, &full, RUN_LIMIT);
+        let what = format!("shardctl {}", full.join(" "));
+        assert_error(&what, &ran, &["cannot reach the shard master", &closed[0]]);
+        // --timeout 2 bounds the wait (a loaded machine gets generous slack).
+        assert!(
+            ran.elapsed < Duration::from_secs(20),
+            "{what} took {:?}",
+            ran.elapsed
+        );
+    }
+    // status still prints what it could see before failing.
+    let ran = shardctl(&masters, &["--timeout", "2", "status"], RUN_LIMIT);
+    assert!(ran.stdout.contains("DOWN"), "{}", ran.describe());
+}
+
+#[test]
+fn bad_arguments_exit_2_with_a_usage_message_before_any_network_call() {
+    // The masters are closed ports: these must fail on the arguments, not the network.
+    let masters = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let cases: &[(&[&str], &[&str])] = &[
+        (&["get"], &["required", "<KEY>"]),
+        (&["put", "k"], &["required"]),
+        (&["frobnicate"], &["unrecognized subcommand", "frobnicate"]),
+        (&["--output", "yaml", "query"], &["invalid value", "yaml"]),
+        (&["--timeout", "0", "query"], &["must be more than 0"]),
+        (&["--timeout", "soon", "query"], &["is not a number"]),
+        (&["query", "notanumber"], &["invalid value", "notanumber"]),
+        (&["leave", "--gid", "x"], &["invalid value"]),
+        (&["cas", "k", "--value", "v"], &["required"]),
+        (
+            &["join", "--gid", "3", "--node", "127.0.0.1:1"],
+            &["--node"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let ran = shardctl(&masters, args, RUN_LIMIT);
+        assert_error(&format!("shardctl {}", args.join(" ")), &ran, needles);
+        assert!(
+            ran.elapsed < Duration::from_secs(10),
+            "shardctl {args:?} took {:?}: it should not wait for the network",
+            ran.elapsed
+        );
+    }
+    let mut c = std::process::Command::new(bin("shardctl"));
+    c.env_remove("SHARDKV_MASTERS")
+        .args(["--masters", ",", "query"]);
+    let ran = run_within(&mut c, RUN_LIMIT);
+    assert_error("empty --masters", &ran, &["no shard master address"]);
+    // --help is not an error.
+    let ran = shardctl(&masters, &["--help"], RUN_LIMIT);
+    assert_code("--help", &ran, 0);
+    assert!(ran.stdout.contains("Exit status"), "{}", ran.describe());
+}
+
+#[tokio::test]
+async fn refused_requests_exit_non_zero_and_json_output_parses() {
+    let (_cluster, masters) = small_cluster().await;
+    let run = |args: &[&str]| shardctl(&masters, args, RUN_LIMIT);
+
+    // Success, then the documented exit 1 cases.
+    assert_code("put", &run(&["put", "colour", "blue"]), 0);
+    let ran = run(&["get", "colour"]);
+    assert_code("get", &ran, 0);
+    assert_eq!(ran.stdout.trim(), "blue");
+    let ran = run(&["get", "nothing-here"]);
+    assert_code("get of a missing key", &ran, 1);
+    assert!(ran.stderr.contains("not found"), "{}", ran.describe());
+    let ran = run(&["cas", "colour", "--expected", "red", "--value", "green"]);
+    assert_code("cas that does not swap", &ran, 1);
+
+    // Refused by the cluster: exit 2 and the reason.
+    let ran = run(&["put", "", "v"]);
+    assert_error("empty key", &ran, &["key", "must not be empty"]);
+    let ran = run(&["get", ""]);
+    assert_error("empty key (get)", &ran, &["must not be empty"]);
+    let long = "k".repeat(5000);
+    let ran = run(&["put", &long, "v"]);
+    assert_error("key of 5000 bytes", &ran, &["longer than 4096"]);
+    let ran = run(&["--timeout", "5", "leave", "--gid", "99"]);
+    assert_error("leave of an unknown gid", &ran, &["99"]);
+    let ran = run(&["move", "apple", "99"]);
+    assert_error("move to an unknown gid", &ran, &["99"]);
+    let ran = run(&["node", "transfer-leader", "--gid", "99", "--to", "1"]);
+    assert_error("transfer-leader in an unknown gid", &ran, &["99"]);
+    // Nothing above changed the data.
+    assert_eq!(run(&["get", "colour"]).stdout.trim(), "blue");
+
+    // --output json is one JSON document on stdout, for reads and for errors alike.
+    let json = |args: &[&str], code: i32| -> serde_json::Value {
+        let mut full = vec!["--output", "json"];
+        full.extend_from_slice(args);
+        let ran = run(&full);
+        assert_code(&format!("shardctl {}", full.join(" ")), &ran, code);
+        serde_json::from_str(&ran.stdout).unwrap_or_else(|e| {
+            panic!(
+                "shardctl {full:?}: stdout is not JSON ({e}): {}",
+                ran.describe()
+            )
+        })
+    };
+    let q = json(&["query"], 0);
+    assert!(q["num"].as_u64().is_some_and(|n| n >= 1), "{q}");
+    assert_eq!(q["groups"][0]["gid"], 1, "{q}");
+    let g = json(&["get", "colour"], 0);
+    assert_eq!(g["found"], true, "{g}");
+    assert_eq!(g["value"], "blue", "{g}");
+    let g = json(&["get", "nothing-here"], 1);
+    assert_eq!(g["found"], false, "{g}");
+    let s = json(&["status"], 0);
+    assert_eq!(s["masters"].as_array().map(Vec::len), Some(1), "{s}");
+    assert_eq!(s["groups"][0]["nodes"][0]["role"], "leader", "{s}");
+    json(&["scan"], 0);
+}
