@@ -106,6 +106,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         masters.clone(),
         Duration::from_millis(args.poll_ms),
         logger.clone(),
+        node.faults.clone(),
     ));
     tokio::spawn(kvnode::run_heartbeats(
         node.replica.clone(),

@@ -2,10 +2,11 @@
 //!
 //! A server started with the hidden flag `--enable-fault-injection` owns one
 //! [`Faults`] table, shared by its [`Transport`](crate::transport::Transport) and
-//! the `Faults` gRPC service ([`FaultsService`]). Before the transport sends a
-//! batch of Raft messages or a snapshot to a peer it asks [`Faults::decide`]:
-//! send, drop (a cut link, or a loss drawn with the fault's probability), or wait
-//! and then send. Faults are per destination address, so a one-way cut is a fault
+//! the `Faults` gRPC service ([`FaultsService`]); a kvnode's range-transfer worker
+//! shares it too. Before the transport sends a batch of Raft messages or a snapshot
+//! to a peer, and before the worker calls another group's node (Pull, Release), it
+//! asks [`Faults::decide`]: send, drop (a cut link, or a loss drawn with the
+//! fault's probability), or wait and then send. Faults are per destination address, so a one-way cut is a fault
 //! on one side and a partition is faults on both sides.
 //!
 //! Without the flag there is no table (`Option<Arc<Faults>>` is `None`) and no

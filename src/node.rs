@@ -13,6 +13,7 @@ use anyhow::Context;
 use raft::prelude::ConfState;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002` into node id -> address.
@@ -58,7 +59,9 @@ pub struct Node<S: StateMachine> {
     pub replica: Replica<S>,
     pub raft_service: RaftServer<RaftService>,
     pub membership_service: MembershipServer<MembershipService<S>>,
-    /// The test-only `Faults` service, only when fault injection is enabled.
+    /// The test-only fault table and `Faults` service, only when fault injection is
+    /// enabled.
+    pub faults: Option<Arc<Faults>>,
     pub faults_service: Option<FaultsServer<FaultsService>>,
 }
 
@@ -161,7 +164,8 @@ pub fn start<S: StateMachine>(
     tokio::spawn(report_until_member(replica.clone(), logger));
     Ok(Node {
         membership_service: MembershipServer::new(MembershipService::new(replica.clone())),
-        faults_service: faults.map(FaultsService::server),
+        faults_service: faults.clone().map(FaultsService::server),
+        faults,
         replica,
         raft_service,
     })
