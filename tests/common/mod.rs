@@ -21,6 +21,8 @@
 //!   [`RequestId`] per write, and a scan that follows `resume` across groups.
 #![allow(dead_code)]
 
+pub mod faults;
+
 use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::master_command::Command;
 use shardkv::proto::range_transfer_client::RangeTransferClient;
