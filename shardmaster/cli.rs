@@ -85,7 +85,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     slog::info!(logger, "shard master replica serving"; "listen" => &listen);
     let shutdown = node.shutdown();
     let routes = node.add_services(tonic::service::Routes::new(shardmaster::server(
-        MasterService::new(node.replica.clone(), Duration::from_millis(args.down_after_ms)),
+        MasterService::new(
+            node.replica.clone(),
+            Duration::from_millis(args.down_after_ms),
+        ),
     )));
     server::serve(listener, routes, &[shardmaster::SERVICE_NAME], shutdown).await?;
     node.exit_status()

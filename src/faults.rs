@@ -14,7 +14,9 @@
 //! no fault set, it is one relaxed atomic load.
 
 use crate::proto::faults_server::{self, FaultsServer};
-use crate::proto::{ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, SetFaultsRequest};
+use crate::proto::{
+    ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, SetFaultsRequest,
+};
 use rand::Rng;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -83,8 +85,7 @@ impl Faults {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Verdict::Blocked;
         }
-        if rule.drop_probability > 0.0 && rand::rng().random_bool(rule.drop_probability.min(1.0))
-        {
+        if rule.drop_probability > 0.0 && rand::rng().random_bool(rule.drop_probability.min(1.0)) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return Verdict::Lost;
         }

@@ -122,10 +122,16 @@ async fn fault_service_exists_only_with_the_hidden_flag() {
         replace: false,
     }))
     .await;
-    assert_eq!(bad.expect_err("p=1.5 accepted").code(), Code::InvalidArgument);
+    assert_eq!(
+        bad.expect_err("p=1.5 accepted").code(),
+        Code::InvalidArgument
+    );
     faulty.heal_all().await;
     // The flag is hidden from --help.
-    for program in [env!("CARGO_BIN_EXE_kvnode"), env!("CARGO_BIN_EXE_shardmaster")] {
+    for program in [
+        env!("CARGO_BIN_EXE_kvnode"),
+        env!("CARGO_BIN_EXE_shardmaster"),
+    ] {
         let out = std::process::Command::new(program)
             .arg("--help")
             .output()
@@ -198,7 +204,11 @@ async fn clients_through_joins_leaves_master_kill_mid_join_and_group_restart() {
     work.expect_progress(PROGRESS, PROGRESS_WAIT, "after joining group 3")
         .await;
 
-    cluster.master_client().leave(vec![2]).await.expect("leave 2");
+    cluster
+        .master_client()
+        .leave(vec![2])
+        .await
+        .expect("leave 2");
     cluster.wait_settled(SETTLE_WAIT).await;
     work.expect_progress(PROGRESS, PROGRESS_WAIT, "after group 2 left")
         .await;
@@ -311,7 +321,9 @@ async fn lossy_network_during_moves_and_leaders_killed_mid_transfer() {
         .filter_map(|(_, st)| st.ok())
         .any(|st| st.ranges.iter().any(|h| h.state() == RangeState::Pulling));
     cluster.kill9(src, src_leader);
-    println!("killed group {src}'s leader {src_leader} (transfer still under way: {still_pulling})");
+    println!(
+        "killed group {src}'s leader {src_leader} (transfer still under way: {still_pulling})"
+    );
     cluster.wait_leader(src, LEADER_WAIT).await;
     cluster.start_node(src, src_leader);
     work.expect_progress(PROGRESS, PROGRESS_WAIT, "after the leader kills")
@@ -368,7 +380,9 @@ async fn minority_partition_serves_no_stale_read_and_catches_up_after_missed_con
         l.is_some()
     })
     .await;
-    kv.put(b"fresh", b"v2").await.expect("put v2 on the majority");
+    kv.put(b"fresh", b"v2")
+        .await
+        .expect("put v2 on the majority");
     work.expect_progress(PROGRESS, PROGRESS_WAIT, "with the old leader cut off")
         .await;
 
@@ -404,20 +418,45 @@ async fn minority_partition_serves_no_stale_read_and_catches_up_after_missed_con
     let mut mc = cluster.master_client();
     for key in ["b", "p"] {
         let from = owner(&cluster, key).await;
-        mc.move_range(key.as_bytes(), 3 - from)
-            .await
-            .expect("move");
+        mc.move_range(key.as_bytes(), 3 - from).await.expect("move");
         cluster.wait_settled(SETTLE_WAIT).await;
     }
     work.expect_progress(PROGRESS * 2, PROGRESS_WAIT, "while node is cut off")
         .await;
-    let leader_status = cluster.wait_group_serving(1, SETTLE_WAIT).await;
+    // Enough writes to group 1 that its leader compacts what node `old` misses: it
+    // must catch up from a snapshot sent through the healed links.
+    let config = cluster.latest_config().await.expect("config");
+    let g1_key = ["b", "h", "p", "w"]
+        .into_iter()
+        .find(|k| config.owner(k.as_bytes()).1 == 1)
+        .expect("group 1 owns a range");
+    let mut leader_status = cluster.wait_group_serving(1, SETTLE_WAIT).await;
+    for n in 0..400 {
+        let first = leader_status
+            .replica
+            .as_ref()
+            .expect("replica")
+            .first_log_index;
+        if first > old_commit + 1 {
+            break;
+        }
+        kv.put(format!("{g1_key}-fill-{n}").as_bytes(), b"x")
+            .await
+            .expect("fill put");
+        if n % 20 == 19 {
+            leader_status = cluster.wait_group_serving(1, SETTLE_WAIT).await;
+        }
+    }
     let end_num = leader_status.config_num;
     let first = leader_status
         .replica
         .as_ref()
         .expect("replica")
         .first_log_index;
+    assert!(
+        first > old_commit + 1,
+        "group 1's log was not compacted past node {old}'s commit {old_commit}"
+    );
     println!(
         "configs {start_num} -> {end_num} while node {old} was cut off at commit {old_commit}; \
          leader's log starts at {first}"
@@ -465,28 +504,32 @@ async fn dead_source_blocks_only_its_range_and_arrived_ranges_serve_first() {
 
     // The range from group 1 arrives and serves; the one from group 2 stays pulling.
     let view = Mutex::new(String::new());
-    expect_within(SETTLE_WAIT, "the range from group 1 to serve on group 3", || async {
-        let Some(l) = cluster.leader(3).await else {
-            return false;
-        };
-        let Ok(st) = cluster.node_status(3, l).await else {
-            return false;
-        };
-        *view.lock().unwrap() = describe_node(&st);
-        let state_of = |key: &str| {
-            st.ranges
-                .iter()
-                .find(|h| {
-                    h.range.as_ref().is_some_and(|r| {
-                        r.start.as_slice() <= key.as_bytes()
-                            && (r.end.is_empty() || key.as_bytes() < r.end.as_slice())
+    expect_within(
+        SETTLE_WAIT,
+        "the range from group 1 to serve on group 3",
+        || async {
+            let Some(l) = cluster.leader(3).await else {
+                return false;
+            };
+            let Ok(st) = cluster.node_status(3, l).await else {
+                return false;
+            };
+            *view.lock().unwrap() = describe_node(&st);
+            let state_of = |key: &str| {
+                st.ranges
+                    .iter()
+                    .find(|h| {
+                        h.range.as_ref().is_some_and(|r| {
+                            r.start.as_slice() <= key.as_bytes()
+                                && (r.end.is_empty() || key.as_bytes() < r.end.as_slice())
+                        })
                     })
-                })
-                .map(|h| h.state())
-        };
-        state_of(from_live) == Some(RangeState::Serving)
-            && state_of(from_dead) == Some(RangeState::Pulling)
-    })
+                    .map(|h| h.state())
+            };
+            state_of(from_live) == Some(RangeState::Serving)
+                && state_of(from_dead) == Some(RangeState::Pulling)
+        },
+    )
     .await;
     println!("group 3: {}", view.lock().unwrap());
 
@@ -553,7 +596,11 @@ async fn soak() {
     let mut mc = cluster.master_client();
     mc.deadline = Duration::from_secs(10);
     while Instant::now() < until {
-        let gids = if group3_joined { vec![1, 2, 3] } else { vec![1, 2] };
+        let gids = if group3_joined {
+            vec![1, 2, 3]
+        } else {
+            vec![1, 2]
+        };
         let gid = gids[rng.random_range(0..gids.len())];
         let node = rng.random_range(0..3);
         let action = match rng.random_range(0..100) {
@@ -574,7 +621,9 @@ async fn soak() {
             "pause" => cluster.pause(gid, node),
             "partition" => {
                 let others: Vec<usize> = (0..3).filter(|&i| i != node).collect();
-                cluster.partition_group(gid, &[&[node][..], &others[..]]).await;
+                cluster
+                    .partition_group(gid, &[&[node][..], &others[..]])
+                    .await;
             }
             "isolate-master" => cluster.isolate(At::Master(node)).await,
             "loss" => {

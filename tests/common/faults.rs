@@ -13,8 +13,8 @@
 //!   lost.
 //! - [`seed`] picks the test's seed (`SHARDKV_SEED` replays one) and prints it.
 
-use super::{KvCluster, KvOptions, KvTestClient, MasterCluster, MasterOptions, RPC_TIMEOUT};
 use super::{rpc, wait_until};
+use super::{KvCluster, KvOptions, KvTestClient, MasterCluster, MasterOptions, RPC_TIMEOUT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shardkv::linearizability::{check, CheckResult, Input, Operation, Output, Recorder};
@@ -475,7 +475,10 @@ impl Workload {
             // Display prints the smallest offending per-key history the checker found.
             other => panic!("{what}: history is not linearizable: {other}"),
         }
-        assert!(lost.is_empty(), "{what}: lost acknowledged writes: {lost:#?}");
+        assert!(
+            lost.is_empty(),
+            "{what}: lost acknowledged writes: {lost:#?}"
+        );
         Report {
             stats,
             operations: history.len(),
