@@ -126,6 +126,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     slog::info!(logger, "kvnode serving"; "listen" => &listen, "gid" => args.gid);
     let shutdown = node.shutdown();
     let routes = node.add_services(tonic::service::Routes::new(kv).add_service(transfer));
-    server::serve(listener, routes, kvnode::SERVICE_NAMES, shutdown).await?;
+    let mut names = kvnode::SERVICE_NAMES.to_vec();
+    if node.faults.is_some() {
+        names.push(crate::faults::SERVICE_NAME);
+    }
+    server::serve(listener, routes, &names, shutdown).await?;
     node.exit_status()
 }

@@ -90,6 +90,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Duration::from_millis(args.down_after_ms),
         ),
     )));
-    server::serve(listener, routes, &[shardmaster::SERVICE_NAME], shutdown).await?;
+    let mut names = vec![shardmaster::SERVICE_NAME];
+    if node.faults.is_some() {
+        names.push(crate::faults::SERVICE_NAME);
+    }
+    server::serve(listener, routes, &names, shutdown).await?;
     node.exit_status()
 }
