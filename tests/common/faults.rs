@@ -332,10 +332,13 @@ pub struct Workload {
     completed: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<ClientStats>>,
     /// Acknowledged unique keys and their values.
-    acked_unique: Arc<Mutex<Vec<(Vec<u8>, Vec<u8>)>>>,
+    acked_unique: AckedUnique,
     masters: Vec<String>,
     keys: Vec<Vec<u8>>,
 }
+
+/// Acknowledged unique keys and their values, shared by the clients.
+type AckedUnique = Arc<Mutex<Vec<(Vec<u8>, Vec<u8>)>>>;
 
 /// Prefix of the unique keys; [`UNIQUE_END`] bounds them.
 pub const UNIQUE_PREFIX: &str = "u/";
@@ -553,7 +556,7 @@ async fn run_client(
     recorder: Recorder,
     stop: Arc<AtomicBool>,
     completed: Arc<AtomicU64>,
-    acked_unique: Arc<Mutex<Vec<(Vec<u8>, Vec<u8>)>>>,
+    acked_unique: AckedUnique,
 ) -> ClientStats {
     let mut rng = StdRng::seed_from_u64(options.seed ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut stats = ClientStats::default();
