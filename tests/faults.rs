@@ -177,12 +177,14 @@ async fn clients_through_joins_leaves_master_kill_mid_join_and_group_restart() {
     let spec = cluster.group(3).spec();
     let mut mc = cluster.master_client();
     let join = tokio::spawn(async move { mc.join(vec![spec]).await });
-    // Fault timing, not synchronisation: let the request reach the leader. The Join
-    // cannot complete before the kill either way (the leader cannot commit).
+    // Fault timing, not synchronisation: let the request reach the leader, which
+    // cannot commit it. (On a badly stalled machine the followers may elect a new
+    // leader first and the retried Join finish before the kill; the exactly-once
+    // checks below hold either way.)
     tokio::time::sleep(Duration::from_millis(150)).await;
-    assert!(!join.is_finished(), "the Join completed without a quorum");
+    let in_flight = !join.is_finished();
     cluster.masters_mut().kill9(leader);
-    println!("killed master leader {leader} during the Join");
+    println!("killed master leader {leader} (Join still in flight: {in_flight})");
     let joined = join
         .await
         .expect("join task")
