@@ -60,6 +60,10 @@ pub struct Args {
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Test only: serve the `Faults` service, which cuts, drops and delays this
+    /// node's outbound Raft traffic on request. Hidden from --help.
+    #[arg(long = crate::faults::FLAG, hide = true)]
+    pub enable_fault_injection: bool,
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
@@ -82,6 +86,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             initial_peers: peers,
             tick: Duration::from_millis(args.tick_ms),
             compact_threshold: args.compact_threshold,
+            fault_injection: args.enable_fault_injection,
         },
         KvState::new(args.gid),
         logger.clone(),
@@ -91,6 +96,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         masters.clone(),
         Duration::from_millis(args.poll_ms),
         logger.clone(),
+        node.faults.clone(),
     ));
     tokio::spawn(kvnode::run_heartbeats(
         node.replica.clone(),
@@ -109,10 +115,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     slog::info!(logger, "kvnode serving"; "listen" => &listen, "gid" => args.gid);
     let shutdown = node.shutdown();
-    let routes = tonic::service::Routes::new(kv)
-        .add_service(transfer)
-        .add_service(node.raft_service.clone())
-        .add_service(node.membership_service.clone());
-    server::serve(listener, routes, kvnode::SERVICE_NAMES, shutdown).await?;
+    let routes = node.add_services(tonic::service::Routes::new(kv).add_service(transfer));
+    let mut names = kvnode::SERVICE_NAMES.to_vec();
+    if node.faults.is_some() {
+        names.push(crate::faults::SERVICE_NAME);
+    }
+    server::serve(listener, routes, &names, shutdown).await?;
     node.exit_status()
 }

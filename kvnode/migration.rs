@@ -5,6 +5,7 @@
 
 use super::state::KvState;
 use crate::client::master::MasterClient;
+use crate::faults::{Faults, Verdict};
 use crate::proto::kv_command::Command;
 use crate::proto::range_transfer_client::RangeTransferClient;
 use crate::proto::{
@@ -27,18 +28,22 @@ const MAX_CONFIGS_PER_STEP: usize = 64;
 /// Garbage-collection commands per range per step, so other work is not starved.
 const DELETE_CHUNKS_PER_STEP: usize = 64;
 
-/// Runs forever, doing work only while this replica leads its group.
+/// Runs forever, doing work only while this replica leads its group. `faults` is
+/// the test-only fault table (`None` in production): it also governs the transfer
+/// calls to other groups.
 pub async fn run_migrations(
     replica: Replica<KvState>,
     masters: Arc<MasterClient>,
     interval: Duration,
     logger: Logger,
+    faults: Option<Arc<Faults>>,
 ) {
     let mut worker = Worker {
         replica,
         masters,
         channels: HashMap::new(),
         logger,
+        faults,
     };
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -58,6 +63,7 @@ struct Worker {
     masters: Arc<MasterClient>,
     channels: HashMap<String, Channel>,
     logger: Logger,
+    faults: Option<Arc<Faults>>,
 }
 
 impl Worker {
@@ -123,6 +129,20 @@ impl Worker {
     {
         let mut last_error = anyhow::anyhow!("the group has no nodes");
         for node in nodes {
+            if let Some(faults) = &self.faults {
+                match faults.decide(&node.addr) {
+                    Verdict::Send => {}
+                    Verdict::Blocked | Verdict::Lost => {
+                        last_error = anyhow::anyhow!(
+                            "node {} at {}: dropped by fault injection",
+                            node.id,
+                            node.addr
+                        );
+                        continue;
+                    }
+                    Verdict::Delay(d) => tokio::time::sleep(d).await,
+                }
+            }
             let client = RangeTransferClient::new(self.channel(&node.addr)?)
                 .max_decoding_message_size(crate::transport::MAX_MESSAGE_BYTES);
             match call(client).await {

@@ -43,6 +43,10 @@ pub struct Args {
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Test only: serve the `Faults` service, which cuts, drops and delays this
+    /// node's outbound Raft traffic on request. Hidden from --help.
+    #[arg(long = crate::faults::FLAG, hide = true)]
+    pub enable_fault_injection: bool,
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
@@ -63,18 +67,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             initial_peers: peers,
             tick: Duration::from_millis(args.tick_ms),
             compact_threshold: args.compact_threshold,
+            fault_injection: args.enable_fault_injection,
         },
         MasterState::new(),
         logger.clone(),
     )?;
     slog::info!(logger, "shard master replica serving"; "listen" => &listen);
     let shutdown = node.shutdown();
-    let routes = tonic::service::Routes::new(shardmaster::server(MasterService::new(
-        node.replica.clone(),
-        Duration::from_millis(args.down_after_ms),
-    )))
-    .add_service(node.raft_service.clone())
-    .add_service(node.membership_service.clone());
-    server::serve(listener, routes, &[shardmaster::SERVICE_NAME], shutdown).await?;
+    let routes = node.add_services(tonic::service::Routes::new(shardmaster::server(
+        MasterService::new(
+            node.replica.clone(),
+            Duration::from_millis(args.down_after_ms),
+        ),
+    )));
+    let mut names = vec![shardmaster::SERVICE_NAME];
+    if node.faults.is_some() {
+        names.push(crate::faults::SERVICE_NAME);
+    }
+    server::serve(listener, routes, &names, shutdown).await?;
     node.exit_status()
 }

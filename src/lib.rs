@@ -5,6 +5,7 @@
 //! client modules, which live in their own top-level folders.
 
 pub mod config;
+pub mod faults;
 pub mod linearizability;
 pub mod membership;
 pub mod node;

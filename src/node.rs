@@ -1,7 +1,9 @@
 //! Assembles one replica process: storage, Raft transport and the replica driver.
 //! Shared by the shard master and kvnode binaries.
 
+use crate::faults::{Faults, FaultsService};
 use crate::membership::MembershipService;
+use crate::proto::faults_server::FaultsServer;
 use crate::proto::membership_server::MembershipServer;
 use crate::proto::raft_server::RaftServer;
 use crate::replica::{self, Replica, ReplicaOptions, StateMachine};
@@ -11,6 +13,7 @@ use anyhow::Context;
 use raft::prelude::ConfState;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002` into node id -> address.
@@ -67,6 +70,9 @@ pub struct NodeSpec {
     pub initial_peers: BTreeMap<u64, String>,
     pub tick: Duration,
     pub compact_threshold: u64,
+    /// Test-only: build a fault table into the transport and offer the `Faults`
+    /// service (hidden flag `--enable-fault-injection`).
+    pub fault_injection: bool,
 }
 
 /// A started replica and the services to mount on the node's gRPC server.
@@ -74,6 +80,24 @@ pub struct Node<S: StateMachine> {
     pub replica: Replica<S>,
     pub raft_service: RaftServer<RaftService>,
     pub membership_service: MembershipServer<MembershipService<S>>,
+    /// The test-only fault table and `Faults` service, only when fault injection is
+    /// enabled.
+    pub faults: Option<Arc<Faults>>,
+    pub faults_service: Option<FaultsServer<FaultsService>>,
+}
+
+impl<S: StateMachine> Node<S> {
+    /// `routes` plus the Raft and Membership services, and the `Faults` service when
+    /// fault injection is enabled.
+    pub fn add_services(&self, routes: tonic::service::Routes) -> tonic::service::Routes {
+        let routes = routes
+            .add_service(self.raft_service.clone())
+            .add_service(self.membership_service.clone());
+        match &self.faults_service {
+            Some(faults) => routes.add_service(faults.clone()),
+            None => routes,
+        }
+    }
 }
 
 impl<S: StateMachine> Node<S> {
@@ -129,7 +153,16 @@ pub fn start<S: StateMachine>(
         raft_store.bootstrap(&conf_state, &spec.initial_peers)?;
     }
     let (events_tx, events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
-    let transport = Transport::new(spec.group, (spec.id, spec.addr.clone()), events_tx.clone());
+    let faults = spec.fault_injection.then(Faults::new);
+    if faults.is_some() {
+        slog::warn!(logger, "fault injection is enabled (test only): the Faults service can cut and slow this node's links");
+    }
+    let transport = Transport::new(
+        spec.group,
+        (spec.id, spec.addr.clone()),
+        events_tx.clone(),
+        faults.clone(),
+    );
     let raft_service = RaftServer::new(RaftService::new(
         spec.group,
         events_tx,
@@ -152,6 +185,8 @@ pub fn start<S: StateMachine>(
     tokio::spawn(report_until_member(replica.clone(), logger));
     Ok(Node {
         membership_service: MembershipServer::new(MembershipService::new(replica.clone())),
+        faults_service: faults.clone().map(FaultsService::server),
+        faults,
         replica,
         raft_service,
     })

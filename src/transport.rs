@@ -5,10 +5,14 @@
 //! reports the peer unreachable to Raft and backs off. Snapshots are streamed on
 //! their own RPC in bounded chunks from a pinned engine snapshot.
 //!
+//! Test-only: with fault injection enabled ([`crate::faults`]), each outbound batch
+//! and snapshot first asks the fault table whether to send, drop or delay it.
+//!
 //! Inbound: [`RaftService`] hands messages to the replica driver through a bounded
 //! channel, and writes a received snapshot into a staging generation of the
 //! state-machine store before handing its Raft message to the driver.
 
+use crate::faults::{Faults, Verdict};
 use crate::proto::raft_client::RaftClient;
 use crate::proto::raft_server::Raft;
 use crate::proto::{RaftAck, RaftBatch, SnapshotChunk, SnapshotRecord};
@@ -71,12 +75,20 @@ pub struct Transport {
     peers: Mutex<HashMap<u64, Peer>>,
     dropped: AtomicU64,
     runtime: tokio::runtime::Handle,
+    /// Test-only fault injection; `None` unless enabled.
+    faults: Option<Arc<Faults>>,
 }
 
 impl Transport {
     /// Creates the transport of `group`; reports go to `events`. Must be called inside
-    /// the tokio runtime that should run the network tasks.
-    pub fn new(group: u64, me: (u64, String), events: mpsc::Sender<NetEvent>) -> Arc<Transport> {
+    /// the tokio runtime that should run the network tasks. `faults` is the test-only
+    /// fault table (`None` in production).
+    pub fn new(
+        group: u64,
+        me: (u64, String),
+        events: mpsc::Sender<NetEvent>,
+        faults: Option<Arc<Faults>>,
+    ) -> Arc<Transport> {
         Arc::new(Transport {
             group,
             me,
@@ -84,6 +96,7 @@ impl Transport {
             peers: Mutex::new(HashMap::new()),
             dropped: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
+            faults,
         })
     }
 
@@ -111,10 +124,11 @@ impl Transport {
         self.runtime.spawn(send_loop(
             self.group,
             self.me.clone(),
-            id,
+            (id, addr.to_owned()),
             channel.clone(),
             rx,
             self.events.clone(),
+            self.faults.clone(),
         ));
         // Replacing the entry drops the old queue's sender, which ends its task.
         peers.insert(
@@ -153,17 +167,30 @@ impl Transport {
     /// reports the outcome to the driver.
     pub fn send_snapshot(&self, msg: Message, snapshot: OutgoingSnapshot) {
         let to = msg.to;
-        let channel = self
+        let peer = self
             .peers
             .lock()
             .expect("poisoned")
             .get(&to)
-            .map(|p| p.channel.clone());
+            .map(|p| (p.channel.clone(), p.addr.clone()));
         let events = self.events.clone();
         let group = self.group;
+        let faults = self.faults.clone();
         self.runtime.spawn(async move {
-            let ok = match channel {
-                Some(channel) => stream_snapshot(group, channel, msg, snapshot).await.is_ok(),
+            let ok = match peer {
+                Some((channel, addr)) => {
+                    let verdict = faults.as_ref().map_or(Verdict::Send, |f| f.decide(&addr));
+                    match verdict {
+                        Verdict::Blocked | Verdict::Lost => false,
+                        Verdict::Delay(d) => {
+                            tokio::time::sleep(d).await;
+                            stream_snapshot(group, channel, msg, snapshot).await.is_ok()
+                        }
+                        Verdict::Send => {
+                            stream_snapshot(group, channel, msg, snapshot).await.is_ok()
+                        }
+                    }
+                }
                 None => false,
             };
             let _ = events.send(NetEvent::SnapshotSent { to, ok }).await;
@@ -182,10 +209,11 @@ impl Transport {
 async fn send_loop(
     group: u64,
     me: (u64, String),
-    peer: u64,
+    (peer, peer_addr): (u64, String),
     channel: Channel,
     mut queue: mpsc::Receiver<Message>,
     events: mpsc::Sender<NetEvent>,
+    faults: Option<Arc<Faults>>,
 ) {
     let mut client = RaftClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
     let new_backoff = || {
@@ -215,6 +243,19 @@ async fn send_loop(
             from: me.0,
             from_addr: me.1.clone(),
         };
+        if let Some(faults) = &faults {
+            match faults.decide(&peer_addr) {
+                Verdict::Send => {}
+                // Lost on the way: Raft retransmits.
+                Verdict::Lost => continue,
+                // A cut link fails like an unreachable peer.
+                Verdict::Blocked => {
+                    let _ = events.try_send(NetEvent::Unreachable(peer));
+                    continue;
+                }
+                Verdict::Delay(d) => tokio::time::sleep(d).await,
+            }
+        }
         match client.send(batch).await {
             Ok(_) => backoff = new_backoff(),
             Err(_) => {

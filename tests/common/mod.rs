@@ -21,6 +21,7 @@
 //!   [`RequestId`] per write, and a scan that follows `resume` across groups.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod user;
 
 use shardkv::proto::kv_client::KvClient;
