@@ -123,16 +123,25 @@ impl RaftStore {
 
     /// Durably appends `entries` (replacing any conflicting suffix) and records `hard_state`,
     /// with one fsync. This is the one durable write per Raft Ready.
+    ///
+    /// A Ready that only advances the commit index is written without an fsync: a lost
+    /// commit index is learned again from the leader (as in [`Self::set_commit`]), and
+    /// syncing it would put a second fsync between a write's replication and its reply.
+    /// It still precedes, in the one journal, the applied state written after it, so a
+    /// recovered applied index never exceeds the recovered commit index.
     pub fn persist(&self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {
         if entries.is_empty() && hard_state.is_none() {
             return Ok(());
         }
         let mut state = self.state();
+        let vote_changed = hard_state
+            .is_some_and(|hs| hs.term != state.hard_state.term || hs.vote != state.hard_state.vote);
+        let sync = !entries.is_empty() || vote_changed;
         let mut batch = self
             .inner
             .db
             .batch()
-            .durability(Some(PersistMode::SyncData));
+            .durability(sync.then_some(PersistMode::SyncData));
         if let (Some(first), Some(last)) = (entries.first(), entries.last()) {
             assert!(
                 first.index > state.truncated.0,
