@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The BENCHMARKS.md matrix: write-only and read-only workloads at 1, 16, 64 and 256
+# concurrent requests, 100-byte values over 100k keys, against a running shardkv
+# playground and (if ETCD is set) a running etcd cluster. One JSON report per line
+# goes to $OUT (default bench-results.jsonl).
+#   target/release/shardctl playground &          # shardkv, default ports
+#   bench/etcd-cluster.sh &                       # etcd, ports 2379/22379/32379
+#   ETCD=127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379 bench/compare.sh
+set -euo pipefail
+SHARDCTL=${SHARDCTL:-target/release/shardctl}
+OUT=${OUT:-bench-results.jsonl}
+DURATION=${DURATION:-20}
+KEYS=${KEYS:-100000}
+CONCURRENCY=${CONCURRENCY:-"1 16 64 256"}
+targets=("shardkv")
+if [ -n "${ETCD:-}" ]; then targets+=("etcd"); fi
+: >"$OUT"
+for target in "${targets[@]}"; do
+  extra=()
+  if [ "$target" = etcd ]; then extra=(--etcd "$ETCD"); fi
+  # Load every key once so reads find data.
+  "$SHARDCTL" bench "${extra[@]}" --workload write-only --keys "$KEYS" --preload \
+    --concurrency 64 --clients 4 --duration 1 --warmup 0 >/dev/null
+  for workload in write-only read-only; do
+    for c in $CONCURRENCY; do
+      clients=$(( c < 4 ? c : 4 ))
+      "$SHARDCTL" --output json bench "${extra[@]}" --workload "$workload" --keys "$KEYS" \
+        --value-size 100 --concurrency "$c" --clients "$clients" \
+        --duration "$DURATION" --warmup 3 | tr -d '\n' >>"$OUT"
+      echo >>"$OUT"
+      echo "$target $workload c=$c done" >&2
+    done
+  done
+done
