@@ -10,8 +10,11 @@ bin=$(cd "$1" && pwd)
 label=$2
 dir=$(mktemp -d -t "shardkv-ab-$label-XXXX")
 cd "$dir"
-setsid "$bin/shardctl" playground >pg.log 2>&1 &
-trap 'pkill -INT -f "$bin/shardctl playground" || true' EXIT
+"$bin/shardctl" playground >pg.log 2>&1 &
+playground=$!
+# Stop the playground and wait until it has stopped every server (and freed the
+# ports), so the next run can start at once.
+trap 'kill -INT $playground 2>/dev/null || true; wait $playground || true' EXIT
 for _ in $(seq 1 60); do grep -q 'is up' pg.log && break; sleep 1; done
 "$bin/shardctl" bench --workload write-only --keys 100000 --preload \
   --concurrency 64 --clients 4 --duration 1 --warmup 0 >/dev/null
