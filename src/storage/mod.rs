@@ -104,16 +104,6 @@ const KEY_IDENTITY: &[u8] = b"identity";
 const KEY_SM_GEN: &[u8] = b"sm_gen";
 const KEY_REMOVED: &[u8] = b"removed";
 const SM_PREFIX: &str = "sm.";
-/// A keyspace's memtable, and the journal, at most. fjall's defaults (64 MiB per
-/// keyspace, 512 MiB of journal) let a kvnode hold about 450 MB of memory and 500 MB
-/// of journal at a million keys (BENCHMARKS.md).
-const MEMTABLE_BYTES: u64 = 16 << 20;
-const JOURNAL_BYTES: u64 = 128 << 20;
-
-/// Options of every keyspace this node creates.
-pub(crate) fn keyspace_options() -> KeyspaceCreateOptions {
-    KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
-}
 
 /// The open database of one node, before it is split into the Raft log store and the
 /// state-machine store.
@@ -132,11 +122,9 @@ impl Engine {
     /// Fails with [`StorageError::WrongDataDir`] if the directory belongs to another node.
     pub fn open(dir: &Path, identity: &Identity) -> Result<Engine> {
         std::fs::create_dir_all(dir)?;
-        let db = Database::builder(dir)
-            .max_journaling_size(JOURNAL_BYTES)
-            .open()?;
-        let raft = db.keyspace("raft", keyspace_options)?;
-        let log = db.keyspace("raftlog", keyspace_options)?;
+        let db = Database::builder(dir).open()?;
+        let raft = db.keyspace("raft", KeyspaceCreateOptions::default)?;
+        let log = db.keyspace("raftlog", KeyspaceCreateOptions::default)?;
         let fresh = match raft.get(KEY_IDENTITY)? {
             Some(raw) => {
                 let found = Identity::decode(&raw)?;
@@ -165,11 +153,11 @@ impl Engine {
         // being received or replaced when the process stopped.
         for name in db.list_keyspace_names() {
             if name.starts_with(SM_PREFIX) && *name != *sm_keyspace_name(sm_gen) {
-                let stale = db.keyspace(&name, keyspace_options)?;
+                let stale = db.keyspace(&name, KeyspaceCreateOptions::default)?;
                 db.delete_keyspace(stale)?;
             }
         }
-        let sm = db.keyspace(&sm_keyspace_name(sm_gen), keyspace_options)?;
+        let sm = db.keyspace(&sm_keyspace_name(sm_gen), KeyspaceCreateOptions::default)?;
         if fresh {
             let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
             batch.insert(&raft, KEY_IDENTITY, identity.encode());

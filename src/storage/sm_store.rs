@@ -3,7 +3,7 @@
 //! state machine (which owns every key that does not start with a 0 byte).
 
 use super::{decode_u64, sm_keyspace_name, Result, StorageError};
-use fjall::{Database, Keyspace, OwnedWriteBatch as WriteBatch, Readable};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteBatch, Readable};
 use protobuf::Message as _;
 use raft::prelude::ConfState;
 use std::collections::BTreeMap;
@@ -127,11 +127,14 @@ impl SmStore {
         let name = sm_keyspace_name(gen);
         // A leftover of an earlier, abandoned transfer: start it afresh.
         if self.db.keyspace_exists(&name) {
-            let stale = self.db.keyspace(&name, super::keyspace_options)?;
+            let stale = self.db.keyspace(&name, KeyspaceCreateOptions::default)?;
             stale.clear()?;
             return Ok((gen, stale));
         }
-        Ok((gen, self.db.keyspace(&name, super::keyspace_options)?))
+        Ok((
+            gen,
+            self.db.keyspace(&name, KeyspaceCreateOptions::default)?,
+        ))
     }
 
     /// Makes `keyspace` (generation `gen`) current and drops the old generation. The
