@@ -3,7 +3,10 @@
 
 mod common;
 
-use common::{describe_node, expect_within, rpc, DetailKind, KvCluster, KvOptions, KvTestClient};
+use common::{
+    describe_node, expect_within, recorded_random_op, rpc, DetailKind, KvCluster, KvOptions,
+    KvTestClient,
+};
 use shardkv::proto::{
     CompareAndSwapReply, CompareAndSwapRequest, Config, DeleteRequest, GetRequest, KeyRange,
     KeyValue, PullRequest, PutRequest, RangeState, RequestId, ScanRequest,
@@ -1229,7 +1232,7 @@ async fn paused_leader_is_replaced_and_serves_no_stale_read_after_resume() {
 #[tokio::test]
 async fn concurrent_clients_stay_linearizable_through_moves_and_leader_kills() {
     use rand::{Rng, SeedableRng};
-    use shardkv::linearizability::{check, Input, Output, Recorder};
+    use shardkv::linearizability::{check, Output, Recorder};
 
     let mut cluster = KvCluster::start(options(1, 2));
     two_groups_with_splits(&cluster, &[b"n"]).await;
@@ -1260,44 +1263,15 @@ async fn concurrent_clients_stay_linearizable_through_moves_and_leader_kills() {
                     let key = keys[rng.random_range(0..keys.len())].clone();
                     let value = format!("{client}-{n}").into_bytes();
                     let dice = rng.random_range(0..100);
-                    let (input, result) = if dice < 40 {
-                        let h = recorder.invoke(client, Input::get(key.clone()));
-                        let r = kv.get(&key).await;
-                        if let Ok(v) = &r {
-                            seen.insert(key.clone(), v.clone());
-                        }
-                        (h, r.map(Output::Get))
-                    } else if dice < 70 {
-                        let h = recorder.invoke(client, Input::put(key.clone(), value.clone()));
-                        let r = kv.put(&key, &value).await;
-                        seen.insert(key.clone(), Some(value.clone()));
-                        (h, r.map(|_| Output::Write))
-                    } else if dice < 90 {
-                        // Expect the value this client last saw there (often current).
-                        let expected = seen.get(&key).cloned().flatten();
-                        let h = recorder.invoke(
-                            client,
-                            Input::cas(key.clone(), expected.as_deref(), Some(&value)),
-                        );
-                        let r = kv.cas(&key, expected.as_deref(), Some(&value)).await;
-                        if let Ok(r) = &r {
-                            seen.insert(key.clone(), r.found.then(|| r.current.clone()));
-                        }
-                        (h, r.map(|r| Output::Cas(r.swapped)))
-                    } else {
-                        let h = recorder.invoke(client, Input::delete(key.clone()));
-                        (h, kv.delete(&key).await.map(|_| Output::Write))
-                    };
-                    match result {
-                        Ok(out) => {
+                    let (_, out) =
+                        recorded_random_op(&mut kv, &recorder, client, &mut seen, key, value, dice)
+                            .await;
+                    match out {
+                        Some(out) => {
                             swapped += u64::from(out == Output::Cas(true));
-                            recorder.complete(input, out);
                             done += 1;
                         }
-                        Err(_) => {
-                            recorder.unknown(input);
-                            unknown += 1;
-                        }
+                        None => unknown += 1,
                     }
                 }
                 (done, unknown, swapped)

@@ -13,7 +13,7 @@
 //!   lost.
 //! - [`seed`] picks the test's seed (`SHARDKV_SEED` replays one) and prints it.
 
-use super::{rpc, wait_until};
+use super::{recorded_random_op, rpc, wait_until, RandomOp};
 use super::{KvCluster, KvOptions, KvTestClient, MasterCluster, MasterOptions, RPC_TIMEOUT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -584,48 +584,21 @@ async fn run_client(
         let key = options.keys[rng.random_range(0..options.keys.len())].clone();
         let value = format!("c{client}-{n}").into_bytes();
         let dice = rng.random_range(0..100);
-        let (handle, result) = if dice < 40 {
-            stats.gets += 1;
-            let h = recorder.invoke(client, Input::get(key.clone()));
-            let r = kv.get(&key).await;
-            if let Ok(v) = &r {
-                seen.insert(key.clone(), v.clone());
-            }
-            (h, r.map(Output::Get))
-        } else if dice < 70 {
-            stats.puts += 1;
-            let h = recorder.invoke(client, Input::put(key.clone(), value.clone()));
-            let r = kv.put(&key, &value).await;
-            (h, r.map(|_| Output::Write))
-        } else if dice < 90 {
-            stats.cas += 1;
-            let expected = seen.get(&key).cloned().flatten();
-            let h = recorder.invoke(
-                client,
-                Input::cas(key.clone(), expected.as_deref(), Some(&value)),
-            );
-            let r = kv.cas(&key, expected.as_deref(), Some(&value)).await;
-            if let Ok(r) = &r {
-                seen.insert(key.clone(), r.found.then(|| r.current.clone()));
-            }
-            (h, r.map(|r| Output::Cas(r.swapped)))
-        } else {
-            stats.deletes += 1;
-            let h = recorder.invoke(client, Input::delete(key.clone()));
-            (h, kv.delete(&key).await.map(|_| Output::Write))
-        };
-        match result {
-            Ok(out) => {
+        let (op, out) =
+            recorded_random_op(&mut kv, &recorder, client, &mut seen, key, value, dice).await;
+        match op {
+            RandomOp::Get => stats.gets += 1,
+            RandomOp::Put => stats.puts += 1,
+            RandomOp::Cas => stats.cas += 1,
+            RandomOp::Delete => stats.deletes += 1,
+        }
+        match out {
+            Some(out) => {
                 stats.swapped += u64::from(out == Output::Cas(true));
-                recorder.complete(handle, out);
                 stats.completed += 1;
                 completed.fetch_add(1, Ordering::Relaxed);
             }
-            Err(_) => {
-                // Timed out or unavailable: the write may or may not take effect.
-                recorder.unknown(handle);
-                stats.unknown += 1;
-            }
+            None => stats.unknown += 1,
         }
     }
     stats
