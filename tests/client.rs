@@ -152,16 +152,22 @@ async fn progress(acks: &AtomicU64, more: u64, what: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_are_applied_exactly_once_across_a_leader_kill_and_a_migration() {
-    let mut cluster = KvCluster::start(KvOptions::default());
+/// Joins group 1, splits the key space at g, n and t, joins group 2 (which takes
+/// half of the four ranges) and waits until both serve.
+async fn split_in_four_over_two_groups(cluster: &KvCluster) -> shardkv::proto::Config {
     cluster.join(&[1]).await;
     let mut mc = cluster.master_client();
     for key in [&b"g"[..], b"n", b"t"] {
         mc.split(key).await.expect("split");
     }
     cluster.join(&[2]).await;
-    let config = cluster.wait_settled(SETTLE_WAIT).await;
+    cluster.wait_settled(SETTLE_WAIT).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_applied_exactly_once_across_a_leader_kill_and_a_migration() {
+    let mut cluster = KvCluster::start(KvOptions::default());
+    let config = split_in_four_over_two_groups(&cluster).await;
     let owners: BTreeSet<u64> = COUNTERS
         .iter()
         .map(|c| config.owner(c.as_bytes()).1)
@@ -215,7 +221,11 @@ async fn writes_are_applied_exactly_once_across_a_leader_kill_and_a_migration() 
     let from = config.owner(moved).1;
     let to = 3 - from;
     let to_leader = cluster.wait_leader(to, Duration::from_secs(30)).await;
-    mc.move_range(moved, to).await.expect("move");
+    cluster
+        .master_client()
+        .move_range(moved, to)
+        .await
+        .expect("move");
     cluster.kill9(to, to_leader);
     cluster.wait_settled(SETTLE_WAIT).await;
     progress(&acks, 20, "after the migration").await;
@@ -306,13 +316,7 @@ async fn scan_across_four_ranges_of_two_groups_is_complete_and_in_order() {
         replicas: 1,
         ..Default::default()
     });
-    cluster.join(&[1]).await;
-    let mut mc = cluster.master_client();
-    for key in [&b"g"[..], b"n", b"t"] {
-        mc.split(key).await.expect("split");
-    }
-    cluster.join(&[2]).await;
-    let config = cluster.wait_settled(SETTLE_WAIT).await;
+    let config = split_in_four_over_two_groups(&cluster).await;
     assert!(config.ranges.len() >= 4, "{config:?}");
     let gids: BTreeSet<u64> = config.ranges.iter().map(|r| r.gid).collect();
     assert_eq!(gids, BTreeSet::from([1, 2]), "{config:?}");
