@@ -19,7 +19,7 @@ for _ in $(seq 1 60); do grep -q 'is up' pg.log && break; sleep 1; done
 "$bin/shardctl" bench --workload write-only --keys 100000 --preload \
   --concurrency 64 --clients 4 --duration 1 --warmup 0 >/dev/null
 sleep 10 # let the engine settle after the preload
-for run in "write-only 1" "write-only 64" "read-only 64" "write-only 256"; do
+for run in "write-only 1" "write-only 16" "write-only 64" "write-only 256" "read-only 1" "read-only 64"; do
   read -r workload c <<<"$run"
   clients=$((c < 4 ? c : 4))
   "$bin/shardctl" --output json bench --workload "$workload" --keys 100000 \

@@ -23,9 +23,12 @@
 //! # }
 //! ```
 
+use super::coalesce::Coalescer;
 use super::master::MasterClient;
 use super::retry::backoff;
 use crate::config::MAX_KEY_BYTES;
+use crate::proto::batch_op::Op;
+use crate::proto::batch_result::Result as OpResult;
 use crate::proto::error_detail::Kind;
 use crate::proto::kv_client::KvClient;
 use crate::proto::{
@@ -111,6 +114,10 @@ pub struct ClientOptions {
     /// Largest reply accepted, in bytes. Default 64 MiB. A scan page larger than this
     /// is asked for again with fewer pairs.
     pub max_reply_bytes: usize,
+    /// Gets, puts, deletes and compare-and-swaps outstanding to the same server go
+    /// out together in one Batch call, with at most this many such calls in flight
+    /// per server; 0 sends each request as its own call. Default 2.
+    pub batch_calls_per_server: usize,
 }
 
 impl Default for ClientOptions {
@@ -121,6 +128,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(1),
             scan_page_size: 1000,
             max_reply_bytes: 64 << 20,
+            batch_calls_per_server: 2,
         }
     }
 }
@@ -151,7 +159,7 @@ struct Inner {
     refreshing: tokio::sync::Mutex<()>,
     /// Per group: the address tried first (the last known leader).
     preferred: Mutex<HashMap<u64, String>>,
-    channels: Mutex<HashMap<String, Channel>>,
+    servers: Mutex<HashMap<String, Server>>,
     session: Session,
 }
 
@@ -191,7 +199,7 @@ impl Client {
                 config: RwLock::new(Arc::new(Config::initial())),
                 refreshing: tokio::sync::Mutex::new(()),
                 preferred: Mutex::new(HashMap::new()),
-                channels: Mutex::new(HashMap::new()),
+                servers: Mutex::new(HashMap::new()),
                 session: Session::new(random_client_id()),
             }),
         };
@@ -265,46 +273,44 @@ impl Client {
     /// The value of `key`, or `None` if it does not exist. Linearizable.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         check_key("key", key)?;
-        let request = GetRequest { key: key.to_vec() };
-        let reply = self
-            .call(key, "get", |mut kv| {
-                let request = request.clone();
-                async move { Ok(kv.get(request).await?.into_inner()) }
-            })
-            .await?;
-        Ok(reply.found.then_some(reply.value))
+        let op = || Op::Get(GetRequest { key: key.to_vec() });
+        match self.call_op(key, "get", op).await? {
+            OpResult::Get(reply) => Ok(reply.found.then_some(reply.value)),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Sets `key` to `value`. Applied exactly once even if retried.
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), Error> {
         check_key("key", key)?;
         let ticket = self.begin_write().await?;
-        self.call(key, "put", |mut kv| {
-            let request = PutRequest {
+        let op = || {
+            Op::Put(PutRequest {
                 key: key.to_vec(),
                 value: value.to_vec(),
                 id: Some(ticket.id()),
-            };
-            async move { Ok(kv.put(request).await?.into_inner()) }
-        })
-        .await?;
-        Ok(())
+            })
+        };
+        match self.call_op(key, "put", op).await? {
+            OpResult::Put(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: &[u8]) -> Result<bool, Error> {
         check_key("key", key)?;
         let ticket = self.begin_write().await?;
-        let reply = self
-            .call(key, "delete", |mut kv| {
-                let request = DeleteRequest {
-                    key: key.to_vec(),
-                    id: Some(ticket.id()),
-                };
-                async move { Ok(kv.delete(request).await?.into_inner()) }
+        let op = || {
+            Op::Delete(DeleteRequest {
+                key: key.to_vec(),
+                id: Some(ticket.id()),
             })
-            .await?;
-        Ok(reply.existed)
+        };
+        match self.call_op(key, "delete", op).await? {
+            OpResult::Delete(reply) => Ok(reply.existed),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Atomically: if `key`'s value is `expected` (`None`: the key does not exist),
@@ -318,21 +324,21 @@ impl Client {
     ) -> Result<CasOutcome, Error> {
         check_key("key", key)?;
         let ticket = self.begin_write().await?;
-        let reply = self
-            .call(key, "compare-and-swap", |mut kv| {
-                let request = CompareAndSwapRequest {
-                    key: key.to_vec(),
-                    expected: expected.map(<[u8]>::to_vec),
-                    value: new.map(<[u8]>::to_vec),
-                    id: Some(ticket.id()),
-                };
-                async move { Ok(kv.compare_and_swap(request).await?.into_inner()) }
+        let op = || {
+            Op::Cas(CompareAndSwapRequest {
+                key: key.to_vec(),
+                expected: expected.map(<[u8]>::to_vec),
+                value: new.map(<[u8]>::to_vec),
+                id: Some(ticket.id()),
             })
-            .await?;
-        Ok(CasOutcome {
-            swapped: reply.swapped,
-            current: reply.found.then_some(reply.current),
-        })
+        };
+        match self.call_op(key, "compare-and-swap", op).await? {
+            OpResult::Cas(reply) => Ok(CasOutcome {
+                swapped: reply.swapped,
+                current: reply.found.then_some(reply.current),
+            }),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// The pairs with keys in `[start, end)` in key order, across ranges and groups;
@@ -376,14 +382,16 @@ impl Client {
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, Error> {
-        let mut channels = self.inner.channels.lock().expect("channels lock");
-        if let Some(c) = channels.get(addr) {
-            return Ok(c.clone());
+    /// The connection to `addr` (made on first use, then shared by every call).
+    fn server(&self, addr: &str) -> Result<Server, Error> {
+        let mut servers = self.inner.servers.lock().expect("servers lock");
+        if let Some(server) = servers.get(addr) {
+            return Ok(server.clone());
         }
+        let options = &self.inner.options;
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::Internal(format!("bad server address {addr:?}: {e}")))?
-            .connect_timeout(self.inner.options.connect_timeout)
+            .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
             // Notice a server that stopped answering (hung, or its host gone) without
             // waiting for the attempt timeout.
@@ -391,14 +399,19 @@ impl Client {
             .keep_alive_timeout(KEEPALIVE)
             .keep_alive_while_idle(true)
             .connect_lazy();
-        channels.insert(addr.to_owned(), channel.clone());
-        Ok(channel)
-    }
-
-    fn kv_client(&self, addr: &str) -> Result<KvClient<Channel>, Error> {
-        Ok(KvClient::new(self.channel(addr)?)
-            .max_decoding_message_size(self.inner.options.max_reply_bytes)
-            .max_encoding_message_size(usize::MAX))
+        let kv = KvClient::new(channel)
+            .max_decoding_message_size(options.max_reply_bytes)
+            .max_encoding_message_size(usize::MAX);
+        let coalescer = (options.batch_calls_per_server > 0).then(|| {
+            Coalescer::start(
+                kv.clone(),
+                options.batch_calls_per_server,
+                options.attempt_timeout,
+            )
+        });
+        let server = Server { kv, coalescer };
+        servers.insert(addr.to_owned(), server.clone());
+        Ok(server)
     }
 
     /// The address to try first in group `gid`.
@@ -432,11 +445,22 @@ impl Client {
         preferred.insert(gid, next.addr.clone());
     }
 
+    /// Runs the single-key request `op` makes at the leader of the group owning
+    /// `key`, as [`Client::call`] does.
+    async fn call_op(
+        &self,
+        key: &[u8],
+        what: &str,
+        op: impl Fn() -> Op,
+    ) -> Result<OpResult, Error> {
+        self.call(key, what, |server| server.run(op())).await
+    }
+
     /// Runs `op` at the leader of the group owning `key`, retrying until it succeeds,
     /// fails for good, or the call deadline passes.
     async fn call<T, F, Fut>(&self, key: &[u8], what: &str, op: F) -> Result<T, Error>
     where
-        F: Fn(KvClient<Channel>) -> Fut,
+        F: Fn(Server) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         let options = &self.inner.options;
@@ -460,8 +484,8 @@ impl Client {
                 let attempt = options
                     .attempt_timeout
                     .min(deadline.saturating_duration_since(Instant::now()));
-                let result = match self.kv_client(&addr) {
-                    Ok(client) => tokio::time::timeout(attempt, op(client)).await,
+                let result = match self.server(&addr) {
+                    Ok(server) => tokio::time::timeout(attempt, op(server)).await,
                     Err(e) => return Err(e),
                 };
                 let status = match result {
@@ -524,6 +548,33 @@ impl Client {
             }
         }
     }
+}
+
+/// One server's connection, and its request coalescer unless batching is off.
+#[derive(Clone)]
+struct Server {
+    kv: KvClient<Channel>,
+    coalescer: Option<Coalescer>,
+}
+
+impl Server {
+    /// Sends one single-key request, batched with others if batching is on.
+    async fn run(self, op: Op) -> Result<OpResult, Status> {
+        if let Some(coalescer) = &self.coalescer {
+            return coalescer.call(op).await;
+        }
+        let mut kv = self.kv;
+        Ok(match op {
+            Op::Get(r) => OpResult::Get(kv.get(r).await?.into_inner()),
+            Op::Put(r) => OpResult::Put(kv.put(r).await?.into_inner()),
+            Op::Delete(r) => OpResult::Delete(kv.delete(r).await?.into_inner()),
+            Op::Cas(r) => OpResult::Cas(kv.compare_and_swap(r).await?.into_inner()),
+        })
+    }
+}
+
+fn unexpected(result: OpResult) -> Error {
+    Error::Internal(format!("the server answered with {result:?}"))
 }
 
 /// What went wrong last in a retried call, for the error at the deadline.
@@ -803,7 +854,8 @@ impl Scanner {
         let start = request.start.clone();
         let reply = self
             .client
-            .call(&start, "scan", |mut kv| {
+            .call(&start, "scan", |server| {
+                let mut kv = server.kv;
                 let mut request = request.clone();
                 let limit = &limit;
                 async move {

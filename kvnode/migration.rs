@@ -3,7 +3,7 @@
 //! delete ranges other groups have taken. Every step is a proposal through the
 //! group's log, so a new leader resumes where the old one stopped.
 
-use super::state::KvState;
+use super::state::{only, KvState};
 use crate::client::master::MasterClient;
 use crate::faults::{Faults, Verdict};
 use crate::proto::kv_command::Command;
@@ -102,10 +102,8 @@ impl Worker {
             command: Some(command),
         }
         .encode_to_vec();
-        self.replica
-            .propose(encoded)
-            .await?
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let results = self.replica.propose(encoded).await?;
+        only(results).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         Ok(())
     }
 

@@ -2,16 +2,19 @@
 //! groups. Handlers validate input, then turn requests into proposals or
 //! linearizable reads of [`KvState`], and results into replies.
 
-use super::state::{KvError, KvResult, KvState};
-use crate::config::MAX_KEY_BYTES;
+use super::state::{only, KvError, KvResult, KvState};
+use crate::config::{MAX_BATCH_OPS, MAX_KEY_BYTES};
+use crate::proto::batch_op::Op;
+use crate::proto::batch_result::Result as OpResult;
 use crate::proto::kv_command::Command;
 use crate::proto::kv_reply::Reply;
 use crate::proto::kv_server::Kv;
 use crate::proto::range_transfer_server::RangeTransfer;
 use crate::proto::{
-    CompareAndSwapReply, CompareAndSwapRequest, DeleteReply, DeleteRequest, GetReply, GetRequest,
-    KeyRange, KvCommand, NodeStatusReply, NodeStatusRequest, PullReply, PullRequest, PutReply,
-    PutRequest, RangeOp, ReleaseReply, ReleaseRequest, ScanReply, ScanRequest,
+    BatchReply, BatchRequest, BatchResult, ClientWrites, CompareAndSwapReply,
+    CompareAndSwapRequest, DeleteReply, DeleteRequest, GetReply, GetRequest, KeyRange, KvCommand,
+    NodeStatusReply, NodeStatusRequest, PullReply, PullRequest, PutReply, PutRequest, RangeOp,
+    ReleaseReply, ReleaseRequest, ScanReply, ScanRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::status;
@@ -98,20 +101,82 @@ impl KvService {
         Ok(())
     }
 
+    /// Checks a client write's fields before it is proposed.
+    fn check_write(&self, command: &Command) -> Result<(), Status> {
+        match command {
+            Command::Put(r) => {
+                check_key("key", &r.key)?;
+                self.check_value(&r.value)
+            }
+            Command::Delete(r) => check_key("key", &r.key),
+            Command::Cas(r) => {
+                check_key("key", &r.key)?;
+                r.value.as_ref().map_or(Ok(()), |v| self.check_value(v))
+            }
+            _ => Err(Status::invalid_argument("not a client write")),
+        }
+    }
+
     async fn write(&self, command: Command) -> Result<Reply, Status> {
+        self.check_write(&command)?;
         let encoded = KvCommand {
             command: Some(command),
         }
         .encode_to_vec();
-        let result: KvResult = self
+        let results = self
             .replica
             .propose(encoded)
             .await
             .map_err(status::from_replica)?;
-        result
-            .map_err(kv_error)?
-            .reply
-            .ok_or_else(|| Status::internal("write produced no reply"))
+        write_reply(only(results))
+    }
+
+    /// Reads `keys` after one read barrier: one result per key.
+    async fn read_many(&self, keys: &[Vec<u8>]) -> Vec<Result<GetReply, Status>> {
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        if let Err(e) = self.read_barrier().await {
+            return vec![Err(e); keys.len()];
+        }
+        let state = self.replica.state();
+        keys.iter()
+            .map(|key| {
+                let value = state.get(key).map_err(internal)?.map_err(kv_error)?;
+                Ok(GetReply {
+                    found: value.is_some(),
+                    value: value.unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    /// Proposes `writes` as one Raft entry: one result per write.
+    async fn write_many(&self, writes: Vec<Command>) -> Vec<Result<Reply, Status>> {
+        let count = writes.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        let encoded = KvCommand {
+            command: Some(Command::Writes(ClientWrites {
+                writes: writes
+                    .into_iter()
+                    .map(|c| KvCommand { command: Some(c) })
+                    .collect(),
+            })),
+        }
+        .encode_to_vec();
+        match self.replica.propose(encoded).await {
+            Ok(results) if results.len() == count => results.into_iter().map(write_reply).collect(),
+            Ok(results) => vec![
+                Err(Status::internal(format!(
+                    "{count} writes produced {} results",
+                    results.len()
+                )));
+                count
+            ],
+            Err(e) => vec![Err(status::from_replica(e)); count],
+        }
     }
 
     async fn read_barrier(&self) -> Result<(), Status> {
@@ -124,6 +189,19 @@ impl KvService {
 
 fn unexpected(reply: Reply) -> Status {
     Status::internal(format!("unexpected reply {reply:?}"))
+}
+
+fn write_reply(result: KvResult) -> Result<Reply, Status> {
+    result
+        .map_err(kv_error)?
+        .reply
+        .ok_or_else(|| Status::internal("write produced no reply"))
+}
+
+fn op_result(result: Result<OpResult, Status>) -> BatchResult {
+    BatchResult {
+        result: Some(result.unwrap_or_else(|e| OpResult::Error(status::to_op(&e)))),
+    }
 }
 
 #[tonic::async_trait]
@@ -145,19 +223,14 @@ impl Kv for KvService {
     }
 
     async fn put(&self, r: Request<PutRequest>) -> Result<Response<PutReply>, Status> {
-        let r = r.into_inner();
-        check_key("key", &r.key)?;
-        self.check_value(&r.value)?;
-        match self.write(Command::Put(r)).await? {
+        match self.write(Command::Put(r.into_inner())).await? {
             Reply::Put(reply) => Ok(Response::new(reply)),
             other => Err(unexpected(other)),
         }
     }
 
     async fn delete(&self, r: Request<DeleteRequest>) -> Result<Response<DeleteReply>, Status> {
-        let r = r.into_inner();
-        check_key("key", &r.key)?;
-        match self.write(Command::Delete(r)).await? {
+        match self.write(Command::Delete(r.into_inner())).await? {
             Reply::Delete(reply) => Ok(Response::new(reply)),
             other => Err(unexpected(other)),
         }
@@ -195,15 +268,72 @@ impl Kv for KvService {
         &self,
         r: Request<CompareAndSwapRequest>,
     ) -> Result<Response<CompareAndSwapReply>, Status> {
-        let r = r.into_inner();
-        check_key("key", &r.key)?;
-        if let Some(v) = &r.value {
-            self.check_value(v)?;
-        }
-        match self.write(Command::Cas(r)).await? {
+        match self.write(Command::Cas(r.into_inner())).await? {
             Reply::Cas(reply) => Ok(Response::new(reply)),
             other => Err(unexpected(other)),
         }
+    }
+
+    async fn batch(&self, r: Request<BatchRequest>) -> Result<Response<BatchReply>, Status> {
+        let ops = r.into_inner().ops;
+        if ops.len() > MAX_BATCH_OPS {
+            return Err(status::invalid_argument(
+                "ops",
+                format!("{} requests, more than {MAX_BATCH_OPS}", ops.len()),
+                MAX_BATCH_OPS as u64,
+            ));
+        }
+        // Sort the ops into reads and writes, answering bad ones at once.
+        let mut results: Vec<Option<Result<OpResult, Status>>> = vec![None; ops.len()];
+        let (mut reads, mut read_at) = (Vec::new(), Vec::new());
+        let (mut writes, mut write_at) = (Vec::new(), Vec::new());
+        for (i, op) in ops.into_iter().enumerate() {
+            let write = match op.op {
+                Some(Op::Get(r)) => match check_key("key", &r.key) {
+                    Ok(()) => {
+                        reads.push(r.key);
+                        read_at.push(i);
+                        continue;
+                    }
+                    Err(e) => {
+                        results[i] = Some(Err(e));
+                        continue;
+                    }
+                },
+                Some(Op::Put(r)) => Command::Put(r),
+                Some(Op::Delete(r)) => Command::Delete(r),
+                Some(Op::Cas(r)) => Command::Cas(r),
+                None => {
+                    results[i] = Some(Err(status::invalid_argument("op", "must be set", 0)));
+                    continue;
+                }
+            };
+            match self.check_write(&write) {
+                Ok(()) => {
+                    writes.push(write);
+                    write_at.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        // The ops are concurrent: reads and writes go ahead side by side.
+        let (read_results, write_results) =
+            tokio::join!(self.read_many(&reads), self.write_many(writes));
+        for (i, result) in read_at.into_iter().zip(read_results) {
+            results[i] = Some(result.map(OpResult::Get));
+        }
+        for (i, result) in write_at.into_iter().zip(write_results) {
+            results[i] = Some(result.map(|reply| match reply {
+                Reply::Put(r) => OpResult::Put(r),
+                Reply::Delete(r) => OpResult::Delete(r),
+                Reply::Cas(r) => OpResult::Cas(r),
+            }));
+        }
+        let results = results
+            .into_iter()
+            .map(|r| op_result(r.expect("every op has a result")))
+            .collect();
+        Ok(Response::new(BatchReply { results }))
     }
 
     async fn node_status(
@@ -265,11 +395,12 @@ impl RangeTransfer for TransferService {
         }
         .encode_to_vec();
         // Releasing an already-released range is a no-op: the answer is the same.
-        self.replica
+        let results = self
+            .replica
             .propose(encoded)
             .await
-            .map_err(status::from_replica)?
-            .map_err(kv_error)?;
+            .map_err(status::from_replica)?;
+        only(results).map_err(kv_error)?;
         Ok(Response::new(ReleaseReply {}))
     }
 }

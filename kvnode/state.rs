@@ -45,6 +45,14 @@ pub enum KvError {
 
 pub type KvResult = Result<KvReply, KvError>;
 
+/// The result of a command other than `ClientWrites`, which has exactly one.
+pub fn only(results: Vec<KvResult>) -> KvResult {
+    results
+        .into_iter()
+        .next()
+        .unwrap_or(Err(KvError::Malformed))
+}
+
 /// One page of a scan: the pairs and where to resume (empty when done).
 pub type ScanPage = (Vec<KeyValue>, Vec<u8>);
 
@@ -254,8 +262,8 @@ impl KvState {
         Ok(Ok((records, true)))
     }
 
-    fn session(&self, client: u64) -> anyhow::Result<ClientSession> {
-        Ok(match self.store().get(&session_key(client))? {
+    fn session(&self, client: u64, batch: &ApplyBatch) -> anyhow::Result<ClientSession> {
+        Ok(match batch.get(&session_key(client))? {
             Some(raw) => ClientSession::decode(raw.as_slice())?,
             None => ClientSession::default(),
         })
@@ -279,17 +287,17 @@ impl KvState {
         key: &[u8],
         id: Option<RequestId>,
         batch: &mut ApplyBatch,
-        write: impl FnOnce(&SmStore, &mut ApplyBatch) -> anyhow::Result<Reply>,
+        write: impl FnOnce(&mut ApplyBatch) -> anyhow::Result<Reply>,
     ) -> anyhow::Result<KvResult> {
         if let Err(e) = self.serving_range(key) {
             return Ok(Err(e));
         }
         let id = id.unwrap_or_default();
         if id.client_id == 0 {
-            let reply = write(self.store(), batch)?;
+            let reply = write(batch)?;
             return Ok(Ok(KvReply { reply: Some(reply) }));
         }
-        let mut session = self.session(id.client_id)?;
+        let mut session = self.session(id.client_id, batch)?;
         if id.seq < session.first_incomplete {
             return Ok(Err(KvError::Superseded { seq: id.seq }));
         }
@@ -306,7 +314,7 @@ impl KvState {
             }));
         }
         let reply = KvReply {
-            reply: Some(write(self.store(), batch)?),
+            reply: Some(write(batch)?),
         };
         session.entries.push(SessionEntry {
             seq: id.seq,
@@ -325,19 +333,19 @@ impl KvState {
     ) -> anyhow::Result<KvResult> {
         let done = Ok(Ok(KvReply::default()));
         match command {
-            Command::Put(r) => self.client_write(index, &r.key, r.id, batch, |_, batch| {
+            Command::Put(r) => self.client_write(index, &r.key, r.id, batch, |batch| {
                 batch.put(data_key(&r.key), r.value);
                 Ok(Reply::Put(PutReply {}))
             }),
-            Command::Delete(r) => self.client_write(index, &r.key, r.id, batch, |store, batch| {
+            Command::Delete(r) => self.client_write(index, &r.key, r.id, batch, |batch| {
                 let key = data_key(&r.key);
-                let existed = store.get(&key)?.is_some();
+                let existed = batch.get(&key)?.is_some();
                 batch.delete(key);
                 Ok(Reply::Delete(DeleteReply { existed }))
             }),
-            Command::Cas(r) => self.client_write(index, &r.key, r.id, batch, |store, batch| {
+            Command::Cas(r) => self.client_write(index, &r.key, r.id, batch, |batch| {
                 let key = data_key(&r.key);
-                let current = store.get(&key)?;
+                let current = batch.get(&key)?;
                 if current != r.expected {
                     return Ok(Reply::Cas(CompareAndSwapReply {
                         swapped: false,
@@ -359,6 +367,8 @@ impl KvState {
                 self.apply_config(next, batch);
                 done
             }
+            // Only `apply` unpacks client writes, one level deep.
+            Command::Writes(_) => Ok(Err(KvError::Malformed)),
             Command::Install(chunk) => {
                 let range = chunk.range.unwrap_or_default();
                 let Some(h) = self.find_held(RangeState::Pulling, chunk.config_num, &range) else {
@@ -462,7 +472,7 @@ impl KvState {
         };
         let client = u64::from_be_bytes(client);
         let incoming = ClientSession::decode(record.value.as_slice())?;
-        let mut session = self.session(client)?;
+        let mut session = self.session(client, batch)?;
         session.first_incomplete = session.first_incomplete.max(incoming.first_incomplete);
         for entry in incoming.entries {
             if !session.entries.iter().any(|e| e.seq == entry.seq) {
@@ -581,19 +591,34 @@ pub fn held_ranges(gid: u64, prev: &Config, next: &Config) -> Vec<HeldRange> {
 }
 
 impl StateMachine for KvState {
-    type Response = KvResult;
+    /// One result per client write of a `ClientWrites` command, else one result.
+    type Response = Vec<KvResult>;
 
-    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> KvResult {
+    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> Vec<KvResult> {
         let Some(command) = KvCommand::decode(command).ok().and_then(|c| c.command) else {
-            return Err(KvError::Malformed);
+            return vec![Err(KvError::Malformed)];
         };
         if index.is_multiple_of(SESSION_SWEEP_EVERY) {
             self.sweep_sessions(index, batch)
                 .expect("storage failure while expiring sessions");
         }
         // A storage failure here cannot be answered deterministically: stop the node.
-        self.apply_command(index, command, batch)
-            .expect("storage failure while applying a command")
+        let mut run = |command| {
+            self.apply_command(index, command, batch)
+                .expect("storage failure while applying a command")
+        };
+        match command {
+            // In order, each seeing the ones before it (through the batch).
+            Command::Writes(writes) => writes
+                .writes
+                .into_iter()
+                .map(|write| match write.command {
+                    Some(c @ (Command::Put(_) | Command::Delete(_) | Command::Cas(_))) => run(c),
+                    _ => Err(KvError::Malformed),
+                })
+                .collect(),
+            command => vec![run(command)],
+        }
     }
 
     fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {
@@ -613,7 +638,10 @@ impl StateMachine for KvState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Group, InstallChunk, Node, PutRequest, RangeAssignment};
+    use crate::proto::{
+        ClientWrites, CompareAndSwapRequest, DeleteRequest, Group, InstallChunk, Node, PutRequest,
+        RangeAssignment,
+    };
     use crate::storage::{Engine, Identity};
 
     /// A kv state on a fresh store; commands are applied as the driver does.
@@ -648,15 +676,22 @@ mod tests {
         }
 
         fn apply(&mut self, command: Command) -> KvResult {
+            let mut results = self.apply_entry(command);
+            assert_eq!(results.len(), 1);
+            results.pop().unwrap()
+        }
+
+        /// Applies `command` as one log entry: its results, one per client write.
+        fn apply_entry(&mut self, command: Command) -> Vec<KvResult> {
             self.index += 1;
             let mut batch = self.store.batch();
             let encoded = KvCommand {
                 command: Some(command),
             }
             .encode_to_vec();
-            let result = self.state.apply(self.index, &encoded, &mut batch);
+            let results = self.state.apply(self.index, &encoded, &mut batch);
             self.store.commit(batch, (self.index, 1), None).unwrap();
-            result
+            results
         }
 
         /// Applies an internal command, which always succeeds.
@@ -728,6 +763,89 @@ mod tests {
             })
         );
         assert_eq!(h.get("k").as_deref(), Some(&b"fill"[..]));
+    }
+
+    #[test]
+    fn writes_of_one_entry_apply_in_order_and_each_sees_the_ones_before() {
+        let mut h = Harness::new(1);
+        h.exec(Command::Config(config(1, &["n"], &[1, 2])));
+        let cas = |expected: &[u8], value: &[u8], seq| {
+            Command::Cas(CompareAndSwapRequest {
+                key: b"k".to_vec(),
+                expected: Some(expected.to_vec()),
+                value: Some(value.to_vec()),
+                id: id(7, seq, 1),
+            })
+        };
+        let writes = vec![
+            Command::Put(PutRequest {
+                key: b"k".to_vec(),
+                value: b"a".to_vec(),
+                id: id(7, 1, 1),
+            }),
+            cas(b"a", b"b", 2),
+            // The same seq again (a retry in the same entry): the first reply, no effect.
+            cas(b"a", b"b", 2),
+            cas(b"a", b"c", 3),
+            Command::Delete(DeleteRequest {
+                key: b"k".to_vec(),
+                id: id(7, 4, 1),
+            }),
+            // Group 2 serves [n, ..): refused, and the rest still applies.
+            Command::Delete(DeleteRequest {
+                key: b"z".to_vec(),
+                id: id(7, 5, 1),
+            }),
+            Command::Config(config(2, &[], &[1])),
+            Command::Put(PutRequest {
+                key: b"j".to_vec(),
+                value: b"after".to_vec(),
+                id: id(7, 6, 1),
+            }),
+        ];
+        let results = h.apply_entry(Command::Writes(ClientWrites {
+            writes: writes
+                .into_iter()
+                .map(|c| KvCommand { command: Some(c) })
+                .collect(),
+        }));
+        let swapped = |swapped, current: &[u8]| {
+            Ok(KvReply {
+                reply: Some(Reply::Cas(CompareAndSwapReply {
+                    swapped,
+                    found: true,
+                    current: current.to_vec(),
+                })),
+            })
+        };
+        let put = Ok(KvReply {
+            reply: Some(Reply::Put(PutReply {})),
+        });
+        assert_eq!(
+            results,
+            vec![
+                put.clone(),
+                swapped(true, b"b"),
+                swapped(true, b"b"),
+                swapped(false, b"b"),
+                Ok(KvReply {
+                    reply: Some(Reply::Delete(DeleteReply { existed: true })),
+                }),
+                Err(KvError::WrongGroup { config_num: 1 }),
+                Err(KvError::Malformed),
+                put,
+            ]
+        );
+        assert_eq!(h.get("k"), None);
+        assert_eq!(h.get("j").as_deref(), Some(&b"after"[..]));
+        assert_eq!(
+            h.state.config().num,
+            1,
+            "a config inside a batch is refused"
+        );
+        // The session remembered every seq: a later retry is answered, not reapplied.
+        assert_eq!(h.apply(cas(b"a", b"b", 2)), swapped(true, b"b"));
+        assert_eq!(h.get("k"), None);
     }
 
     #[test]

@@ -4,6 +4,8 @@ use crate::proto::{Config, Group, KeyRange, RangeAssignment};
 
 /// Largest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 4096;
+/// Most requests in one Batch call.
+pub const MAX_BATCH_OPS: usize = 1024;
 
 impl KeyRange {
     /// The whole key space.

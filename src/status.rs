@@ -4,7 +4,9 @@
 //! The details follow the gRPC richer error model: a `google.rpc.Status` whose
 //! `details` hold the `ErrorDetail` as an `Any`, so grpcurl prints it too.
 
-use crate::proto::{error_detail::Kind, ErrorDetail, InvalidArgument, NotLeader, WrongGroup};
+use crate::proto::{
+    error_detail::Kind, ErrorDetail, InvalidArgument, NotLeader, OpStatus, WrongGroup,
+};
 use crate::replica::ReplicaError;
 use prost::Message;
 use tonic::{Code, Status};
@@ -88,6 +90,20 @@ pub fn detail(status: &Status) -> Option<Kind> {
     ErrorDetail::decode(any.value.as_slice()).ok()?.kind
 }
 
+/// A status as one op's result in a Batch reply.
+pub fn to_op(status: &Status) -> OpStatus {
+    OpStatus {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        details: status.details().to_vec(),
+    }
+}
+
+/// The status one op of a Batch failed with, as if it had been called alone.
+pub fn from_op(op: OpStatus) -> Status {
+    Status::with_details(Code::from(op.code), op.message, op.details.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +130,8 @@ mod tests {
             other => panic!("unexpected detail {other:?}"),
         }
         assert!(detail(&Status::internal("x")).is_none());
+        let back = from_op(to_op(&s));
+        assert_eq!((back.code(), back.message()), (s.code(), s.message()));
+        assert!(matches!(detail(&back), Some(Kind::InvalidArgument(_))));
     }
 }

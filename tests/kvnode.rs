@@ -7,11 +7,14 @@ use common::{
     describe_node, expect_within, recorded_random_op, rpc, DetailKind, KvCluster, KvOptions,
     KvTestClient,
 };
+use shardkv::proto::batch_op::Op as BatchOpKind;
+use shardkv::proto::batch_result::Result as BatchOpResult;
 use shardkv::proto::{
-    CompareAndSwapReply, CompareAndSwapRequest, Config, DeleteRequest, GetRequest, KeyRange,
-    KeyValue, PullRequest, PutRequest, RangeState, RequestId, ScanRequest,
+    BatchOp, BatchRequest, BatchResult, CompareAndSwapReply, CompareAndSwapRequest, Config,
+    DeleteRequest, GetRequest, KeyRange, KeyValue, PullRequest, PutRequest, RangeState, RequestId,
+    ScanRequest,
 };
-use shardkv::status::detail;
+use shardkv::status::{self, detail};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -580,6 +583,111 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     .await;
     r.expect("put with the id of a rejected put");
     assert_eq!(kv.get(b"k").await.expect("get"), Some(b"new".to_vec()));
+}
+
+/// One op's failure in a Batch reply, as the status the single call would return.
+fn op_status(result: &BatchResult) -> Result<(), Status> {
+    match &result.result {
+        Some(BatchOpResult::Error(e)) => Err(status::from_op(e.clone())),
+        Some(_) => Ok(()),
+        None => panic!("empty batch result"),
+    }
+}
+
+#[tokio::test]
+async fn batch_answers_each_request_on_its_own() {
+    let cluster = KvCluster::start(KvOptions {
+        max_value_bytes: Some(1024),
+        ..options(1, 2)
+    });
+    two_groups_with_splits(&cluster, &[b"n"]).await;
+    ensure_owner(&cluster, b"a", 1).await;
+    ensure_owner(&cluster, b"z", 2).await;
+    cluster.wait_settled(SETTLE_WAIT).await;
+    let leader = cluster.wait_leader(1, LEADER_WAIT).await;
+    let mut c = cluster.kv(1, leader);
+    let id = |seq| {
+        Some(RequestId {
+            client_id: 99,
+            seq,
+            first_incomplete: 1,
+        })
+    };
+    let put = |key: &[u8], value: &[u8], seq| BatchOp {
+        op: Some(BatchOpKind::Put(PutRequest {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            id: id(seq),
+        })),
+    };
+    let get = |key: &[u8]| BatchOp {
+        op: Some(BatchOpKind::Get(GetRequest { key: key.to_vec() })),
+    };
+    let ops = vec![
+        put(b"a", b"1", 1),
+        put(b"b", b"2", 2),
+        // The other group's key: WrongGroup for this op alone.
+        put(b"z", b"3", 3),
+        get(b"z"),
+        put(b"", b"4", 4),
+        put(b"c", &[b'v'; 1025], 5),
+        BatchOp {
+            op: Some(BatchOpKind::Cas(CompareAndSwapRequest {
+                key: b"a".to_vec(),
+                expected: Some(b"1".to_vec()),
+                value: Some(b"one".to_vec()),
+                id: id(6),
+            })),
+        },
+        BatchOp { op: None },
+        get(b"b"),
+    ];
+    let results = rpc(c.batch(BatchRequest { ops }))
+        .await
+        .expect("batch")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 9, "{results:?}");
+    for i in [0, 1, 6] {
+        op_status(&results[i]).unwrap_or_else(|e| panic!("op {i}: {e:?}"));
+    }
+    assert_wrong_group("batched put of z", op_status(&results[2]));
+    assert_wrong_group("batched get of z", op_status(&results[3]));
+    assert_invalid("batched put of an empty key", op_status(&results[4]), "key");
+    assert_invalid("batched 1025-byte value", op_status(&results[5]), "value");
+    assert_invalid("batched empty op", op_status(&results[7]), "op");
+    // The writes were applied in their order: the CAS saw the put before it.
+    match &results[6].result {
+        Some(BatchOpResult::Cas(r)) => assert!(r.swapped, "{r:?}"),
+        other => panic!("cas: {other:?}"),
+    }
+    let mut kv = cluster.client();
+    assert_eq!(kv.get(b"a").await.expect("get"), Some(b"one".to_vec()));
+    assert_eq!(kv.get(b"b").await.expect("get"), Some(b"2".to_vec()));
+    assert_eq!(kv.get(b"c").await.expect("get"), None);
+    assert_eq!(kv.get(b"z").await.expect("get"), None);
+
+    // Too many ops: the whole call is refused.
+    let ops = (0..1025).map(|_| get(b"a")).collect();
+    let r = rpc(c.batch(BatchRequest { ops })).await;
+    assert_invalid("a batch of 1025 ops", r, "ops");
+    // At a follower every op is answered NotLeader, with the leader's address.
+    let follower = (leader + 1) % 3;
+    let results = rpc(cluster.kv(1, follower).batch(BatchRequest {
+        ops: vec![get(b"a"), put(b"a", b"x", 7)],
+    }))
+    .await
+    .expect("batch at a follower")
+    .into_inner()
+    .results;
+    for result in &results {
+        let e = op_status(result).expect_err("a follower answered");
+        match detail(&e) {
+            Some(DetailKind::NotLeader(n)) => assert_eq!(n.leader_addr, cluster.addr(1, leader)),
+            other => panic!("expected NotLeader, got {other:?} ({e:?})"),
+        }
+    }
+    assert_eq!(kv.get(b"a").await.expect("get"), Some(b"one".to_vec()));
 }
 
 #[tokio::test]

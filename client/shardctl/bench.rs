@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// Client instances the tasks are spread over (each has its own connections).
     #[arg(long, default_value_t = 1)]
     clients: usize,
+    /// Batch calls in flight per server and client instance, each carrying the
+    /// requests waiting at the time (0: one call per request). Not used with --etcd.
+    #[arg(long, default_value_t = ClientOptions::default().batch_calls_per_server)]
+    batch_calls: usize,
     /// Measured run time in seconds (ignored with --ops).
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -107,6 +111,7 @@ impl Target {
         if args.etcd.is_empty() {
             let options = ClientOptions {
                 call_deadline: ctx.deadline(),
+                batch_calls_per_server: args.batch_calls,
                 ..ClientOptions::default()
             };
             Ok(Target::Shardkv(
@@ -252,6 +257,8 @@ struct Report {
     value_size: usize,
     concurrency: usize,
     clients: usize,
+    /// Batch calls per server and client (shardkv only; 0: one call per request).
+    batch_calls: usize,
     /// "shardkv", or "etcd" with `--etcd`.
     target: &'static str,
     seconds: f64,
@@ -415,6 +422,11 @@ fn report(args: &BenchArgs, seconds: f64, tally: Tally) -> Report {
         value_size: args.value_size,
         concurrency: args.concurrency,
         clients: args.clients,
+        batch_calls: if args.etcd.is_empty() {
+            args.batch_calls
+        } else {
+            0
+        },
         target: if args.etcd.is_empty() {
             "shardkv"
         } else {

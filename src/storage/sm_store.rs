@@ -6,7 +6,7 @@ use super::{decode_u64, sm_keyspace_name, Result, StorageError};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteBatch, Readable};
 use protobuf::Message as _;
 use raft::prelude::ConfState;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 /// Keys starting with this byte are the replica driver's; the state machine must not
@@ -24,8 +24,11 @@ pub struct SmStore {
 }
 
 /// Writes of one apply step, committed atomically together with the applied index.
+/// Reads through the batch ([`ApplyBatch::get`]) see its staged writes, so each of
+/// several commands applied in one step sees the effects of those before it.
 pub struct ApplyBatch {
-    batch: WriteBatch,
+    /// Key -> new value, or `None` for a removal. The last write of a key wins.
+    staged: HashMap<Vec<u8>, Option<Vec<u8>>>,
     keyspace: Keyspace,
 }
 
@@ -34,23 +37,22 @@ impl ApplyBatch {
     pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
         let key = key.into();
         debug_assert!(key.first() != Some(&RESERVED_PREFIX), "reserved key");
-        self.batch.insert(&self.keyspace, key, value.into());
+        self.staged.insert(key, Some(value.into()));
     }
 
     /// Stages the removal of `key`.
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
         let key = key.into();
         debug_assert!(key.first() != Some(&RESERVED_PREFIX), "reserved key");
-        self.batch.remove(&self.keyspace, key);
+        self.staged.insert(key, None);
     }
 
-    /// Number of staged writes.
-    pub fn len(&self) -> usize {
-        self.batch.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
+    /// Reads one state-machine key as it will be once this batch is committed.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.staged.get(key) {
+            Some(staged) => Ok(staged.clone()),
+            None => Ok(self.keyspace.get(key)?.map(|v| v.to_vec())),
+        }
     }
 }
 
@@ -94,7 +96,7 @@ impl SmStore {
     /// Starts a batch of state-machine writes.
     pub fn batch(&self) -> ApplyBatch {
         ApplyBatch {
-            batch: self.db.batch(),
+            staged: HashMap::new(),
             keyspace: self.keyspace(),
         }
     }
@@ -103,16 +105,23 @@ impl SmStore {
     /// change, the new conf state and peer address). Not fsynced: the Raft log is.
     pub(crate) fn commit(
         &self,
-        mut batch: ApplyBatch,
+        batch: ApplyBatch,
         applied: (u64, u64),
         conf: Option<(&ConfState, Option<(u64, &str)>)>,
     ) -> Result<()> {
-        let ks = batch.keyspace.clone();
-        stage_applied(&mut batch.batch, &ks, applied, conf.map(|(cs, _)| cs));
-        if let Some((_, Some((id, addr)))) = conf {
-            stage_peer(&mut batch.batch, &ks, id, addr);
+        let ks = batch.keyspace;
+        let mut writes = self.db.batch();
+        for (key, value) in batch.staged {
+            match value {
+                Some(value) => writes.insert(&ks, key, value),
+                None => writes.remove(&ks, key),
+            }
         }
-        batch.batch.commit()?;
+        stage_applied(&mut writes, &ks, applied, conf.map(|(cs, _)| cs));
+        if let Some((_, Some((id, addr)))) = conf {
+            stage_peer(&mut writes, &ks, id, addr);
+        }
+        writes.commit()?;
         Ok(())
     }
 
