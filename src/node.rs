@@ -84,6 +84,8 @@ pub struct Node<S: StateMachine> {
     /// enabled.
     pub faults: Option<Arc<Faults>>,
     pub faults_service: Option<FaultsServer<FaultsService>>,
+    /// Set on shutdown: ends the Raft streams peers hold open to this node.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl<S: StateMachine> Node<S> {
@@ -104,11 +106,13 @@ impl<S: StateMachine> Node<S> {
     /// Resolves on Ctrl-C, SIGTERM, or when the replica stops (removed from its group).
     pub fn shutdown(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let replica = self.replica.clone();
+        let stopping = self.stopping.clone();
         async move {
             tokio::select! {
                 _ = crate::server::shutdown_signal() => {}
                 _ = replica.stopped() => {}
             }
+            stopping.send_replace(true);
         }
     }
 
@@ -163,11 +167,13 @@ pub fn start<S: StateMachine>(
         events_tx.clone(),
         faults.clone(),
     );
+    let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let raft_service = RaftServer::new(RaftService::new(
         spec.group,
         events_tx,
         transport.clone(),
         sm_store.clone(),
+        stopping_rx,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let mut options = ReplicaOptions::new(spec.id, spec.group);
@@ -189,6 +195,7 @@ pub fn start<S: StateMachine>(
         faults,
         replica,
         raft_service,
+        stopping: Arc::new(stopping),
     })
 }
 

@@ -1,15 +1,19 @@
 //! Raft messages between the replicas of one group, over gRPC.
 //!
-//! Outbound: one task per peer drains a bounded queue and sends batches of messages;
-//! a full queue drops messages (Raft retransmits) and counts them; a failed send
-//! reports the peer unreachable to Raft and backs off. Snapshots are streamed on
-//! their own RPC in bounded chunks from a pinned engine snapshot.
+//! Outbound: one task per peer drains a bounded queue and writes batches of messages
+//! to one long-lived gRPC stream to that peer, without waiting for replies (so
+//! appends are pipelined, and a batch costs a frame rather than a call); a full
+//! queue drops messages (Raft retransmits) and counts them; a failed stream reports
+//! the peer unreachable to Raft, backs off and opens another. HTTP/2 keepalive
+//! notices a peer that stopped answering. Snapshots are streamed on their own RPC in
+//! bounded chunks from a pinned engine snapshot.
 //!
 //! Test-only: with fault injection enabled ([`crate::faults`]), each outbound batch
 //! and snapshot first asks the fault table whether to send, drop or delay it.
 //!
 //! Inbound: [`RaftService`] hands messages to the replica driver through a bounded
-//! channel, and writes a received snapshot into a staging generation of the
+//! channel (ending its streams when the node shuts down, so shutdown is not held
+//! up by peers), and writes a received snapshot into a staging generation of the
 //! state-machine store before handing its Raft message to the driver.
 
 use crate::faults::{Faults, Verdict};
@@ -24,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
@@ -34,6 +38,12 @@ const PEER_QUEUE: usize = 4096;
 /// Messages and bytes sent in one RPC at most.
 const MAX_BATCH_MESSAGES: usize = 512;
 const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Batches written to a peer's stream ahead of the network.
+const STREAM_BUFFER: usize = 64;
+/// Interval of HTTP/2 pings on a message stream, and how long one may go unanswered.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+/// A stream that failed after living this long starts its backoff afresh.
+const HEALTHY_STREAM: Duration = Duration::from_secs(2);
 /// Size of one snapshot chunk.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Largest gRPC message the Raft service accepts (a batch or a chunk, with slack for
@@ -63,6 +73,7 @@ pub enum NetEvent {
 struct Peer {
     addr: String,
     queue: mpsc::Sender<Message>,
+    /// For snapshots (the message stream has a connection of its own).
     channel: Channel,
 }
 
@@ -112,20 +123,26 @@ impl Transport {
             return;
         }
         let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(5))
-                .tcp_nodelay(true),
+            Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
             Err(_) => return,
         };
         let _guard = self.runtime.enter();
-        let channel = endpoint.connect_lazy();
+        let channel = endpoint
+            .clone()
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        // No call timeout: the stream lives as long as the connection does.
+        let stream_channel = endpoint
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
         let (queue, rx) = mpsc::channel(PEER_QUEUE);
         self.runtime.spawn(send_loop(
             self.group,
             self.me.clone(),
             (id, addr.to_owned()),
-            channel.clone(),
+            stream_channel,
             rx,
             self.events.clone(),
             self.faults.clone(),
@@ -224,49 +241,74 @@ async fn send_loop(
             .build()
     };
     let mut backoff = new_backoff();
+    // A stream is opened when there is something to send, and lives until it fails.
     while let Some(first) = queue.recv().await {
-        let mut messages = vec![first.write_to_bytes().expect("encode")];
-        let mut bytes = messages[0].len();
-        while messages.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
-            match queue.try_recv() {
-                Ok(m) => {
-                    let raw = m.write_to_bytes().expect("encode");
-                    bytes += raw.len();
-                    messages.push(raw);
+        let (batches, outgoing) = mpsc::channel(STREAM_BUFFER);
+        let mut call = std::pin::pin!(client.send(ReceiverStream::new(outgoing)));
+        let opened = std::time::Instant::now();
+        let mut next = Some(first);
+        loop {
+            let first = match next.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                    m = queue.recv() => match m {
+                        Some(m) => m,
+                        None => return,
+                    },
+                    // Only a failure (or the peer stopping) ends the call.
+                    _ = &mut call => break,
+                },
+            };
+            let batch = RaftBatch {
+                group,
+                messages: take_batch(first, &mut queue),
+                from: me.0,
+                from_addr: me.1.clone(),
+            };
+            if let Some(faults) = &faults {
+                match faults.decide(&peer_addr) {
+                    Verdict::Send => {}
+                    // Lost on the way: Raft retransmits.
+                    Verdict::Lost => continue,
+                    // A cut link fails like an unreachable peer.
+                    Verdict::Blocked => {
+                        let _ = events.try_send(NetEvent::Unreachable(peer));
+                        continue;
+                    }
+                    Verdict::Delay(d) => tokio::time::sleep(d).await,
                 }
-                Err(_) => break,
+            }
+            tokio::select! {
+                sent = batches.send(batch) => if sent.is_err() { break },
+                _ = &mut call => break,
             }
         }
-        let batch = RaftBatch {
-            group,
-            messages,
-            from: me.0,
-            from_addr: me.1.clone(),
-        };
-        if let Some(faults) = &faults {
-            match faults.decide(&peer_addr) {
-                Verdict::Send => {}
-                // Lost on the way: Raft retransmits.
-                Verdict::Lost => continue,
-                // A cut link fails like an unreachable peer.
-                Verdict::Blocked => {
-                    let _ = events.try_send(NetEvent::Unreachable(peer));
-                    continue;
-                }
-                Verdict::Delay(d) => tokio::time::sleep(d).await,
-            }
+        let _ = events.try_send(NetEvent::Unreachable(peer));
+        if opened.elapsed() >= HEALTHY_STREAM {
+            backoff = new_backoff();
         }
-        match client.send(batch).await {
-            Ok(_) => backoff = new_backoff(),
-            Err(_) => {
-                let _ = events.try_send(NetEvent::Unreachable(peer));
-                let delay = backoff.next().unwrap_or(Duration::from_secs(1));
-                tokio::time::sleep(delay).await;
-                // Messages that waited out the backoff are stale; Raft resends.
-                while queue.try_recv().is_ok() {}
+        let delay = backoff.next().unwrap_or(Duration::from_secs(1));
+        tokio::time::sleep(delay).await;
+        // Messages that waited out the backoff are stale; Raft resends.
+        while queue.try_recv().is_ok() {}
+    }
+}
+
+/// `first` and whatever else is queued, encoded, up to the batch limits.
+fn take_batch(first: Message, queue: &mut mpsc::Receiver<Message>) -> Vec<Vec<u8>> {
+    let mut messages = vec![first.write_to_bytes().expect("encode")];
+    let mut bytes = messages[0].len();
+    while messages.len() < MAX_BATCH_MESSAGES && bytes < MAX_BATCH_BYTES {
+        match queue.try_recv() {
+            Ok(m) => {
+                let raw = m.write_to_bytes().expect("encode");
+                bytes += raw.len();
+                messages.push(raw);
             }
+            Err(_) => break,
         }
     }
+    messages
 }
 
 async fn stream_snapshot(
@@ -323,6 +365,8 @@ pub struct RaftService {
     store: SmStore,
     /// One snapshot is received at a time.
     receiving: tokio::sync::Mutex<()>,
+    /// Becomes true when the node shuts down: message streams end then.
+    stopping: watch::Receiver<bool>,
 }
 
 impl RaftService {
@@ -331,6 +375,7 @@ impl RaftService {
         events: mpsc::Sender<NetEvent>,
         transport: Arc<Transport>,
         store: SmStore,
+        stopping: watch::Receiver<bool>,
     ) -> RaftService {
         RaftService {
             group,
@@ -338,6 +383,7 @@ impl RaftService {
             transport,
             store,
             receiving: tokio::sync::Mutex::new(()),
+            stopping,
         }
     }
 
@@ -359,15 +405,28 @@ fn decode_message(raw: &[u8]) -> Result<Message, Status> {
 
 #[tonic::async_trait]
 impl Raft for RaftService {
-    async fn send(&self, request: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
-        let batch = request.into_inner();
-        self.check_group(batch.group)?;
-        self.transport.learn_peer(batch.from, &batch.from_addr);
-        for raw in &batch.messages {
-            let msg = decode_message(raw)?;
-            if self.events.try_send(NetEvent::Message(msg)).is_err() {
-                // The driver is overloaded or stopped: drop, Raft retransmits.
-                break;
+    async fn send(
+        &self,
+        request: Request<Streaming<RaftBatch>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        let mut stopping = self.stopping.clone();
+        loop {
+            let batch = tokio::select! {
+                batch = stream.message() => match batch? {
+                    Some(batch) => batch,
+                    None => break,
+                },
+                _ = stopping.wait_for(|s| *s) => break,
+            };
+            self.check_group(batch.group)?;
+            self.transport.learn_peer(batch.from, &batch.from_addr);
+            for raw in &batch.messages {
+                let msg = decode_message(raw)?;
+                if self.events.try_send(NetEvent::Message(msg)).is_err() {
+                    // The driver is overloaded or stopped: drop, Raft retransmits.
+                    break;
+                }
             }
         }
         Ok(Response::new(RaftAck {}))
