@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The BENCHMARKS.md matrix: write-only and read-only workloads at 1, 16, 64 and 256
+# The BENCHMARKS.md matrix: write-only and read-only workloads (or $WORKLOADS, keys
+# chosen $DISTRIBUTION) at 1, 16, 64 and 256
 # concurrent requests, 100-byte values over 100k keys, against a running shardkv
 # playground and (if ETCD is set) a running etcd cluster. One JSON report per line
 # goes to $OUT (default bench-results.jsonl).
@@ -12,6 +13,8 @@ OUT=${OUT:-bench-results.jsonl}
 DURATION=${DURATION:-20}
 KEYS=${KEYS:-100000}
 CONCURRENCY=${CONCURRENCY:-"1 16 64 256"}
+WORKLOADS=${WORKLOADS:-"write-only read-only"}
+DISTRIBUTION=${DISTRIBUTION:-uniform}
 targets=("shardkv")
 if [ -n "${ETCD:-}" ]; then targets+=("etcd"); fi
 : >"$OUT"
@@ -21,11 +24,11 @@ for target in "${targets[@]}"; do
   # Load every key once so reads find data.
   "$SHARDCTL" bench "${extra[@]}" --workload write-only --keys "$KEYS" --preload \
     --concurrency 64 --clients 4 --duration 1 --warmup 0 >/dev/null
-  for workload in write-only read-only; do
+  for workload in $WORKLOADS; do
     for c in $CONCURRENCY; do
       clients=$(( c < 4 ? c : 4 ))
       "$SHARDCTL" --output json bench "${extra[@]}" --workload "$workload" --keys "$KEYS" \
-        --value-size 100 --concurrency "$c" --clients "$clients" \
+        --value-size 100 --distribution "$DISTRIBUTION" --concurrency "$c" --clients "$clients" \
         --duration "$DURATION" --warmup 3 | tr -d '\n' >>"$OUT"
       echo >>"$OUT"
       echo "$target $workload c=$c done" >&2
