@@ -173,3 +173,60 @@ async fn refused_requests_exit_non_zero_and_json_output_parses() {
     assert_eq!(s["groups"][0]["nodes"][0]["role"], "leader", "{s}");
     json(&["scan"], 0);
 }
+
+#[tokio::test]
+async fn move_with_wait_returns_once_the_new_owner_serves_the_data() {
+    let cluster = KvCluster::start(KvOptions {
+        masters: 1,
+        groups: 2,
+        replicas: 1,
+        ..Default::default()
+    });
+    cluster.join(&[1]).await;
+    cluster.wait_settled(Duration::from_secs(60)).await;
+    let masters = cluster.masters().addrs().join(",");
+    let run = |args: &[&str]| shardctl(&masters, args, RUN_LIMIT);
+    for i in 0..50 {
+        let ran = run(&["put", &format!("k{i:03}"), &"v".repeat(10_000)]);
+        assert_code("put", &ran, 0);
+    }
+    cluster.join(&[2]).await;
+    let config = cluster.wait_settled(Duration::from_secs(60)).await;
+    let dest = if config.owner(b"k000").1 == 1 { 2 } else { 1 };
+
+    let ran = run(&[
+        "--output",
+        "json",
+        "move",
+        "k000",
+        &dest.to_string(),
+        "--wait",
+    ]);
+    assert_code("move --wait", &ran, 0);
+    let out: serde_json::Value = serde_json::from_str(&ran.stdout).expect("JSON");
+    assert!(out["arrived_after_secs"].as_f64().is_some(), "{out}");
+    // Returned means arrived: the new owner serves the range now, without waiting.
+    let status = common::rpc(
+        cluster
+            .kv(dest, 0)
+            .node_status(shardkv::proto::NodeStatusRequest {}),
+    )
+    .await
+    .expect("node status")
+    .into_inner();
+    let held = status
+        .ranges
+        .iter()
+        .find(|h| h.range.as_ref().is_some_and(|r| r.contains(b"k000")))
+        .expect("the new owner holds the range");
+    assert_eq!(
+        held.state(),
+        shardkv::proto::RangeState::Serving,
+        "{held:?}"
+    );
+    let ran = run(&["get", "k049"]);
+    assert_eq!(ran.stdout.trim().len(), 10_000, "{}", ran.describe());
+
+    let ran = run(&["--timeout", "5", "move", "k000", "99", "--wait"]);
+    assert_error("move --wait to an unknown gid", &ran, &["99"]);
+}

@@ -1,5 +1,6 @@
 //! Admin commands: change the shard master's configuration (groups, members,
-//! ranges), and wait for a leaving group to hand over its data.
+//! ranges), and wait for a leaving group to hand over its data or for a moved
+//! range to arrive.
 
 use crate::output::{self, print_json, ConfigJson, Output};
 use crate::Ctx;
@@ -12,8 +13,8 @@ use shardkv::client::master::MasterClient;
 use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
-    Config, ConfigReply, Group, JoinRequest, LeaveRequest, MoveRequest, Node, NodeStatusRequest,
-    RequestId, SplitRequest,
+    Config, ConfigReply, Group, JoinRequest, LeaveRequest, MoveRequest, Node, NodeStatusReply,
+    NodeStatusRequest, RangeState, RequestId, SplitRequest,
 };
 use std::future::Future;
 use std::process::ExitCode;
@@ -21,9 +22,9 @@ use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
-/// How long `leave` waits for the group's data when --timeout is not given.
-const DEFAULT_LEAVE_WAIT: Duration = Duration::from_secs(600);
-/// Between two looks at the leaving group's nodes.
+/// How long `leave` and `move --wait` wait for data when --timeout is not given.
+const DEFAULT_DATA_WAIT: Duration = Duration::from_secs(600);
+/// Between two looks at a group's nodes.
 const POLL_EVERY: Duration = Duration::from_millis(250);
 
 #[derive(Subcommand, Debug)]
@@ -72,6 +73,10 @@ pub struct MoveArgs {
     key: String,
     /// The group to give the range to.
     gid: u64,
+    /// Return once the new owner has all of the range's data and serves it (shows
+    /// progress; up to --timeout, default 600 s).
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Args, Debug)]
@@ -111,7 +116,31 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
             .await?;
             let (range, _) = config.owner(a.key.as_bytes());
             let what = format!("range {range} now belongs to group {}", a.gid);
-            report(ctx, &config, &what)?;
+            if !a.wait {
+                report(ctx, &config, &what)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if ctx.output() == Output::Table {
+                outln!("{what} in configuration {}", config.num);
+            }
+            let nodes = config
+                .group(a.gid)
+                .map(|g| g.nodes.clone())
+                .unwrap_or_default();
+            let wait = ctx.timeout_or(DEFAULT_DATA_WAIT);
+            let took = wait_until_served(a.key.as_bytes(), &nodes, config.num, wait).await?;
+            match ctx.output() {
+                Output::Json => print_json(&serde_json::json!({
+                    "message": what,
+                    "config": ConfigJson::from(&config),
+                    "arrived_after_secs": took.as_secs_f64(),
+                }))?,
+                Output::Table => outln!(
+                    "group {} serves the range with all of its data ({:.1} s)",
+                    a.gid,
+                    took.as_secs_f64()
+                ),
+            }
         }
         Command::Split(a) => {
             let request = SplitRequest {
@@ -233,7 +262,7 @@ async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result
     if ctx.output() == Output::Table {
         outln!("{message}");
     }
-    let wait = ctx.timeout_or(DEFAULT_LEAVE_WAIT);
+    let wait = ctx.timeout_or(DEFAULT_DATA_WAIT);
     let outcome = wait_until_empty(a.gid, &nodes, config.num, wait).await?;
     match ctx.output() {
         Output::Json => print_json(&serde_json::json!({
@@ -274,15 +303,7 @@ async fn wait_until_empty(
     wait: Duration,
 ) -> anyhow::Result<Drained> {
     let started = Instant::now();
-    let channels: Vec<Channel> = nodes
-        .iter()
-        .map(|n| {
-            Ok(Endpoint::from_shared(format!("http://{}", n.addr))?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(2))
-                .connect_lazy())
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let channels = node_channels(nodes)?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -295,12 +316,8 @@ async fn wait_until_empty(
     let mut first = true;
     loop {
         let views = join_all(channels.iter().map(|c| async move {
-            match KvClient::new(c.clone())
-                .node_status(NodeStatusRequest {})
-                .await
-            {
+            match node_status(c).await {
                 Ok(r) => {
-                    let r = r.into_inner();
                     let mut states: Vec<&str> = r
                         .ranges
                         .iter()
@@ -368,6 +385,82 @@ async fn wait_until_empty(
                 "group {gid} left the configuration, but still holds data after {:?}: {detail} \
                  (the transfer goes on; watch it with `shardctl status`)",
                 wait
+            );
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+fn node_channels(nodes: &[Node]) -> anyhow::Result<Vec<Channel>> {
+    nodes
+        .iter()
+        .map(|n| {
+            Ok(Endpoint::from_shared(format!("http://{}", n.addr))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .connect_lazy())
+        })
+        .collect()
+}
+
+async fn node_status(channel: &Channel) -> Result<NodeStatusReply, Status> {
+    let reply = KvClient::new(channel.clone())
+        .node_status(NodeStatusRequest {})
+        .await?;
+    Ok(reply.into_inner())
+}
+
+/// Polls the nodes of a range's new owner until one of them (a committed state) has
+/// configuration `num` or later and serves the range holding `key`; returns how long
+/// that took.
+async fn wait_until_served(
+    key: &[u8],
+    nodes: &[Node],
+    num: u64,
+    wait: Duration,
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let channels = node_channels(nodes)?;
+    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] waiting for the range's data  {msg}",
+    )?);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    loop {
+        let views = join_all(channels.iter().map(node_status)).await;
+        let mut parts = Vec::new();
+        let mut served = false;
+        for (node, view) in nodes.iter().zip(&views) {
+            let text = match view {
+                Err(e) => output::unreachable_label(&output::call_error_text(e)).to_owned(),
+                Ok(r) if r.config_num < num => format!("at configuration {}", r.config_num),
+                Ok(r) => {
+                    let held = r
+                        .ranges
+                        .iter()
+                        .find(|h| h.range.as_ref().is_some_and(|range| range.contains(key)));
+                    match held.map(|h| h.state()) {
+                        Some(RangeState::Serving) => {
+                            served = true;
+                            "serving".to_owned()
+                        }
+                        Some(state) => output::state_text(state).to_owned(),
+                        None => "not holding it".to_owned(),
+                    }
+                }
+            };
+            parts.push(format!("node {}: {text}", node.id));
+        }
+        if served {
+            bar.finish_and_clear();
+            return Ok(started.elapsed());
+        }
+        bar.set_message(parts.join(", "));
+        if started.elapsed() >= wait {
+            bar.abandon();
+            anyhow::bail!(
+                "the range has not arrived after {wait:?} ({}); the transfer goes on: \
+                 watch it with `shardctl status`",
+                parts.join(", ")
             );
         }
         tokio::time::sleep(POLL_EVERY).await;

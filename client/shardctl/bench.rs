@@ -90,6 +90,10 @@ pub struct BenchArgs {
     /// Write every key once before the run (needed for reads to find data).
     #[arg(long)]
     preload: bool,
+    /// Keys start with one of these (default: the letters a..z), e.g. to load one
+    /// range, or to load every range but one.
+    #[arg(long, value_delimiter = ',')]
+    prefixes: Vec<String>,
     /// Seed of the key and operation choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -199,17 +203,10 @@ fn etcd_error_kind(s: &tonic::Status) -> String {
     format!("etcd-{:?}", s.code()).to_lowercase()
 }
 
-/// Key `i` of the run. Keys start with a letter a..z picked from `i`, so they spread
-/// over a key space split at letters (the playground splits at g, n and t) instead of
-/// all landing in one range.
-fn key(i: u64) -> Vec<u8> {
-    let letter = b'a' + ((i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 26) as u8;
-    format!("{}/bench/{i:012}", letter as char).into_bytes()
-}
-
 struct KeyPicker {
     keys: u64,
     zipf: Option<rand_distr::Zipf<f64>>,
+    prefixes: Vec<String>,
 }
 
 impl KeyPicker {
@@ -221,10 +218,29 @@ impl KeyPicker {
                 Some(rand_distr::Zipf::new(args.keys as f64, args.zipf_exponent)?)
             }
         };
+        let prefixes = if args.prefixes.is_empty() {
+            (b'a'..=b'z').map(|c| char::from(c).to_string()).collect()
+        } else {
+            args.prefixes.clone()
+        };
+        anyhow::ensure!(
+            prefixes.iter().all(|p| !p.is_empty()),
+            "--prefixes must not contain an empty prefix"
+        );
         Ok(KeyPicker {
             keys: args.keys,
             zipf,
+            prefixes,
         })
+    }
+
+    /// Key `i` of the run: under one of the prefixes, picked from `i`. By default
+    /// the prefixes are the letters a..z, so keys spread over a key space split at
+    /// letters (the playground splits at g, n and t) instead of landing in one range.
+    fn key(&self, i: u64) -> Vec<u8> {
+        let hash = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+        let prefix = &self.prefixes[(hash % self.prefixes.len() as u64) as usize];
+        format!("{prefix}/bench/{i:012}").into_bytes()
     }
 
     fn pick(&self, rng: &mut impl Rng) -> u64 {
@@ -280,7 +296,7 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let value = vec![b'v'; args.value_size];
     if args.preload {
-        preload(&clients, &args, &value).await?;
+        preload(&clients, &args, &picker, &value).await?;
     }
     let counted = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -297,7 +313,7 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             while !stop.load(Ordering::Relaxed) {
-                let k = key(picker.pick(&mut rng));
+                let k = picker.key(picker.pick(&mut rng));
                 let op = if rng.random_bool(read_ratio) {
                     Op::Get
                 } else {
@@ -325,8 +341,13 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let bar = progress(&args);
     let limit = Duration::from_secs_f64(args.duration);
+    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     while !stop.load(Ordering::Relaxed) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            // Ctrl-C ends the run early; what was measured is still reported.
+            _ = &mut interrupted => stop.store(true, Ordering::Relaxed),
+        }
         let done = counted.load(Ordering::Relaxed);
         match args.ops {
             Some(_) => bar.set_position(done),
@@ -354,7 +375,12 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Writes every key once, `concurrency` at a time.
-async fn preload(clients: &[Target], args: &BenchArgs, value: &[u8]) -> anyhow::Result<()> {
+async fn preload(
+    clients: &[Target],
+    args: &BenchArgs,
+    picker: &Arc<KeyPicker>,
+    value: &[u8],
+) -> anyhow::Result<()> {
     let bar = ProgressBar::new(args.keys).with_message("preloading");
     bar.set_style(ProgressStyle::with_template(
         "{msg} {bar:40} {pos}/{len} ({eta})",
@@ -364,6 +390,7 @@ async fn preload(clients: &[Target], args: &BenchArgs, value: &[u8]) -> anyhow::
     for t in 0..args.concurrency {
         let client = clients[t % clients.len()].clone();
         let (next, bar, value, keys) = (next.clone(), bar.clone(), value.to_vec(), args.keys);
+        let picker = picker.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -371,7 +398,7 @@ async fn preload(clients: &[Target], args: &BenchArgs, value: &[u8]) -> anyhow::
                     return Ok::<(), anyhow::Error>(());
                 }
                 client
-                    .run(Op::Put, &key(i), &value)
+                    .run(Op::Put, &picker.key(i), &value)
                     .await
                     .map_err(|kind| anyhow::anyhow!("preloading failed: {kind}"))?;
                 bar.inc(1);

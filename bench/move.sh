@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Time to move a range holding SIZE_MB (default 1024) of data between the groups of a
+# fresh playground, and the latency of requests to the other ranges meanwhile.
+#   bench/move.sh                      # binaries from target/release
+#   BIN=/path/to/bin SIZE_MB=256 bench/move.sh
+# Prints the move's duration and the bench report (JSON) of the other ranges' load.
+set -euo pipefail
+bin=$(cd "${BIN:-target/release}" && pwd)
+size_mb=${SIZE_MB:-1024}
+value_size=10000
+keys=$((size_mb * 1024 * 1024 / value_size))
+dir=$(mktemp -d -t shardkv-move-XXXX)
+cd "$dir"
+"$bin/shardctl" playground >pg.log 2>&1 &
+playground=$!
+trap 'kill -INT $playground 2>/dev/null || true; wait $playground || true; rm -rf "$dir"' EXIT
+for _ in $(seq 1 60); do grep -q 'is up' pg.log && break; sleep 1; done
+# The playground splits at g, n and t: load [g, n) through the prefix "h".
+"$bin/shardctl" bench --workload write-only --prefixes h --keys "$keys" \
+  --value-size "$value_size" --preload --concurrency 32 --clients 4 --duration 0.1 --warmup 0 \
+  >/dev/null
+owner=$("$bin/shardctl" --output json query |
+  python3 -c "import json,sys; c=json.load(sys.stdin); print(next(r['gid'] for r in c['ranges'] if r['start'] <= 'h' and (r['end'] is None or 'h' < r['end'])))")
+dest=$((owner == 1 ? 2 : 1))
+echo "loaded ${size_mb} MB ($keys keys of $value_size bytes) into [g, n) of group $owner; data dirs:"
+du -sh "$dir"/playground/* 2>/dev/null | sed 's/^/  /' || true
+# Reads and writes (100-byte values) to every other range for as long as the move takes.
+"$bin/shardctl" --output json bench --workload mixed --prefixes a,b,c,d,e,f,o,p,q,r,s,u,v,w,x,y,z \
+  --keys 100000 --concurrency 16 --clients 4 --duration 3600 --warmup 0 >other.json &
+load=$!
+sleep 3 # connections up, load steady
+started=$(date +%s.%N)
+"$bin/shardctl" --timeout 1800 move h "$dest" --wait
+ended=$(date +%s.%N)
+kill -INT $load
+wait $load
+echo "moved ${size_mb} MB from group $owner to group $dest in $(echo "$ended - $started" | bc) s"
+echo "requests to the other ranges during the move (and ~3 s before it):"
+cat other.json
