@@ -246,6 +246,15 @@ fn check_output(command: &str, output: &str, values: &mut HashMap<String, String
         {
             fail("say the group joined")
         }
+        ["shardctl", "bench", ..] => {
+            let rows = |op: &str| output.lines().any(|l| l.starts_with(op));
+            if !output.contains(" ops/s") || !rows("get") || !rows("put") {
+                fail("report ops/s and a row per operation");
+            }
+            if output.contains("errors:") {
+                fail("run without errors");
+            }
+        }
         ["shardctl", "status"] if note.contains("DOWN") && !output.contains("DOWN") => {
             fail("show the killed node DOWN")
         }
