@@ -42,6 +42,8 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 const STREAM_BUFFER: usize = 64;
 /// Interval of HTTP/2 pings on a message stream, and how long one may go unanswered.
 const KEEPALIVE: Duration = Duration::from_secs(1);
+/// How long the batches written to a removed peer's stream may take to go out.
+const FLUSH_ON_CLOSE: Duration = Duration::from_secs(5);
 /// A stream that failed after living this long starts its backoff afresh.
 const HEALTHY_STREAM: Duration = Duration::from_secs(2);
 /// Size of one snapshot chunk.
@@ -253,7 +255,13 @@ async fn send_loop(
                 None => tokio::select! {
                     m = queue.recv() => match m {
                         Some(m) => m,
-                        None => return,
+                        // The peer was removed. What is written still goes out: the
+                        // last batches tell a removed node that it was removed.
+                        None => {
+                            drop(batches);
+                            let _ = tokio::time::timeout(FLUSH_ON_CLOSE, &mut call).await;
+                            return;
+                        }
                     },
                     // Only a failure (or the peer stopping) ends the call.
                     _ = &mut call => break,
