@@ -41,13 +41,17 @@ struct Driver<S: StateMachine> {
     options: ReplicaOptions,
     /// Proposals awaiting their apply, by log index, with the term they were proposed in.
     pending: HashMap<u64, (u64, Pending<S::Response>)>,
-    /// ReadIndex requests sent to Raft, by request id.
-    reads_in_flight: HashMap<u64, Vec<ReadWaiter>>,
+    /// ReadIndex requests sent to Raft, by request id, with the term and time sent.
+    reads_in_flight: HashMap<u64, (u64, Instant, Vec<ReadWaiter>)>,
     next_read_id: u64,
     /// Reads confirmed by the leader, waiting for the apply of their read index.
     reads_confirmed: VecDeque<(u64, Vec<ReadWaiter>)>,
-    /// Reads received this step, sent to Raft as one ReadIndex.
+    /// Reads received this step, sent to Raft as one ReadIndex (or served under
+    /// the lease).
     read_batch: Vec<ReadWaiter>,
+    /// (term, until): while it holds, this leader serves reads at its commit index
+    /// without a ReadIndex round. See [`Driver::renew_lease`].
+    lease: Option<(u64, Instant)>,
     /// A received snapshot staged on disk, until Raft hands it back for install.
     /// (snapshot index, generation, keyspace)
     staged_snapshot: Option<(u64, u64, fjall::Keyspace)>,
@@ -124,6 +128,7 @@ pub fn start<S: StateMachine>(
         next_read_id: 1,
         reads_confirmed: VecDeque::new(),
         read_batch: Vec::new(),
+        lease: None,
         staged_snapshot: None,
         applied: applied_state.index,
         removed: false,
@@ -243,6 +248,8 @@ impl<S: StateMachine> Driver<S> {
             }
             Request::TransferLeader { to } => {
                 if self.is_leader() {
+                    // The transferee is elected at once, whatever the followers' leases.
+                    self.lease = None;
                     self.node.transfer_leader(to);
                 }
             }
@@ -268,17 +275,63 @@ impl<S: StateMachine> Driver<S> {
         if self.read_batch.is_empty() {
             return;
         }
+        let waiters = std::mem::take(&mut self.read_batch);
+        if let Some(index) = self.lease_read_index() {
+            self.reads_confirmed.push_back((index, waiters));
+            // Usually applied already: answer now, not at the next Ready.
+            self.release_reads();
+            return;
+        }
         let id = self.next_read_id;
         self.next_read_id += 1;
         self.node.read_index(id.to_be_bytes().to_vec());
         self.reads_in_flight
-            .insert(id, std::mem::take(&mut self.read_batch));
+            .insert(id, (self.node.raft.term, Instant::now(), waiters));
+    }
+
+    /// How long a confirmed ReadIndex round lets this leader serve reads on its own.
+    ///
+    /// A follower that answered a heartbeat sent at `t` refuses to vote (or pre-vote)
+    /// for another candidate until `election_ticks` of its ticks have passed since it
+    /// received it (raft-rs with check_quorum), and its ticks are never faster than
+    /// the tick interval; so no other leader can be elected by a majority before
+    /// `t + (election_ticks - 1) * tick`. One more tick is a margin for clock rates.
+    /// A leadership transfer skips the followers' check: it ends the lease first.
+    fn lease_duration(&self) -> std::time::Duration {
+        let ticks = self.options.election_ticks.saturating_sub(2) as u32;
+        self.options.tick * ticks
+    }
+
+    /// A ReadIndex round sent at `sent` in `term` was confirmed by a majority.
+    fn renew_lease(&mut self, term: u64, sent: Instant) {
+        if !self.is_leader() || self.node.raft.term != term {
+            return;
+        }
+        let until = sent + self.lease_duration();
+        if self.lease.is_none_or(|(t, old)| t != term || old < until) {
+            self.lease = Some((term, until));
+        }
+    }
+
+    /// The index a read may be served at without asking the followers: the commit
+    /// index, while the lease holds and once this leader has committed an entry of
+    /// its term (before that, its commit index may lag the previous leader's).
+    fn lease_read_index(&self) -> Option<u64> {
+        let (term, until) = self.lease?;
+        let raft = &self.node.raft;
+        let committed = raft.raft_log.committed;
+        let valid = self.is_leader()
+            && term == raft.term
+            && Instant::now() < until
+            && raft.lead_transferee.is_none()
+            && raft.raft_log.term(committed).ok() == Some(raft.term);
+        valid.then_some(committed)
     }
 
     /// Raft silently ignores a ReadIndex it cannot serve (a new leader that has not yet
     /// committed in its term): forget reads whose callers have given up.
     fn expire_abandoned_reads(&mut self) {
-        self.reads_in_flight.retain(|_, waiters| {
+        self.reads_in_flight.retain(|_, (_, _, waiters)| {
             waiters.retain(|w| !w.is_closed());
             !waiters.is_empty()
         });
@@ -346,7 +399,8 @@ impl<S: StateMachine> Driver<S> {
         }
         for rs in ready.take_read_states() {
             let id = u64::from_be_bytes(rs.request_ctx.as_slice().try_into().unwrap_or([0; 8]));
-            if let Some(waiters) = self.reads_in_flight.remove(&id) {
+            if let Some((term, sent, waiters)) = self.reads_in_flight.remove(&id) {
+                self.renew_lease(term, sent);
                 self.reads_confirmed.push_back((rs.index, waiters));
             }
         }
@@ -374,6 +428,7 @@ impl<S: StateMachine> Driver<S> {
 
     /// After losing leadership nothing in flight can be answered by this replica.
     fn fail_leader_work(&mut self) {
+        self.lease = None;
         let err = self.not_leader();
         for (_, (_, pending)) in self.pending.drain() {
             match pending {
@@ -384,7 +439,7 @@ impl<S: StateMachine> Driver<S> {
         let reads = self
             .reads_in_flight
             .drain()
-            .flat_map(|(_, w)| w)
+            .flat_map(|(_, (_, _, w))| w)
             .chain(self.reads_confirmed.drain(..).flat_map(|(_, w)| w))
             .chain(self.read_batch.drain(..));
         for waiter in reads {
@@ -477,6 +532,8 @@ impl<S: StateMachine> Driver<S> {
                 return Ok(Err(e.to_string()));
             }
         };
+        // The majority that confirmed the lease was one of the old configuration.
+        self.lease = None;
         let addr = String::from_utf8_lossy(&cc.context).into_owned();
         let peer = (!addr.is_empty()).then_some((cc.node_id, addr.as_str()));
         self.sm_store.commit(

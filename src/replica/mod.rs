@@ -5,7 +5,8 @@
 //! hands each committed command to a [`StateMachine`], which writes into an
 //! [`ApplyBatch`] that is committed atomically with the applied index. Callers
 //! propose commands and await the state machine's response, or ask for a
-//! linearizable read point (Raft ReadIndex) and then read the state machine.
+//! linearizable read point (Raft ReadIndex, or the leader lease it renews) and then
+//! read the state machine.
 
 mod driver;
 
@@ -296,8 +297,9 @@ impl<S: StateMachine> Replica<S> {
         self.call(|reply| Request::Propose { command, reply }).await
     }
 
-    /// Waits until this replica is confirmed leader (Raft ReadIndex) and has applied
-    /// everything committed before the call. A read of the state machine after this
+    /// Waits until this replica is confirmed leader (Raft ReadIndex, or within the
+    /// lease a recent ReadIndex round gave it) and has applied everything committed
+    /// before the call. A read of the state machine after this
     /// returns is linearizable.
     pub async fn read_barrier(&self) -> Result<(), ReplicaError> {
         self.call(|reply| Request::Read { reply }).await
