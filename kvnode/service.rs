@@ -209,17 +209,8 @@ impl Kv for KvService {
     async fn get(&self, r: Request<GetRequest>) -> Result<Response<GetReply>, Status> {
         let r = r.into_inner();
         check_key("key", &r.key)?;
-        self.read_barrier().await?;
-        let value = self
-            .replica
-            .state()
-            .get(&r.key)
-            .map_err(internal)?
-            .map_err(kv_error)?;
-        Ok(Response::new(GetReply {
-            found: value.is_some(),
-            value: value.unwrap_or_default(),
-        }))
+        let mut results = self.read_many(std::slice::from_ref(&r.key)).await;
+        Ok(Response::new(results.pop().expect("one result per key")?))
     }
 
     async fn put(&self, r: Request<PutRequest>) -> Result<Response<PutReply>, Status> {
@@ -289,17 +280,16 @@ impl Kv for KvService {
         let (mut writes, mut write_at) = (Vec::new(), Vec::new());
         for (i, op) in ops.into_iter().enumerate() {
             let write = match op.op {
-                Some(Op::Get(r)) => match check_key("key", &r.key) {
-                    Ok(()) => {
-                        reads.push(r.key);
-                        read_at.push(i);
-                        continue;
+                Some(Op::Get(r)) => {
+                    match check_key("key", &r.key) {
+                        Ok(()) => {
+                            reads.push(r.key);
+                            read_at.push(i);
+                        }
+                        Err(e) => results[i] = Some(Err(e)),
                     }
-                    Err(e) => {
-                        results[i] = Some(Err(e));
-                        continue;
-                    }
-                },
+                    continue;
+                }
                 Some(Op::Put(r)) => Command::Put(r),
                 Some(Op::Delete(r)) => Command::Delete(r),
                 Some(Op::Cas(r)) => Command::Cas(r),
