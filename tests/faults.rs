@@ -473,6 +473,145 @@ async fn minority_partition_serves_no_stale_read_and_catches_up_after_missed_con
     work.finish("minority partition").await;
 }
 
+/// The leader lease at its edge: a leader cut off with most of its lease left goes
+/// on serving reads from it, and stops before the majority can elect another leader
+/// and acknowledge a write. Every read of the cut-off leader is timed against that
+/// acknowledgement: none invoked after it may return (it could only return the old
+/// value).
+#[tokio::test]
+async fn cut_off_leader_stops_lease_reads_before_a_new_leader_acknowledges_a_write() {
+    // The default tick, so the lease (8 ticks) and the election timeout (10 to 20)
+    // are those of a production node.
+    let cluster = start_faulty(KvOptions {
+        tick_ms: 100,
+        ..options(1, 1)
+    });
+    bootstrap(&cluster, &[], &[]).await;
+    let mut kv = cluster.client();
+    kv.put(b"lease", b"v1").await.expect("put v1");
+    let old = cluster.wait_leader(1, LEADER_WAIT).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let read_old = || {
+        let mut client = cluster.kv(1, old);
+        async move {
+            let started = Instant::now();
+            let r = rpc(client.get(GetRequest {
+                key: b"lease".to_vec(),
+            }))
+            .await
+            .map(|r| r.into_inner());
+            (started, Instant::now(), r)
+        }
+    };
+
+    // Reads renew the lease once it has run out; cut the leader off while most of a
+    // fresh lease is left, so the cut-off leader has a window to serve reads in.
+    let fresh_ms = 600;
+    expect_within(LEADER_WAIT, "a fresh lease at the leader", || async {
+        let (_, _, r) = read_old().await;
+        let left = match cluster.node_status(1, old).await {
+            Ok(st) => st.replica.map_or(0, |r| r.lease_remaining_ms),
+            Err(_) => 0,
+        };
+        r.is_ok_and(|r| r.value == b"v1") && left >= fresh_ms
+    })
+    .await;
+    let cut = Instant::now();
+    cluster.partition_group(1, &[&[old][..], &others[..]]).await;
+    let cut_done = Instant::now();
+
+    // One reader keeps calling the cut-off leader while the majority elects a leader
+    // and takes v2.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let reads = Mutex::new(Vec::new());
+    let reader = async {
+        for _ in 0..100_000 {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let read = read_old().await;
+            reads.lock().unwrap().push(read);
+        }
+    };
+    let writer = async {
+        kv.put(b"lease", b"v2")
+            .await
+            .expect("put v2 on the majority");
+        let acked = Instant::now();
+        // Let the reader call the old leader a few more times after the ack.
+        expect_within(
+            LEADER_WAIT,
+            "reads of the old leader after the ack",
+            || async {
+                reads
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .filter(|(s, _, _)| *s > acked)
+                    .count()
+                    >= 3
+            },
+        )
+        .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        acked
+    };
+    let ((), acked) = tokio::join!(reader, writer);
+
+    let reads = reads.into_inner().unwrap();
+    let ms = |t: Instant| t.saturating_duration_since(cut).as_millis();
+    let served: Vec<_> = reads.iter().filter(|(_, _, r)| r.is_ok()).collect();
+    let last_served = served.iter().map(|(_, end, _)| *end).max();
+    println!(
+        "cut at 0 ms (links cut by {} ms): {} reads, {} served by the lease, the last \
+         ending at {:?} ms; v2 acknowledged by the new leader at {} ms",
+        ms(cut_done),
+        reads.len(),
+        served.len(),
+        last_served.map(ms),
+        ms(acked)
+    );
+    for (start, end, r) in &reads {
+        match r {
+            Ok(reply) => {
+                assert!(
+                    *start < acked,
+                    "the cut-off leader answered a read invoked at {} ms, after v2 was \
+                     acknowledged at {} ms, with {:?}",
+                    ms(*start),
+                    ms(acked),
+                    s(&reply.value)
+                );
+                assert_eq!(reply.value, b"v1", "read at {} ms", ms(*start));
+            }
+            Err(e) => assert!(
+                matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+                "unexpected answer from the cut-off leader at {}-{} ms: {e:?}",
+                ms(*start),
+                ms(*end)
+            ),
+        }
+    }
+    assert!(
+        served.iter().any(|(start, _, _)| *start > cut_done),
+        "the cut-off leader served no read from its lease after the cut"
+    );
+    // The lease was last confirmed by a round sent before the links were cut, and
+    // lasts 8 ticks from it: 2 ticks short of the earliest election, the margin for
+    // clock rates. A read served later was served on a lease held too long.
+    let lease = Duration::from_millis(800);
+    for (start, _, _) in &served {
+        assert!(
+            *start < cut_done + lease,
+            "the cut-off leader served a read invoked at {} ms, more than a lease after \
+             the cut",
+            ms(*start)
+        );
+    }
+    cluster.heal_all().await;
+    assert_eq!(kv.get(b"lease").await.expect("get"), Some(b"v2".to_vec()));
+}
+
 /// A group joins and takes one range from a live group and one from a dead group:
 /// the range from the live group arrives and serves while the other is still
 /// blocked, and ranges that do not move keep serving throughout.

@@ -112,6 +112,7 @@ pub fn start<S: StateMachine>(
         dropped_messages: 0,
         progress: Default::default(),
         removed: false,
+        lease_until: None,
     };
     let (status_tx, status_rx) = watch::channel(initial_status);
     let timeout = options.request_timeout;
@@ -625,6 +626,7 @@ impl<S: StateMachine> Driver<S> {
         } else {
             Default::default()
         };
+        let lease_until = self.lease.map(|(_, until)| until);
         self.status.send_if_modified(|s| {
             let changed = s.role != role
                 || s.term != raft.term
@@ -634,7 +636,8 @@ impl<S: StateMachine> Driver<S> {
                 || s.conf_state != conf_state
                 || s.peers != self.peers
                 || s.progress != progress
-                || s.removed != self.removed;
+                || s.removed != self.removed
+                || s.lease_until != lease_until;
             s.role = role;
             s.term = raft.term;
             s.leader_id = raft.leader_id;
@@ -646,6 +649,7 @@ impl<S: StateMachine> Driver<S> {
             s.dropped_messages = self.transport.dropped();
             s.progress = progress;
             s.removed = self.removed;
+            s.lease_until = lease_until;
             changed
         });
     }

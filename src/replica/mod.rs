@@ -14,7 +14,7 @@ use crate::storage::{ApplyBatch, SmStore};
 use raft::prelude::{ConfChange, ConfChangeType, ConfState};
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use driver::start;
@@ -180,6 +180,8 @@ pub struct ReplicaStatus {
     pub progress: BTreeMap<u64, PeerProgress>,
     /// This node was removed from the group and has stopped.
     pub removed: bool,
+    /// On the leader: the end of its read lease, if it holds one.
+    pub lease_until: Option<Instant>,
 }
 
 /// The leader's view of one member.
@@ -233,6 +235,9 @@ impl ReplicaStatus {
             voters: self.conf_state.voters.clone(),
             learners: self.conf_state.learners.clone(),
             unreachable: self.unreachable(),
+            lease_remaining_ms: self.lease_until.map_or(0, |until| {
+                until.saturating_duration_since(Instant::now()).as_millis() as u64
+            }),
         }
     }
 }
