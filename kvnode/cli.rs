@@ -54,6 +54,10 @@ pub struct Args {
     /// How often the leader checks for a new configuration and transfer work, in ms.
     #[arg(long, default_value_t = 100)]
     pub poll_ms: u64,
+    /// Pull ranges this group gains at no more than this many MiB/s, leaving CPU and
+    /// disk to the ranges that keep serving during a move (0: no limit).
+    #[arg(long, env = "SHARDKV_MOVE_RATE_MIB", default_value_t = 32)]
+    pub move_rate_mib: u32,
     /// How often to report to the shard master, in ms.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_ms: u64,
@@ -95,6 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         node.replica.clone(),
         masters.clone(),
         Duration::from_millis(args.poll_ms),
+        kvnode::MoveRate::new(args.move_rate_mib),
         logger.clone(),
         node.faults.clone(),
     ));

@@ -13,10 +13,12 @@ use crate::proto::{
 };
 use crate::replica::{Replica, Role};
 use anyhow::Context;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use prost::Message;
 use slog::{debug, info, Logger};
 use std::collections::HashMap;
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
@@ -28,6 +30,35 @@ const MAX_CONFIGS_PER_STEP: usize = 64;
 /// Garbage-collection commands per range per step, so other work is not starved.
 const DELETE_CHUNKS_PER_STEP: usize = 64;
 
+/// Paces the bytes this node pulls from other groups, so a large move leaves CPU
+/// and disk to the ranges that keep serving (TiKV's snap-io-max-bytes-per-sec).
+pub struct MoveRate {
+    limiter: DefaultDirectRateLimiter,
+    /// The most KiB one pace call may ask for.
+    burst: NonZeroU32,
+}
+
+impl MoveRate {
+    /// `None` for 0: pulls go as fast as the groups can take them.
+    pub fn new(mib_per_sec: u32) -> Option<MoveRate> {
+        let kib = NonZeroU32::new(mib_per_sec.checked_mul(1024)?)?;
+        // At least one full chunk, or a rate under a chunk a second could not pass one.
+        let burst = kib.max(NonZeroU32::new(PULL_CHUNK_BYTES / 1024).expect("chunk is 1 MiB"));
+        Some(MoveRate {
+            limiter: RateLimiter::direct(Quota::per_second(kib).allow_burst(burst)),
+            burst,
+        })
+    }
+
+    /// Waits until `bytes` more may be installed.
+    async fn pace(&self, bytes: usize) {
+        let kib = u32::try_from(bytes / 1024).unwrap_or(u32::MAX);
+        let cells = NonZeroU32::new(kib).map_or(NonZeroU32::MIN, |n| n.min(self.burst));
+        // Cannot fail: cells never exceed the burst.
+        let _ = self.limiter.until_n_ready(cells).await;
+    }
+}
+
 /// Runs forever, doing work only while this replica leads its group. `faults` is
 /// the test-only fault table (`None` in production): it also governs the transfer
 /// calls to other groups.
@@ -35,6 +66,7 @@ pub async fn run_migrations(
     replica: Replica<KvState>,
     masters: Arc<MasterClient>,
     interval: Duration,
+    rate: Option<MoveRate>,
     logger: Logger,
     faults: Option<Arc<Faults>>,
 ) {
@@ -42,6 +74,7 @@ pub async fn run_migrations(
         replica,
         masters,
         channels: HashMap::new(),
+        rate,
         logger,
         faults,
     };
@@ -62,6 +95,7 @@ struct Worker {
     replica: Replica<KvState>,
     masters: Arc<MasterClient>,
     channels: HashMap<String, Channel>,
+    rate: Option<MoveRate>,
     logger: Logger,
     faults: Option<Arc<Faults>>,
 }
@@ -181,6 +215,10 @@ impl Worker {
                 .with_context(|| format!("pulling from group {}", held.peer_gid))?;
             if let Some(last) = reply.records.last() {
                 cursor = last.key.clone();
+                if let Some(rate) = &self.rate {
+                    let bytes = reply.records.iter().map(|r| r.key.len() + r.value.len());
+                    rate.pace(bytes.sum()).await;
+                }
                 self.propose(Command::Install(InstallChunk {
                     config_num: held.config_num,
                     range: held.range.clone(),
@@ -226,5 +264,27 @@ impl Worker {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[tokio::test]
+    async fn move_rate_lets_a_burst_through_then_paces_to_the_rate() {
+        assert!(MoveRate::new(0).is_none(), "0 means no limit");
+        let rate = MoveRate::new(1).expect("1 MiB/s");
+        let started = Instant::now();
+        // The first MiB is the burst; 512 KiB more at 1 MiB/s take half a second.
+        for _ in 0..6 {
+            rate.pace(256 << 10).await;
+        }
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(450), "{elapsed:?}");
+        // A chunk larger than the burst waits for the burst, not forever.
+        rate.pace(64 << 20).await;
+        assert!(started.elapsed() >= elapsed + Duration::from_millis(900));
     }
 }
