@@ -4,7 +4,8 @@
 //! advance, then repeat for the light ready.
 
 use super::{
-    PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role, StateMachine,
+    LeaseView, PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role,
+    StateMachine,
 };
 use crate::storage::{RaftStore, SmStore};
 use crate::transport::{NetEvent, Transport};
@@ -49,13 +50,18 @@ struct Driver<S: StateMachine> {
     /// Reads received this step, sent to Raft as one ReadIndex (or served under
     /// the lease).
     read_batch: Vec<ReadWaiter>,
-    /// (term, until): while it holds, this leader serves reads at its commit index
+    /// (term, until): while it holds, this leader serves reads at its applied index
     /// without a ReadIndex round. See [`Driver::renew_lease`].
     lease: Option<(u64, Instant)>,
+    /// The lease as callers see it ([`Driver::usable_lease`]), so they can read without
+    /// a round trip to this thread.
+    lease_view: Arc<LeaseView>,
     /// A received snapshot staged on disk, until Raft hands it back for install.
     /// (snapshot index, generation, keyspace)
     staged_snapshot: Option<(u64, u64, fjall::Keyspace)>,
     applied: u64,
+    /// Term of the entry at `applied`.
+    applied_term: u64,
     /// A conf change removed this node: stop after this step.
     removed: bool,
     /// When a message from each peer last arrived: who is alive, as this node sees it.
@@ -116,6 +122,7 @@ pub fn start<S: StateMachine>(
     };
     let (status_tx, status_rx) = watch::channel(initial_status);
     let timeout = options.request_timeout;
+    let lease_view = Arc::new(LeaseView::default());
     let driver = Driver {
         node,
         store,
@@ -130,8 +137,10 @@ pub fn start<S: StateMachine>(
         reads_confirmed: VecDeque::new(),
         read_batch: Vec::new(),
         lease: None,
+        lease_view: lease_view.clone(),
         staged_snapshot: None,
         applied: applied_state.index,
+        applied_term: applied_state.term,
         removed: false,
         last_heard: HashMap::new(),
         peers: applied_state.peers,
@@ -153,6 +162,7 @@ pub fn start<S: StateMachine>(
         requests: requests_tx,
         state: sm,
         status: status_rx,
+        lease: lease_view,
         timeout,
     })
 }
@@ -250,7 +260,7 @@ impl<S: StateMachine> Driver<S> {
             Request::TransferLeader { to } => {
                 if self.is_leader() {
                     // The transferee is elected at once, whatever the followers' leases.
-                    self.lease = None;
+                    self.end_lease();
                     self.node.transfer_leader(to);
                 }
             }
@@ -314,19 +324,32 @@ impl<S: StateMachine> Driver<S> {
         }
     }
 
-    /// The index a read may be served at without asking the followers: the commit
-    /// index, while the lease holds and once this leader has committed an entry of
-    /// its term (before that, its commit index may lag the previous leader's).
-    fn lease_read_index(&self) -> Option<u64> {
+    /// The end of the lease, if reads may be served on it now: this replica leads in
+    /// the lease's term, no transfer is under way, and it has applied an entry of its
+    /// term, so its applied state holds every write committed before the term and
+    /// every write it acknowledged since (it answers a write once applied). A read of
+    /// the applied state before the end is linearizable.
+    fn usable_lease(&self) -> Option<Instant> {
         let (term, until) = self.lease?;
         let raft = &self.node.raft;
-        let committed = raft.raft_log.committed;
-        let valid = self.is_leader()
+        let usable = self.is_leader()
             && term == raft.term
-            && Instant::now() < until
             && raft.lead_transferee.is_none()
-            && raft.raft_log.term(committed).ok() == Some(raft.term);
-        valid.then_some(committed)
+            && self.applied_term == raft.term;
+        usable.then_some(until)
+    }
+
+    /// The index a read may be served at without asking the followers.
+    fn lease_read_index(&self) -> Option<u64> {
+        let until = self.usable_lease()?;
+        (Instant::now() < until).then_some(self.applied)
+    }
+
+    /// Ends the lease at once, for callers too: before anything that lets another
+    /// leader be elected sooner than the lease assumed.
+    fn end_lease(&mut self) {
+        self.lease = None;
+        self.lease_view.set(None);
     }
 
     /// Raft silently ignores a ReadIndex it cannot serve (a new leader that has not yet
@@ -429,7 +452,7 @@ impl<S: StateMachine> Driver<S> {
 
     /// After losing leadership nothing in flight can be answered by this replica.
     fn fail_leader_work(&mut self) {
-        self.lease = None;
+        self.end_lease();
         let err = self.not_leader();
         for (_, (_, pending)) in self.pending.drain() {
             match pending {
@@ -464,6 +487,7 @@ impl<S: StateMachine> Driver<S> {
         }
         self.peers = applied.peers;
         self.applied = index;
+        self.applied_term = snapshot.get_metadata().term;
         info!(self.logger, "installed snapshot"; "index" => index);
         Ok(())
     }
@@ -488,11 +512,13 @@ impl<S: StateMachine> Driver<S> {
                     });
                     self.sm_store.commit(batch, position, None)?;
                     self.applied = entry.index;
+                    self.applied_term = entry.term;
                     self.answer(entry.index, entry.term, response);
                 }
                 EntryType::EntryConfChange => {
                     let result = self.apply_conf_change(&entry)?;
                     self.applied = entry.index;
+                    self.applied_term = entry.term;
                     self.answer_conf_change(entry.index, entry.term, result);
                 }
                 EntryType::EntryConfChangeV2 => {
@@ -534,7 +560,7 @@ impl<S: StateMachine> Driver<S> {
             }
         };
         // The majority that confirmed the lease was one of the old configuration.
-        self.lease = None;
+        self.end_lease();
         let addr = String::from_utf8_lossy(&cc.context).into_owned();
         let peer = (!addr.is_empty()).then_some((cc.node_id, addr.as_str()));
         self.sm_store.commit(
@@ -626,7 +652,8 @@ impl<S: StateMachine> Driver<S> {
         } else {
             Default::default()
         };
-        let lease_until = self.lease.map(|(_, until)| until);
+        let lease_until = self.usable_lease();
+        self.lease_view.set(lease_until);
         self.status.send_if_modified(|s| {
             let changed = s.role != role
                 || s.term != raft.term

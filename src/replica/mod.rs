@@ -13,7 +13,7 @@ mod driver;
 use crate::storage::{ApplyBatch, SmStore};
 use raft::prelude::{ConfChange, ConfChangeType, ConfState};
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -259,11 +259,31 @@ pub(crate) enum Request<S: StateMachine> {
     },
 }
 
+/// The leader lease as the driver last published it: callers read on it without a
+/// round trip to the driver's thread (TiKV's local reader). The driver publishes it
+/// after every step and ends it at once where a new leader could come sooner.
+#[derive(Debug, Default)]
+struct LeaseView(Mutex<Option<Instant>>);
+
+impl LeaseView {
+    fn set(&self, until: Option<Instant>) {
+        *self.0.lock().expect("poisoned") = until;
+    }
+
+    fn holds(&self) -> bool {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .is_some_and(|until| Instant::now() < until)
+    }
+}
+
 /// Handle to a running replica. Cloning is cheap.
 pub struct Replica<S: StateMachine> {
     requests: mpsc::Sender<Request<S>>,
     state: Arc<RwLock<S>>,
     status: watch::Receiver<ReplicaStatus>,
+    lease: Arc<LeaseView>,
     timeout: Duration,
 }
 
@@ -273,6 +293,7 @@ impl<S: StateMachine> Clone for Replica<S> {
             requests: self.requests.clone(),
             state: self.state.clone(),
             status: self.status.clone(),
+            lease: self.lease.clone(),
             timeout: self.timeout,
         }
     }
@@ -307,6 +328,9 @@ impl<S: StateMachine> Replica<S> {
     /// before the call. A read of the state machine after this
     /// returns is linearizable.
     pub async fn read_barrier(&self) -> Result<(), ReplicaError> {
+        if self.lease.holds() {
+            return Ok(());
+        }
         self.call(|reply| Request::Read { reply }).await
     }
 
