@@ -14,7 +14,17 @@ cd "$dir"
 "$bin/shardctl" playground >pg.log 2>&1 &
 playground=$!
 trap 'kill -INT $playground 2>/dev/null || true; wait $playground || true; rm -rf "$dir"' EXIT
-for _ in $(seq 1 60); do grep -q 'is up' pg.log && break; sleep 1; done
+for _ in $(seq 1 60); do
+  grep -q 'is up' pg.log && break
+  kill -0 $playground 2>/dev/null || break
+  sleep 1
+done
+# A playground left running elsewhere holds the ports: the bench would measure it.
+if ! grep -q 'is up' pg.log; then
+  echo "the playground did not start (ports in use by another one?):" >&2
+  tail -5 pg.log >&2
+  exit 1
+fi
 # The playground splits at g, n and t: load [g, n) through the prefix "h".
 "$bin/shardctl" bench --workload write-only --prefixes h --keys "$keys" \
   --value-size "$value_size" --preload --concurrency 32 --clients 4 --duration 0.1 --warmup 0 \
