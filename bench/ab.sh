@@ -6,26 +6,13 @@
 # between two runs of the same build are noise.
 #   bench/ab.sh /tmp/before before; bench/ab.sh target/release after
 set -euo pipefail
+# shellcheck source=bench/playground.sh
+source "$(dirname "$0")/playground.sh"
 bin=$(cd "$1" && pwd)
 label=$2
 dir=$(mktemp -d -t "shardkv-ab-$label-XXXX")
 cd "$dir"
-"$bin/shardctl" playground >pg.log 2>&1 &
-playground=$!
-# Stop the playground and wait until it has stopped every server (and freed the
-# ports), so the next run can start at once.
-trap 'kill -INT $playground 2>/dev/null || true; wait $playground || true' EXIT
-for _ in $(seq 1 60); do
-  grep -q 'is up' pg.log && break
-  kill -0 $playground 2>/dev/null || break
-  sleep 1
-done
-# A playground left running elsewhere holds the ports: the bench would measure it.
-if ! grep -q 'is up' pg.log; then
-  echo "the playground did not start (ports in use by another one?):" >&2
-  tail -5 pg.log >&2
-  exit 1
-fi
+start_playground "$bin"
 "$bin/shardctl" bench --workload write-only --keys 100000 --preload \
   --concurrency 64 --clients 4 --duration 1 --warmup 0 >/dev/null
 sleep 10 # let the engine settle after the preload

@@ -5,26 +5,15 @@
 #   BIN=/path/to/bin SIZE_MB=256 bench/move.sh
 # Prints the move's duration and the bench report (JSON) of the other ranges' load.
 set -euo pipefail
+# shellcheck source=bench/playground.sh
+source "$(dirname "$0")/playground.sh"
 bin=$(cd "${BIN:-target/release}" && pwd)
 size_mb=${SIZE_MB:-1024}
 value_size=10000
 keys=$((size_mb * 1024 * 1024 / value_size))
 dir=$(mktemp -d -t shardkv-move-XXXX)
 cd "$dir"
-"$bin/shardctl" playground >pg.log 2>&1 &
-playground=$!
-trap 'kill -INT $playground 2>/dev/null || true; wait $playground || true; rm -rf "$dir"' EXIT
-for _ in $(seq 1 60); do
-  grep -q 'is up' pg.log && break
-  kill -0 $playground 2>/dev/null || break
-  sleep 1
-done
-# A playground left running elsewhere holds the ports: the bench would measure it.
-if ! grep -q 'is up' pg.log; then
-  echo "the playground did not start (ports in use by another one?):" >&2
-  tail -5 pg.log >&2
-  exit 1
-fi
+start_playground "$bin" "rm -rf $dir"
 # The playground splits at g, n and t: load [g, n) through the prefix "h".
 "$bin/shardctl" bench --workload write-only --prefixes h --keys "$keys" \
   --value-size "$value_size" --preload --concurrency 32 --clients 4 --duration 0.1 --warmup 0 \
