@@ -7,7 +7,9 @@
 //! to a peer, and before the worker calls another group's node (Pull, Release), it
 //! asks [`Faults::decide`]: send, drop (a cut link, or a loss drawn with the
 //! fault's probability), or wait and then send. Faults are per destination address, so a one-way cut is a fault
-//! on one side and a partition is faults on both sides.
+//! on one side and a partition is faults on both sides. The server's own faults
+//! ([`NodeFaults`]) model a slow disk (the replica stalls before each persist that
+//! writes) and a snapshot read that fails part way.
 //!
 //! Without the flag there is no table (`Option<Arc<Faults>>` is `None`) and no
 //! service: the only cost on the hot path is that `None` check. With the flag but
@@ -15,7 +17,7 @@
 
 use crate::proto::faults_server::{self, FaultsServer};
 use crate::proto::{
-    ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, SetFaultsRequest,
+    ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, NodeFaults, SetFaultsRequest,
 };
 use rand::Rng;
 use std::collections::BTreeMap;
@@ -62,6 +64,10 @@ pub struct Faults {
     rules: RwLock<BTreeMap<String, Rule>>,
     dropped: AtomicU64,
     delayed: AtomicU64,
+    /// The server's own faults (not of a link): a slow disk, a failing snapshot read.
+    node: RwLock<NodeFaults>,
+    /// Set by a request to fire the election timer; taken by the replica's next tick.
+    fire_election_timer: AtomicBool,
 }
 
 impl Faults {
@@ -107,11 +113,45 @@ impl Faults {
         self.active.store(!rules.is_empty(), Ordering::Relaxed);
     }
 
-    /// Removes every rule.
+    /// Removes every rule and the node's own faults.
     pub fn clear(&self) {
         let mut rules = self.rules.write().unwrap_or_else(|e| e.into_inner());
         rules.clear();
         self.active.store(false, Ordering::Relaxed);
+        self.set_node(NodeFaults::default());
+    }
+
+    /// Replaces the server's own faults.
+    pub fn set_node(&self, mut node: NodeFaults) {
+        let fire = std::mem::take(&mut node.fire_election_timer);
+        self.fire_election_timer.store(fire, Ordering::Relaxed);
+        *self.node.write().unwrap_or_else(|e| e.into_inner()) = node;
+    }
+
+    /// True once after a request to fire the election timer.
+    pub fn take_election_timer_fire(&self) -> bool {
+        self.fire_election_timer.swap(false, Ordering::Relaxed)
+    }
+
+    fn node(&self) -> NodeFaults {
+        *self.node.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long a Raft persist that writes must stall first, if at all.
+    pub fn persist_delay(&self) -> Option<Duration> {
+        let ms = self.node().persist_delay_ms;
+        (ms > 0).then(|| Duration::from_millis(ms.into()))
+    }
+
+    /// True if an outgoing snapshot that has sent `chunks` chunks must fail now
+    /// (counted as dropped).
+    pub fn fails_snapshot_read(&self, chunks: usize) -> bool {
+        let after = self.node().snapshot_fail_after_chunks as usize;
+        let fails = after > 0 && chunks >= after;
+        if fails {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        fails
     }
 
     /// The rules in force, by destination address.
@@ -133,6 +173,7 @@ impl Faults {
                 .collect(),
             dropped: self.dropped.load(Ordering::Relaxed),
             delayed: self.delayed.load(Ordering::Relaxed),
+            node: Some(self.node()),
         }
     }
 }
@@ -178,6 +219,9 @@ impl faults_server::Faults for FaultsService {
         }
         for (addr, rule) in rules {
             self.faults.set(&addr, rule);
+        }
+        if let Some(node) = request.node {
+            self.faults.set_node(node);
         }
         Ok(Response::new(self.faults.reply()))
     }

@@ -19,7 +19,7 @@
 use crate::faults::{Faults, Verdict};
 use crate::proto::raft_client::RaftClient;
 use crate::proto::raft_server::Raft;
-use crate::proto::{RaftAck, RaftBatch, SnapshotChunk, SnapshotRecord};
+use crate::proto::{RaftAck, RaftBatch, SnapshotChunk, SnapshotEnd, SnapshotRecord};
 use crate::storage::{OutgoingSnapshot, SmStore};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use protobuf::Message as _;
@@ -203,17 +203,24 @@ impl Transport {
                         Verdict::Blocked | Verdict::Lost => false,
                         Verdict::Delay(d) => {
                             tokio::time::sleep(d).await;
-                            stream_snapshot(group, channel, msg, snapshot).await.is_ok()
+                            stream_snapshot(group, channel, msg, snapshot, faults)
+                                .await
+                                .is_ok()
                         }
-                        Verdict::Send => {
-                            stream_snapshot(group, channel, msg, snapshot).await.is_ok()
-                        }
+                        Verdict::Send => stream_snapshot(group, channel, msg, snapshot, faults)
+                            .await
+                            .is_ok(),
                     }
                 }
                 None => false,
             };
             let _ = events.send(NetEvent::SnapshotSent { to, ok }).await;
         });
+    }
+
+    /// The test-only fault table, when fault injection is enabled.
+    pub fn faults(&self) -> Option<&Arc<Faults>> {
+        self.faults.as_ref()
     }
 
     /// Learns the address of a peer that sent us a message, unless it is known already.
@@ -246,6 +253,9 @@ async fn send_loop(
     // A stream is opened when there is something to send, and lives until it fails.
     while let Some(first) = queue.recv().await {
         let (batches, outgoing) = mpsc::channel(STREAM_BUFFER);
+        // With fault injection, batches go through a delay line that keeps their
+        // order, so a delayed link adds latency without limiting throughput.
+        let delay_line = faults.as_ref().map(|_| delay_line(batches.clone()));
         let mut call = std::pin::pin!(client.send(ReceiverStream::new(outgoing)));
         let opened = std::time::Instant::now();
         let mut next = Some(first);
@@ -258,6 +268,7 @@ async fn send_loop(
                         // The peer was removed. What is written still goes out: the
                         // last batches tell a removed node that it was removed.
                         None => {
+                            drop(delay_line);
                             drop(batches);
                             let _ = tokio::time::timeout(FLUSH_ON_CLOSE, &mut call).await;
                             return;
@@ -273,9 +284,9 @@ async fn send_loop(
                 from: me.0,
                 from_addr: me.1.clone(),
             };
-            if let Some(faults) = &faults {
-                match faults.decide(&peer_addr) {
-                    Verdict::Send => {}
+            if let (Some(faults), Some(line)) = (&faults, &delay_line) {
+                let delay = match faults.decide(&peer_addr) {
+                    Verdict::Send => Duration::ZERO,
                     // Lost on the way: Raft retransmits.
                     Verdict::Lost => continue,
                     // A cut link fails like an unreachable peer.
@@ -283,8 +294,13 @@ async fn send_loop(
                         let _ = events.try_send(NetEvent::Unreachable(peer));
                         continue;
                     }
-                    Verdict::Delay(d) => tokio::time::sleep(d).await,
+                    Verdict::Delay(d) => d,
+                };
+                let due = tokio::time::Instant::now() + delay;
+                if line.send((due, batch)).is_err() {
+                    break;
                 }
+                continue;
             }
             tokio::select! {
                 sent = batches.send(batch) => if sent.is_err() { break },
@@ -300,6 +316,22 @@ async fn send_loop(
         // Messages that waited out the backoff are stale; Raft resends.
         while queue.try_recv().is_ok() {}
     }
+}
+
+/// Test only: forwards each batch to `batches` at its due time, in order.
+fn delay_line(
+    batches: mpsc::Sender<RaftBatch>,
+) -> mpsc::UnboundedSender<(tokio::time::Instant, RaftBatch)> {
+    let (line, mut delayed) = mpsc::unbounded_channel::<(tokio::time::Instant, RaftBatch)>();
+    tokio::spawn(async move {
+        while let Some((due, batch)) = delayed.recv().await {
+            tokio::time::sleep_until(due).await;
+            if batches.send(batch).await.is_err() {
+                return;
+            }
+        }
+    });
+    line
 }
 
 /// `first` and whatever else is queued, encoded, up to the batch limits.
@@ -319,43 +351,81 @@ fn take_batch(first: Message, queue: &mut mpsc::Receiver<Message>) -> Vec<Vec<u8
     messages
 }
 
+/// What a snapshot stream held, so the receiver can tell a complete stream from one
+/// whose sender stopped part way (a stream that ends early ends cleanly on the wire).
+#[derive(Default)]
+struct StreamDigest {
+    records: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl StreamDigest {
+    fn add(&mut self, record: &SnapshotRecord) {
+        self.records += 1;
+        for part in [&record.key, &record.value] {
+            self.crc.update(&(part.len() as u64).to_be_bytes());
+            self.crc.update(part);
+        }
+    }
+
+    fn end(self) -> SnapshotEnd {
+        SnapshotEnd {
+            records: self.records,
+            crc32: self.crc.finalize(),
+        }
+    }
+}
+
+/// Streams `snapshot` in chunks, the last one carrying the stream's [`SnapshotEnd`].
+/// `faults` (test only) can make the read fail part way.
 async fn stream_snapshot(
     group: u64,
     channel: Channel,
     msg: Message,
     snapshot: OutgoingSnapshot,
+    faults: Option<Arc<Faults>>,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<SnapshotChunk>(2);
     let first = SnapshotChunk {
         group,
         message: msg.write_to_bytes()?,
-        records: Vec::new(),
+        ..Default::default()
     };
     let reader = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         tx.blocking_send(first)?;
+        let mut digest = StreamDigest::default();
         let mut records = Vec::new();
         let mut bytes = 0;
+        let mut chunks = 1;
         for item in snapshot.records() {
+            if faults
+                .as_ref()
+                .is_some_and(|f| f.fails_snapshot_read(chunks))
+            {
+                anyhow::bail!("injected fault: snapshot read failed after {chunks} chunks");
+            }
             let (key, value) = item?;
             bytes += key.len() + value.len();
-            records.push(SnapshotRecord { key, value });
+            let record = SnapshotRecord { key, value };
+            digest.add(&record);
+            records.push(record);
             if bytes >= SNAPSHOT_CHUNK_BYTES {
                 let chunk = SnapshotChunk {
                     group,
-                    message: Vec::new(),
                     records: std::mem::take(&mut records),
+                    ..Default::default()
                 };
                 tx.blocking_send(chunk)?;
+                chunks += 1;
                 bytes = 0;
             }
         }
-        if !records.is_empty() {
-            tx.blocking_send(SnapshotChunk {
-                group,
-                message: Vec::new(),
-                records,
-            })?;
-        }
+        tx.blocking_send(SnapshotChunk {
+            group,
+            records,
+            end: Some(digest.end()),
+            ..Default::default()
+        })?;
         Ok(())
     });
     let mut client = RaftClient::new(channel).max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -457,16 +527,36 @@ impl Raft for RaftService {
         let message = decode_message(&first.message)?;
         let (gen, staged) = self.store.create_staging().map_err(internal)?;
         let db = self.store.database().clone();
-        let write = |records: Vec<SnapshotRecord>| -> Result<(), Status> {
+        let mut digest = StreamDigest::default();
+        let mut write = |records: Vec<SnapshotRecord>| -> Result<(), Status> {
             let mut batch = db.batch();
             for r in records {
+                digest.add(&r);
                 batch.insert(&staged, r.key, r.value);
             }
             batch.commit().map_err(|e| internal(e.into()))
         };
+        // A staged generation that is not handed to the driver is dropped on the next
+        // start (or overwritten by the next snapshot), never installed.
+        let mut end = first.end;
         write(first.records)?;
-        while let Some(chunk) = stream.message().await? {
+        while end.is_none() {
+            let Some(chunk) = stream.message().await? else {
+                return Err(Status::data_loss(
+                    "snapshot stream ended before its end marker: not installed",
+                ));
+            };
+            end = chunk.end;
             write(chunk.records)?;
+        }
+        let expected = end.expect("loop ends on the marker");
+        let received = digest.end();
+        if received != expected {
+            return Err(Status::data_loss(format!(
+                "snapshot stream held {} records (crc {:08x}), its end marker says {} \
+                 (crc {:08x}): not installed",
+                received.records, received.crc32, expected.records, expected.crc32
+            )));
         }
         let (done, handled) = oneshot::channel();
         self.events

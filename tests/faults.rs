@@ -109,6 +109,7 @@ async fn fault_service_exists_only_with_the_hidden_flag() {
     let reply = rpc(c.set_faults(shardkv::proto::SetFaultsRequest {
         faults: vec![rule.clone()],
         replace: true,
+        ..Default::default()
     }))
     .await
     .expect("SetFaults")
@@ -120,6 +121,7 @@ async fn fault_service_exists_only_with_the_hidden_flag() {
             ..Default::default()
         }],
         replace: false,
+        ..Default::default()
     }))
     .await;
     assert_eq!(

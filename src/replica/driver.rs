@@ -53,6 +53,13 @@ struct Driver<S: StateMachine> {
     /// (term, until): while it holds, this leader serves reads at its applied index
     /// without a ReadIndex round. See [`Driver::renew_lease`].
     lease: Option<(u64, Instant)>,
+    /// A term in which this leader sent MsgTimeoutNow: no lease for the rest of it.
+    /// The transferee campaigns with votes that ignore leases whenever the message
+    /// arrives, even after the transfer was given up here (etcd issue 12704).
+    no_lease_term: u64,
+    /// When this replica started: it grants no vote for an election timeout after
+    /// ([`Driver::refuses_votes`]).
+    started: Instant,
     /// The lease as callers see it ([`Driver::usable_lease`]), so they can read without
     /// a round trip to this thread.
     lease_view: Arc<LeaseView>,
@@ -137,6 +144,8 @@ pub fn start<S: StateMachine>(
         reads_confirmed: VecDeque::new(),
         read_batch: Vec::new(),
         lease: None,
+        no_lease_term: 0,
+        started: Instant::now(),
         lease_view: lease_view.clone(),
         staged_snapshot: None,
         applied: applied_state.index,
@@ -179,6 +188,7 @@ impl<S: StateMachine> Driver<S> {
             tokio::select! {
                 _ = ticker.tick() => {
                     self.node.tick();
+                    self.injected_clock_jump();
                     self.expire_abandoned_reads();
                 }
                 request = requests.recv() => match request {
@@ -315,7 +325,7 @@ impl<S: StateMachine> Driver<S> {
 
     /// A ReadIndex round sent at `sent` in `term` was confirmed by a majority.
     fn renew_lease(&mut self, term: u64, sent: Instant) {
-        if !self.is_leader() || self.node.raft.term != term {
+        if !self.is_leader() || self.node.raft.term != term || self.no_lease_term == term {
             return;
         }
         let until = sent + self.lease_duration();
@@ -325,24 +335,47 @@ impl<S: StateMachine> Driver<S> {
     }
 
     /// The end of the lease, if reads may be served on it now: this replica leads in
-    /// the lease's term, no transfer is under way, and it has applied an entry of its
-    /// term, so its applied state holds every write committed before the term and
-    /// every write it acknowledged since (it answers a write once applied). A read of
-    /// the applied state before the end is linearizable.
+    /// the lease's term, has sent no MsgTimeoutNow in it, no transfer is under way,
+    /// and it has applied an entry of its term, so its applied state holds every write
+    /// committed before the term. A read that waits for the apply of the commit index
+    /// and reads before the end is linearizable.
     fn usable_lease(&self) -> Option<Instant> {
         let (term, until) = self.lease?;
         let raft = &self.node.raft;
         let usable = self.is_leader()
             && term == raft.term
+            && self.no_lease_term != term
             && raft.lead_transferee.is_none()
             && self.applied_term == raft.term;
         usable.then_some(until)
     }
 
-    /// The index a read may be served at without asking the followers.
+    /// The index a read may be served at without asking the followers: the commit
+    /// index, not the applied one. Followers apply what the leader has committed as
+    /// soon as its messages reach them, possibly before the leader's own fsync and
+    /// apply, and their effects can become visible elsewhere (a frozen range handed
+    /// to its new owner, which then acknowledges writes).
     fn lease_read_index(&self) -> Option<u64> {
         let until = self.usable_lease()?;
-        (Instant::now() < until).then_some(self.applied)
+        (Instant::now() < until).then_some(self.node.raft.raft_log.committed)
+    }
+
+    /// The lease callers may read on without this thread: only while everything
+    /// committed is applied (see [`Driver::lease_read_index`]).
+    fn local_lease(&self) -> Option<Instant> {
+        let caught_up = self.node.raft.raft_log.committed <= self.applied;
+        self.usable_lease().filter(|_| caught_up)
+    }
+
+    /// A restarted replica forgets which leader it heard from last, so raft-rs would
+    /// grant votes at once; a leader's lease counts on every follower that confirmed
+    /// it refusing votes for an election timeout. So grant none for an election
+    /// timeout after starting (TiKV issue 15035).
+    fn refuses_votes(&self, msg: &Message) -> bool {
+        matches!(
+            msg.get_msg_type(),
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+        ) && self.started.elapsed() < self.options.tick * self.options.election_ticks as u32
     }
 
     /// Ends the lease at once, for callers too: before anything that lets another
@@ -365,6 +398,9 @@ impl<S: StateMachine> Driver<S> {
         match event {
             NetEvent::Message(msg) => {
                 self.last_heard.insert(msg.from, Instant::now());
+                if self.refuses_votes(&msg) {
+                    return Ok(());
+                }
                 if let Err(e) = self.node.step(msg) {
                     warn!(self.logger, "dropped a Raft message"; "error" => %e);
                 }
@@ -399,8 +435,12 @@ impl<S: StateMachine> Driver<S> {
         Ok(())
     }
 
-    fn send(&self, messages: Vec<Message>) {
+    fn send(&mut self, messages: Vec<Message>) {
         for msg in messages {
+            if msg.get_msg_type() == MessageType::MsgTimeoutNow {
+                self.no_lease_term = self.node.raft.term;
+                self.end_lease();
+            }
             if msg.get_msg_type() == MessageType::MsgSnapshot {
                 match self.store.take_outgoing(msg.to) {
                     Some(snapshot) => self.transport.send_snapshot(msg, snapshot),
@@ -417,6 +457,11 @@ impl<S: StateMachine> Driver<S> {
             return Ok(());
         }
         let mut ready = self.node.ready();
+        if self.node.raft.raft_log.committed > self.applied {
+            // These messages may tell followers of commits not yet applied here: no
+            // local lease reads until they are (see `lease_read_index`).
+            self.lease_view.set(None);
+        }
         self.send(ready.take_messages());
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot())?;
@@ -429,6 +474,9 @@ impl<S: StateMachine> Driver<S> {
             }
         }
         let committed = ready.take_committed_entries();
+        if !ready.entries().is_empty() || ready.hs().is_some() {
+            self.injected_disk_stall();
+        }
         self.store.persist(ready.entries(), ready.hs())?;
         if let Some(ss) = ready.ss() {
             if ss.raft_state != StateRole::Leader {
@@ -448,6 +496,32 @@ impl<S: StateMachine> Driver<S> {
         self.release_reads();
         self.maybe_compact()?;
         Ok(())
+    }
+
+    /// Test only: a slow disk, stalling this thread as a slow fsync would.
+    fn injected_disk_stall(&self) {
+        if let Some(delay) = self.transport.faults().and_then(|f| f.persist_delay()) {
+            std::thread::sleep(delay);
+        }
+    }
+
+    /// Test only: a clock that jumped forward fires the election timer now. Ticks
+    /// until raft-rs campaigns, at most twice the election timeout (its randomised
+    /// maximum).
+    fn injected_clock_jump(&mut self) {
+        if !self
+            .transport
+            .faults()
+            .is_some_and(|f| f.take_election_timer_fire())
+        {
+            return;
+        }
+        for _ in 0..2 * self.options.election_ticks {
+            if self.node.raft.state != StateRole::Follower {
+                break;
+            }
+            self.node.tick();
+        }
     }
 
     /// After losing leadership nothing in flight can be answered by this replica.
@@ -653,7 +727,7 @@ impl<S: StateMachine> Driver<S> {
             Default::default()
         };
         let lease_until = self.usable_lease();
-        self.lease_view.set(lease_until);
+        self.lease_view.set(self.local_lease());
         self.status.send_if_modified(|s| {
             let changed = s.role != role
                 || s.term != raft.term

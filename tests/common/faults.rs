@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use shardkv::linearizability::{check, CheckResult, Input, Operation, Output, Recorder};
 use shardkv::proto::faults_client::FaultsClient;
 use shardkv::proto::{
-    ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, SetFaultsRequest,
+    ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, NodeFaults, SetFaultsRequest,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -146,15 +146,31 @@ impl KvCluster {
     /// that is down or paused is skipped (false); one that is up must accept within
     /// a bounded wait.
     pub async fn set_faults(&self, at: At, faults: Vec<LinkFault>, replace: bool) -> bool {
+        let request = SetFaultsRequest {
+            faults,
+            replace,
+            node: None,
+        };
+        self.send_set_faults(at, request).await
+    }
+
+    /// Replaces the server's own faults (slow disk, failing snapshot reads, a jump of
+    /// its clock); skipped (false) if it is down or paused.
+    pub async fn set_node_faults(&self, at: At, node: NodeFaults) -> bool {
+        let request = SetFaultsRequest {
+            node: Some(node),
+            ..Default::default()
+        };
+        self.send_set_faults(at, request).await
+    }
+
+    async fn send_set_faults(&self, at: At, request: SetFaultsRequest) -> bool {
         if !self.is_node_up(at) {
             return false;
         }
         let last = Mutex::new(String::new());
         let ok = wait_until(FAULT_CALL_WAIT, || async {
-            let request = SetFaultsRequest {
-                faults: faults.clone(),
-                replace,
-            };
+            let request = request.clone();
             match rpc(self.faults_client(at).set_faults(request)).await {
                 Ok(_) => true,
                 Err(e) => {
