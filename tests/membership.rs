@@ -9,7 +9,7 @@ use common::{
     Proc,
 };
 use shardkv::client::{Client, ClientOptions};
-use shardkv::linearizability::{check, Input, Output, Recorder};
+use shardkv::verify::{check, Input, Output, Recorder};
 use shardkv::proto::membership_client::MembershipClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{

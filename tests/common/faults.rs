@@ -8,7 +8,7 @@
 //!   server's memory: a killed and restarted server has none; a paused one keeps its.
 //! - [`Workload`] runs concurrent recorded clients (Get / Put / Delete / CAS on a few
 //!   hot keys, plus Puts of unique keys) and, in [`Workload::finish`], reads every key
-//!   back, checks the history with `shardkv::linearizability` (printing the smallest
+//!   back, checks the history with `shardkv::verify` (printing the smallest
 //!   offending per-key history on failure) and checks that no acknowledged write was
 //!   lost.
 //! - [`seed`] picks the test's seed (`SHARDKV_SEED` replays one) and prints it.
@@ -17,7 +17,7 @@ use super::{recorded_random_op, rpc, wait_until, RandomOp};
 use super::{KvCluster, KvOptions, KvTestClient, MasterCluster, MasterOptions, RPC_TIMEOUT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shardkv::linearizability::{check, CheckResult, Input, Operation, Output, Recorder};
+use shardkv::verify::{check, CheckResult, Input, Operation, Output, Recorder};
 use shardkv::proto::faults_client::FaultsClient;
 use shardkv::proto::{
     ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, SetFaultsRequest,

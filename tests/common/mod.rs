@@ -2120,14 +2120,14 @@ pub enum RandomOp {
 /// completed, its output.
 pub async fn recorded_random_op(
     kv: &mut KvTestClient,
-    recorder: &shardkv::linearizability::Recorder,
+    recorder: &shardkv::verify::Recorder,
     client: u64,
     seen: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     key: Vec<u8>,
     value: Vec<u8>,
     dice: u32,
-) -> (RandomOp, Option<shardkv::linearizability::Output>) {
-    use shardkv::linearizability::{Input, Output};
+) -> (RandomOp, Option<shardkv::verify::Output>) {
+    use shardkv::verify::{Input, Output};
     let (op, handle, result) = if dice < 40 {
         let h = recorder.invoke(client, Input::get(key.clone()));
         let r = kv.get(&key).await;
