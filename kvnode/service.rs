@@ -206,7 +206,12 @@ impl KvService {
         if status.role != Role::Leader {
             return Ok(());
         }
-        let Some((&id, _)) = status.progress.iter().filter(|(&id, _)| id != status.id).min_by_key(|(_, p)| p.matched) else {
+        let Some((&id, _)) = status
+            .progress
+            .iter()
+            .filter(|(&id, _)| id != status.id)
+            .min_by_key(|(_, p)| p.matched)
+        else {
             return Ok(()); // a group of one: nobody to send readers to
         };
         Err(status::from_replica(ReplicaError::NotLeader {

@@ -20,9 +20,11 @@ const EXIT_VIOLATION: u8 = 1;
 const EXIT_UNDECIDED: u8 = 3;
 
 #[derive(Args, Debug)]
-#[command(after_help = "Exit status: 0 linearizable; 1 not linearizable (the offending \
+#[command(
+    after_help = "Exit status: 0 linearizable; 1 not linearizable (the offending \
                         history is printed); 2 on an error; 3 undecided (the checker's \
-                        search limit was reached: run shorter or with more keys).")]
+                        search limit was reached: run shorter or with more keys)."
+)]
 pub struct VerifyArgs {
     /// How long to run the workload, in seconds (kill or partition servers meanwhile
     /// to test failover).
@@ -180,7 +182,11 @@ impl Report {
             0 => "deleted".to_owned(),
             n => format!("{n} NOT deleted"),
         };
-        outln!("keys        {} under {} ({cleanup})", self.keys, self.prefix);
+        outln!(
+            "keys        {} under {} ({cleanup})",
+            self.keys,
+            self.prefix
+        );
         outln!(
             "clients     {} tasks sharing one client, seed {}",
             self.tasks,

@@ -613,13 +613,18 @@ fn build_list(ops: &[&Operation]) -> EventList {
 /// Removes chunks of operations, halving the chunk size down to single ops,
 /// while the rest stays non-linearizable and the budget lasts. Only sound
 /// removals are tried (see [`sound_removal`]), so the witness being
-/// non-linearizable still proves the whole history is.
+/// non-linearizable still proves the whole history is. Passes of single ops
+/// repeat until one removes nothing (a removal can make an earlier op
+/// removable: one that only a dropped op's expectation kept), so within the
+/// budget no single op of the witness can go.
 fn shrink<'a>(ops: &[&'a Operation], limits: &Limits, budget: &mut u64) -> Vec<&'a Operation> {
     let mut current: Vec<&Operation> = ops.to_vec();
     let mut chunk = (current.len() / 2).max(1);
-    // Each round halves `chunk`; within a round each try removes a chunk or
-    // advances past it, and every try costs budget, so both loops end.
+    // Each round halves `chunk` or, at 1, removes an op; within a round each
+    // try removes a chunk or advances past it, and every try costs budget, so
+    // both loops end.
     loop {
+        let before = current.len();
         let mut start = 0;
         while start < current.len() && *budget > 0 {
             let end = (start + chunk).min(current.len());
@@ -638,10 +643,10 @@ fn shrink<'a>(ops: &[&'a Operation], limits: &Limits, budget: &mut u64) -> Vec<&
                 start = end;
             }
         }
-        if chunk == 1 || *budget == 0 {
+        if *budget == 0 || (chunk == 1 && current.len() == before) {
             return current;
         }
-        chunk /= 2;
+        chunk = (chunk / 2).max(1);
     }
 }
 
@@ -782,12 +787,12 @@ impl fmt::Display for CheckResult {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+    use std::time::Instant;
 
     fn val(s: Option<&str>) -> Option<Vec<u8>> {
         s.map(|s| s.as_bytes().to_vec())
@@ -1309,6 +1314,23 @@ mod tests {
         })
     }
 
+    /// Every op the witness could soundly lose is needed: without it, the rest is
+    /// linearizable.
+    fn assert_one_minimal(v: &Violation, seed: u64) {
+        let ops: Vec<&Operation> = v.ops.iter().collect();
+        for i in 0..ops.len() {
+            let mut rest = ops.clone();
+            let removed = rest.remove(i);
+            if sound_removal(&[removed], &rest) {
+                let (outcome, _) = check_key(&rest, u64::MAX);
+                assert!(
+                    matches!(outcome, Outcome::Linearizable),
+                    "seed {seed}: the witness still violates without {removed}:\n{v}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn random_linearizable_histories_are_accepted_and_corruptions_rejected() {
         let mut checked_corruptions = 0;
@@ -1369,6 +1391,7 @@ mod tests {
                     v.ops.contains(&history[victim]),
                     "seed {seed}: read missing from {v}"
                 );
+                assert_one_minimal(v, seed);
                 checked_corruptions += 1;
             }
         }

@@ -305,5 +305,4 @@ mod tests {
         let verdict = crate::verify::check(&history);
         assert!(verdict.is_ok(), "{verdict}");
     }
-
 }

@@ -17,11 +17,11 @@ use super::{recorded_random_op, rpc, wait_until, RandomOp};
 use super::{KvCluster, KvOptions, KvTestClient, MasterCluster, MasterOptions, RPC_TIMEOUT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shardkv::verify::{check, CheckResult, Input, Operation, Output, Recorder};
 use shardkv::proto::faults_client::FaultsClient;
 use shardkv::proto::{
     ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, SetFaultsRequest,
 };
+use shardkv::verify::{check, CheckResult, Input, Operation, Output, Recorder};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
