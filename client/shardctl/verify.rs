@@ -87,11 +87,14 @@ pub async fn run(ctx: &Ctx, args: VerifyArgs) -> anyhow::Result<ExitCode> {
     for key in &keys {
         let input = Input::get(key.clone());
         let output = workload::recorded(
-            &client,
             &recorder,
             args.concurrency,
             &mut seen,
             input.clone(),
+            |input| {
+                let client = &client;
+                async move { workload::execute(client, &input).await }
+            },
         )
         .await;
         stats.count(&input, output.as_ref());

@@ -10,6 +10,7 @@ use crate::client::{Client, Error};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -33,12 +34,12 @@ pub fn random_input(dice: u32, key: Vec<u8>, value: Vec<u8>, seen: &Seen) -> Inp
     }
 }
 
-/// Sends `input` through `client`. Returns what the client observed, and the key's
-/// value afterwards as far as the answer tells (for [`Seen`]).
-pub async fn execute(
-    client: &Client,
-    input: &Input,
-) -> Result<(Output, Option<Option<Vec<u8>>>), Error> {
+/// What a client saw: the output, and the key's value afterwards as far as the
+/// answer tells (for [`Seen`]; `None` when it tells nothing).
+pub type Observed = (Output, Option<Option<Vec<u8>>>);
+
+/// Sends `input` through the product `client`.
+pub async fn execute(client: &Client, input: &Input) -> Result<Observed, Error> {
     Ok(match input {
         Input::Get { key } => {
             let value = client.get(key).await?;
@@ -61,21 +62,26 @@ pub async fn execute(
     })
 }
 
-/// Records `input` as task `task`'s, runs it through `client`, and records the
-/// answer, or an unknown outcome on an error. Returns the output if it completed.
-pub async fn recorded(
-    client: &Client,
+/// Records `input` as task `task`'s, runs it with `run` (e.g. [`execute`]), and
+/// records the answer, or an unknown outcome on an error: a write that timed out
+/// may still take effect. Returns the output if it completed.
+pub async fn recorded<E, Fut>(
     recorder: &Recorder,
     task: u64,
     seen: &mut Seen,
     input: Input,
-) -> Option<Output> {
+    run: impl FnOnce(Input) -> Fut,
+) -> Option<Output>
+where
+    Fut: Future<Output = Result<Observed, E>>,
+{
+    let key = input.key().to_vec();
     let handle = recorder.invoke(task, input.clone());
-    match execute(client, &input).await {
+    match run(input).await {
         Ok((output, after)) => {
             recorder.complete(handle, output.clone());
             if let Some(after) = after {
-                seen.insert(input.key().to_vec(), after);
+                seen.insert(key, after);
             }
             Some(output)
         }
@@ -216,7 +222,11 @@ async fn run_task(
         // Unique in the history: task ids are.
         let value = format!("t{task}-{n}").into_bytes();
         let input = random_input(rng.random_range(0..100), key, value, &seen);
-        let output = recorded(&client, &recorder, task, &mut seen, input.clone()).await;
+        let output = recorded(&recorder, task, &mut seen, input.clone(), |input| {
+            let client = &client;
+            async move { execute(client, &input).await }
+        })
+        .await;
         stats.count(&input, output.as_ref());
         if output.is_some() {
             completed.fetch_add(1, Ordering::Relaxed);
