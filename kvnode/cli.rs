@@ -68,6 +68,12 @@ pub struct Args {
     /// node's outbound Raft traffic on request. Hidden from --help.
     #[arg(long = crate::faults::FLAG, hide = true)]
     pub enable_fault_injection: bool,
+    /// Test only, unsafe: serve gets from followers with no read barrier (the
+    /// leader sends readers to a follower), so reads can be stale. For showing that
+    /// `shardctl verify` catches a broken server. Needs --enable-fault-injection;
+    /// hidden from --help.
+    #[arg(long, hide = true, requires = "enable_fault_injection")]
+    pub unsafe_stale_reads: bool,
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
@@ -114,8 +120,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         max_value_bytes: args.max_value_bytes,
         ..Limits::default()
     };
-    let kv = KvServer::new(KvService::new(node.replica.clone(), limits))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    if args.unsafe_stale_reads {
+        slog::warn!(logger, "--unsafe-stale-reads: gets are served by followers without a read barrier and are NOT linearizable");
+    }
+    let kv = KvServer::new(
+        KvService::new(node.replica.clone(), limits).with_stale_reads(args.unsafe_stale_reads),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let transfer = RangeTransferServer::new(TransferService::new(node.replica.clone()))
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     slog::info!(logger, "kvnode serving"; "listen" => &listen, "gid" => args.gid);

@@ -16,7 +16,7 @@ use crate::proto::{
     NodeStatusReply, NodeStatusRequest, PullReply, PullRequest, PutReply, PutRequest, RangeOp,
     ReleaseReply, ReleaseRequest, ScanReply, ScanRequest,
 };
-use crate::replica::{Replica, Role};
+use crate::replica::{Replica, ReplicaError, Role};
 use crate::status;
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -79,11 +79,26 @@ fn internal(e: anyhow::Error) -> Status {
 pub struct KvService {
     replica: Replica<KvState>,
     limits: Limits,
+    /// Test only (`kvnode --unsafe-stale-reads`): see [`KvService::with_stale_reads`].
+    stale_reads: bool,
 }
 
 impl KvService {
     pub fn new(replica: Replica<KvState>, limits: Limits) -> KvService {
-        KvService { replica, limits }
+        KvService {
+            replica,
+            limits,
+            stale_reads: false,
+        }
+    }
+
+    /// Test only, and wrong on purpose: a follower answers gets from what it has
+    /// applied, with no read barrier, and the leader sends its readers to the
+    /// follower furthest behind. Gets then see stale values, which `shardctl verify`
+    /// must report.
+    pub fn with_stale_reads(mut self, on: bool) -> KvService {
+        self.stale_reads = on;
+        self
     }
 
     fn check_value(&self, value: &[u8]) -> Result<(), Status> {
@@ -136,7 +151,12 @@ impl KvService {
         if keys.is_empty() {
             return Vec::new();
         }
-        if let Err(e) = self.read_barrier().await {
+        let barrier = if self.stale_reads {
+            self.send_readers_to_a_follower()
+        } else {
+            self.read_barrier().await
+        };
+        if let Err(e) = barrier {
             return vec![Err(e); keys.len()];
         }
         let state = self.replica.state();
@@ -177,6 +197,27 @@ impl KvService {
             ],
             Err(e) => vec![Err(status::from_replica(e)); count],
         }
+    }
+
+    /// With stale reads on: the leader answers not-leader naming its follower with
+    /// the least of the log; a follower reads at once.
+    fn send_readers_to_a_follower(&self) -> Result<(), Status> {
+        let status = self.replica.status();
+        if status.role != Role::Leader {
+            return Ok(());
+        }
+        let Some((&id, _)) = status
+            .progress
+            .iter()
+            .filter(|(&id, _)| id != status.id)
+            .min_by_key(|(_, p)| p.matched)
+        else {
+            return Ok(()); // a group of one: nobody to send readers to
+        };
+        Err(status::from_replica(ReplicaError::NotLeader {
+            leader_id: id,
+            leader_addr: status.peers.get(&id).cloned(),
+        }))
     }
 
     async fn read_barrier(&self) -> Result<(), Status> {

@@ -6,7 +6,6 @@
 
 pub mod config;
 pub mod faults;
-pub mod linearizability;
 pub mod membership;
 pub mod node;
 pub mod proto;
@@ -15,6 +14,7 @@ pub mod server;
 pub mod status;
 pub mod storage;
 pub mod transport;
+pub mod verify;
 
 #[path = "../client/mod.rs"]
 pub mod client;

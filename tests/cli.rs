@@ -57,6 +57,7 @@ fn a_down_cluster_fails_every_command_quickly_with_exit_2_and_says_why() {
         &["status"],
         &["split", "m"],
         &["--output", "json", "get", "k"],
+        &["verify", "--duration", "1"],
     ] {
         let mut full = vec!["--timeout", "2"];
         full.extend_from_slice(args);
@@ -88,6 +89,8 @@ fn bad_arguments_exit_2_with_a_usage_message_before_any_network_call() {
         (&["--timeout", "soon", "query"], &["is not a number"]),
         (&["query", "notanumber"], &["invalid value", "notanumber"]),
         (&["leave", "--gid", "x"], &["invalid value"]),
+        (&["verify", "--keys", "0"], &["invalid value", "--keys"]),
+        (&["verify", "--duration", "0"], &["must be more than 0"]),
         (&["cas", "k", "--value", "v"], &["required"]),
         (
             &["join", "--gid", "3", "--node", "127.0.0.1:1"],

@@ -1,6 +1,8 @@
 //! Jepsen-style end-to-end tests: real `shardmaster` and `kvnode` processes with
 //! test-only fault injection (cut links, loss, delay) on their Raft traffic and
-//! range transfers, plus kill -9, while concurrent recorded clients run. Every
+//! range transfers, plus kill -9, while concurrent recorded clients run: raw test
+//! clients and tasks sharing one product `Client` (batching, retries, write
+//! window), recorded into one history. Every
 //! scenario checks the history for linearizability and that no acknowledged write
 //! was lost (`common::faults::Workload::finish`), and prints its seed
 //! (`SHARDKV_SEED=<n>` replays the clients' choices; faults and timing still vary).
@@ -159,7 +161,8 @@ async fn clients_through_joins_leaves_master_kill_mid_join_and_group_restart() {
     let work = Workload::start(
         masters,
         WorkloadOptions::new(&["b0", "b1", "h0", "p0", "p1", "w0"], seed),
-    );
+    )
+    .await;
     work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
         .await;
 
@@ -246,7 +249,8 @@ async fn lossy_network_during_moves_and_leaders_killed_mid_transfer() {
     let work = Workload::start(
         masters.clone(),
         WorkloadOptions::new(&["b0", "h0", "h1", "p0", "w0"], seed),
-    );
+    )
+    .await;
     work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
         .await;
 
@@ -360,7 +364,8 @@ async fn minority_partition_serves_no_stale_read_and_catches_up_after_missed_con
     let work = Workload::start(
         masters.clone(),
         WorkloadOptions::new(&["b0", "h0", "p0", "p1", "w0"], seed),
-    );
+    )
+    .await;
     let mut kv = cluster.client();
     kv.put(b"fresh", b"v1").await.expect("put v1");
     work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
@@ -625,7 +630,7 @@ async fn dead_source_blocks_only_its_range_and_arrived_ranges_serve_first() {
     bootstrap(&cluster, &["d", "h", "n", "q", "t"], &[2]).await;
     let keys = ["b0", "e0", "j0", "o0", "r0", "w0"];
     let masters = cluster.masters().addrs().to_vec();
-    let work = Workload::start(masters.clone(), WorkloadOptions::new(&keys, seed));
+    let work = Workload::start(masters.clone(), WorkloadOptions::new(&keys, seed)).await;
     work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
         .await;
 
@@ -729,7 +734,8 @@ async fn soak() {
     let masters = cluster.masters().addrs().to_vec();
     let mut wo = WorkloadOptions::new(&keys, seed);
     wo.clients = 6;
-    let work = Workload::start(masters, wo);
+    wo.product_tasks = 16;
+    let work = Workload::start(masters, wo).await;
     work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
         .await;
 

@@ -1340,7 +1340,7 @@ async fn paused_leader_is_replaced_and_serves_no_stale_read_after_resume() {
 #[tokio::test]
 async fn concurrent_clients_stay_linearizable_through_moves_and_leader_kills() {
     use rand::{Rng, SeedableRng};
-    use shardkv::linearizability::{check, Output, Recorder};
+    use shardkv::verify::{check, Output, Recorder};
 
     let mut cluster = KvCluster::start(options(1, 2));
     two_groups_with_splits(&cluster, &[b"n"]).await;

@@ -9,13 +9,13 @@ use common::{
     Proc,
 };
 use shardkv::client::{Client, ClientOptions};
-use shardkv::linearizability::{check, Input, Output, Recorder};
 use shardkv::proto::membership_client::MembershipClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
     AddMemberRequest, Liveness, Node, NodeStatusRequest, RemoveMemberRequest, StatusRequest,
     TransferLeaderRequest,
 };
+use shardkv::verify::{check, Input, Output, Recorder};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

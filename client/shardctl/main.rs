@@ -22,6 +22,7 @@ mod info;
 mod local;
 mod members;
 mod output;
+mod verify;
 
 use clap::{Args, Parser, Subcommand};
 use output::Output;
@@ -93,6 +94,9 @@ enum Commands {
     Local(local::Command),
     /// Measure throughput and latency with a closed-loop workload.
     Bench(bench::BenchArgs),
+    /// Check the cluster for linearizability: run a recorded concurrent workload on
+    /// scratch keys, check the history, print the verdict (exit status 1 if violated).
+    Verify(verify::VerifyArgs),
 }
 
 /// What every command can use: the global options and ways to reach the cluster.
@@ -164,6 +168,7 @@ async fn run(ctx: &Ctx, command: Commands) -> anyhow::Result<ExitCode> {
         Commands::Members(c) => members::run(ctx, c).await,
         Commands::Local(c) => local::run(ctx, c).await,
         Commands::Bench(a) => bench::run(ctx, a).await,
+        Commands::Verify(a) => verify::run(ctx, a).await,
     }
 }
 

@@ -6,22 +6,27 @@
 //! - [`At`] names one server; `KvCluster::{cut, partition, partition_group, isolate,
 //!   set_loss, heal_all}` set faults on the servers that are up. Faults live in a
 //!   server's memory: a killed and restarted server has none; a paused one keeps its.
-//! - [`Workload`] runs concurrent recorded clients (Get / Put / Delete / CAS on a few
-//!   hot keys, plus Puts of unique keys) and, in [`Workload::finish`], reads every key
-//!   back, checks the history with `shardkv::linearizability` (printing the smallest
-//!   offending per-key history on failure) and checks that no acknowledged write was
-//!   lost.
+//! - [`Workload`] runs concurrent recorded clients of two kinds on the same few hot
+//!   keys (Get / Put / Delete / CAS): raw test clients, one request per call (plus
+//!   Puts of unique keys), and tasks sharing one product `Client`, whose requests
+//!   coalesce into Batch calls and go through its retries and write window
+//!   (`shardkv::verify::workload`). Both record into one history. In
+//!   [`Workload::finish`] it reads every key back, checks the history with
+//!   `shardkv::verify` (printing the smallest offending per-key history on
+//!   failure) and checks that no acknowledged write was lost.
 //! - [`seed`] picks the test's seed (`SHARDKV_SEED` replays one) and prints it.
 
-use super::{recorded_random_op, rpc, wait_until, RandomOp};
+use super::{recorded_random_op, rpc, wait_until};
 use super::{KvCluster, KvOptions, KvTestClient, MasterCluster, MasterOptions, RPC_TIMEOUT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shardkv::linearizability::{check, CheckResult, Input, Operation, Output, Recorder};
+use shardkv::client::{Client, ClientOptions};
 use shardkv::proto::faults_client::FaultsClient;
 use shardkv::proto::{
     ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, NodeFaults, SetFaultsRequest,
 };
+use shardkv::verify::workload::{self, Seen, Stats};
+use shardkv::verify::{check, CheckResult, Input, Operation, Output, Recorder};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -285,20 +290,27 @@ impl KvCluster {
 /// How a [`Workload`] behaves.
 #[derive(Clone, Debug)]
 pub struct WorkloadOptions {
+    /// Raw test clients, ids `0..clients`.
     pub clients: u64,
+    /// Tasks sharing one product `Client`, ids from [`PRODUCT_TASK_IDS`].
+    pub product_tasks: u64,
     /// The hot keys every client reads and writes.
     pub keys: Vec<Vec<u8>>,
     pub seed: u64,
     /// A client gives up on one operation after this long (its outcome is then unknown).
     pub op_deadline: Duration,
-    /// Percent of operations that Put a fresh unique key (`u/<client>/<n>`).
+    /// Percent of a raw client's operations that Put a fresh unique key (`u/<client>/<n>`).
     pub unique_percent: u32,
 }
+
+/// The first history id of the product client's tasks (raw clients count from 0).
+pub const PRODUCT_TASK_IDS: u64 = 1000;
 
 impl WorkloadOptions {
     pub fn new(keys: &[&str], seed: u64) -> WorkloadOptions {
         WorkloadOptions {
             clients: 4,
+            product_tasks: 8,
             keys: keys.iter().map(|k| k.as_bytes().to_vec()).collect(),
             seed,
             op_deadline: Duration::from_secs(3),
@@ -307,36 +319,22 @@ impl WorkloadOptions {
     }
 }
 
-/// What one client did.
+/// What one raw client did.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ClientStats {
-    pub completed: u64,
-    pub unknown: u64,
-    pub gets: u64,
-    pub puts: u64,
-    pub deletes: u64,
-    pub cas: u64,
-    pub swapped: u64,
+    /// Operations on the hot keys.
+    pub ops: Stats,
+    /// Unique-key Puts acknowledged.
     pub unique_acked: u64,
-}
-
-impl ClientStats {
-    fn add(&mut self, o: &ClientStats) {
-        self.completed += o.completed;
-        self.unknown += o.unknown;
-        self.gets += o.gets;
-        self.puts += o.puts;
-        self.deletes += o.deletes;
-        self.cas += o.cas;
-        self.swapped += o.swapped;
-        self.unique_acked += o.unique_acked;
-    }
 }
 
 /// The outcome of [`Workload::finish`].
 #[derive(Clone, Debug)]
 pub struct Report {
-    pub stats: ClientStats,
+    /// The raw test clients.
+    pub raw: ClientStats,
+    /// The tasks of the product client.
+    pub product: Stats,
     pub operations: usize,
     pub violations: usize,
     pub lost_writes: usize,
@@ -349,6 +347,7 @@ pub struct Workload {
     stop: Arc<AtomicBool>,
     completed: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<ClientStats>>,
+    product: workload::Workload,
     /// Acknowledged unique keys and their values.
     acked_unique: AckedUnique,
     masters: Vec<String>,
@@ -363,8 +362,8 @@ pub const UNIQUE_PREFIX: &str = "u/";
 const UNIQUE_END: &[u8] = b"u0";
 
 impl Workload {
-    /// Starts `options.clients` clients against the cluster whose masters are `masters`.
-    pub fn start(masters: Vec<String>, options: WorkloadOptions) -> Workload {
+    /// Starts the clients against the cluster whose masters are `masters`.
+    pub async fn start(masters: Vec<String>, options: WorkloadOptions) -> Workload {
         let recorder = Recorder::new();
         let stop = Arc::new(AtomicBool::new(false));
         let completed = Arc::new(AtomicU64::new(0));
@@ -385,20 +384,41 @@ impl Workload {
                 ))
             })
             .collect();
+        let client = Client::connect_with(
+            &masters,
+            ClientOptions {
+                call_deadline: options.op_deadline,
+                attempt_timeout: RPC_TIMEOUT.min(options.op_deadline),
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .expect("product client connects");
+        let product = workload::Workload::start(
+            &client,
+            &recorder,
+            &workload::WorkloadOptions {
+                keys: options.keys.clone(),
+                tasks: options.product_tasks,
+                seed: options.seed,
+                first_task: PRODUCT_TASK_IDS,
+            },
+        );
         Workload {
             recorder,
             stop,
             completed,
             tasks,
+            product,
             acked_unique,
             masters,
             keys: options.keys,
         }
     }
 
-    /// Operations completed (acknowledged) so far.
+    /// Operations completed (acknowledged) so far, by both kinds of client.
     pub fn completed(&self) -> u64 {
-        self.completed.load(Ordering::Relaxed)
+        self.completed.load(Ordering::Relaxed) + self.product.completed()
     }
 
     /// Waits until `more` operations have completed after the call (true), or
@@ -422,12 +442,14 @@ impl Workload {
     /// "violations: N, lost writes: M", and fails the test if either is not 0.
     pub async fn finish(self, what: &str) -> Report {
         self.stop.store(true, Ordering::Relaxed);
-        let mut stats = ClientStats::default();
+        let mut raw = ClientStats::default();
         for (client, t) in self.tasks.into_iter().enumerate() {
             let s = t.await.expect("client task panicked");
-            println!("client {client}: {s:?}");
-            stats.add(&s);
+            println!("raw client {client}: {s:?}");
+            raw.ops.add(&s.ops);
+            raw.unique_acked += s.unique_acked;
         }
+        let product = self.product.stop().await;
 
         // Final reads, recorded: a lost or stale value shows in the history.
         let mut kv = KvTestClient::new(self.masters.clone());
@@ -472,18 +494,17 @@ impl Workload {
         let check_time = started.elapsed();
         let violations = usize::from(!result.is_ok());
         println!(
-            "{what}: {} operations ({} completed, {} unknown; {} gets, {} puts, {} deletes, \
-             {} cas of which {} swapped, {} unique keys acknowledged), checked in {check_time:?}",
+            "{what}: {} operations, checked in {check_time:?}; {} unique keys acknowledged",
             history.len(),
-            stats.completed,
-            stats.unknown,
-            stats.gets,
-            stats.puts,
-            stats.deletes,
-            stats.cas,
-            stats.swapped,
-            stats.unique_acked
+            raw.unique_acked
         );
+        for (kind, s) in [("raw test clients", &raw.ops), ("product client", &product)] {
+            println!(
+                "{what}: {kind}: {} completed, {} unknown; {} gets, {} puts, {} deletes, \
+                 {} cas of which {} swapped",
+                s.completed, s.unknown, s.gets, s.puts, s.deletes, s.cas, s.swapped
+            );
+        }
         println!(
             "{what}: violations: {violations}, lost writes: {}",
             lost.len()
@@ -500,8 +521,16 @@ impl Workload {
             lost.is_empty(),
             "{what}: lost acknowledged writes: {lost:#?}"
         );
+        // Both kinds of client must have been checked, not only recorded.
+        assert!(
+            raw.ops.completed > 0 && product.completed > 0,
+            "{what}: a kind of client completed nothing (raw {}, product {})",
+            raw.ops.completed,
+            product.completed
+        );
         Report {
-            stats,
+            raw,
+            product,
             operations: history.len(),
             violations,
             lost_writes: lost.len(),
@@ -578,43 +607,28 @@ async fn run_client(
 ) -> ClientStats {
     let mut rng = StdRng::seed_from_u64(options.seed ^ client.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut stats = ClientStats::default();
-    // The value this client last saw at each key: CAS expects it (often current).
-    let mut seen: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+    let mut seen = Seen::new();
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
         let dice = rng.random_range(0..100);
         if dice < options.unique_percent {
             let key = format!("{UNIQUE_PREFIX}{client}/{n}").into_bytes();
-            match kv.put(&key, &key).await {
-                Ok(()) => {
-                    acked_unique.lock().unwrap().push((key.clone(), key));
-                    stats.unique_acked += 1;
-                    stats.completed += 1;
-                    completed.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => stats.unknown += 1,
+            if kv.put(&key, &key).await.is_ok() {
+                acked_unique.lock().unwrap().push((key.clone(), key));
+                stats.unique_acked += 1;
+                completed.fetch_add(1, Ordering::Relaxed);
             }
             continue;
         }
         let key = options.keys[rng.random_range(0..options.keys.len())].clone();
         let value = format!("c{client}-{n}").into_bytes();
         let dice = rng.random_range(0..100);
-        let (op, out) =
+        let (input, out) =
             recorded_random_op(&mut kv, &recorder, client, &mut seen, key, value, dice).await;
-        match op {
-            RandomOp::Get => stats.gets += 1,
-            RandomOp::Put => stats.puts += 1,
-            RandomOp::Cas => stats.cas += 1,
-            RandomOp::Delete => stats.deletes += 1,
-        }
-        match out {
-            Some(out) => {
-                stats.swapped += u64::from(out == Output::Cas(true));
-                stats.completed += 1;
-                completed.fetch_add(1, Ordering::Relaxed);
-            }
-            None => stats.unknown += 1,
+        stats.ops.count(&input, out.as_ref());
+        if out.is_some() {
+            completed.fetch_add(1, Ordering::Relaxed);
         }
     }
     stats

@@ -2103,67 +2103,38 @@ impl KvTestClient {
     }
 }
 
-/// The kinds of operation [`recorded_random_op`] issues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RandomOp {
-    Get,
-    Put,
-    Cas,
-    Delete,
-}
-
-/// Issues one operation of a recorded random workload on `key` through `kv`, chosen by
-/// `dice` (0..100): Get 40%, Put 30%, CAS 20%, Delete 10%. CAS expects the value this
-/// client last saw at the key (`seen`, kept up to date here), which is often current.
-/// The operation is recorded in `recorder`: completed on success, outcome unknown on
-/// an error (a timed-out write may still take effect). Returns the kind and, when it
-/// completed, its output.
+/// Issues one operation of a recorded random workload on `key` through the raw test
+/// client `kv`, chosen by `dice` (0..100) as the product workload chooses
+/// (`shardkv::verify::workload::random_input`; a CAS expects the value this client
+/// last saw, kept in `seen`). Recorded in `recorder`: completed on success, outcome
+/// unknown on an error (a timed-out write may still take effect). Returns the input
+/// and, when it completed, its output.
 pub async fn recorded_random_op(
     kv: &mut KvTestClient,
-    recorder: &shardkv::linearizability::Recorder,
+    recorder: &shardkv::verify::Recorder,
     client: u64,
-    seen: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    seen: &mut shardkv::verify::workload::Seen,
     key: Vec<u8>,
     value: Vec<u8>,
     dice: u32,
-) -> (RandomOp, Option<shardkv::linearizability::Output>) {
-    use shardkv::linearizability::{Input, Output};
-    let (op, handle, result) = if dice < 40 {
-        let h = recorder.invoke(client, Input::get(key.clone()));
-        let r = kv.get(&key).await;
-        if let Ok(v) = &r {
-            seen.insert(key, v.clone());
+) -> (shardkv::verify::Input, Option<shardkv::verify::Output>) {
+    use shardkv::verify::workload::{random_input, recorded};
+    use shardkv::verify::{Input, Output};
+    let input = random_input(dice, key, value, seen);
+    let output = recorded(recorder, client, seen, input.clone(), |input| async move {
+        match &input {
+            Input::Get { key } => kv.get(key).await.map(|v| (Output::Get(v.clone()), Some(v))),
+            Input::Put { key, value } => kv
+                .put(key, value)
+                .await
+                .map(|()| (Output::Write, Some(Some(value.clone())))),
+            Input::Delete { key } => kv.delete(key).await.map(|_| (Output::Write, Some(None))),
+            Input::Cas { key, expected, new } => kv
+                .cas(key, expected.as_deref(), new.as_deref())
+                .await
+                .map(|r| (Output::Cas(r.swapped), Some(r.found.then_some(r.current)))),
         }
-        (RandomOp::Get, h, r.map(Output::Get))
-    } else if dice < 70 {
-        let h = recorder.invoke(client, Input::put(key.clone(), value.clone()));
-        let r = kv.put(&key, &value).await;
-        seen.insert(key, Some(value));
-        (RandomOp::Put, h, r.map(|_| Output::Write))
-    } else if dice < 90 {
-        let expected = seen.get(&key).cloned().flatten();
-        let h = recorder.invoke(
-            client,
-            Input::cas(key.clone(), expected.as_deref(), Some(&value)),
-        );
-        let r = kv.cas(&key, expected.as_deref(), Some(&value)).await;
-        if let Ok(r) = &r {
-            seen.insert(key, r.found.then(|| r.current.clone()));
-        }
-        (RandomOp::Cas, h, r.map(|r| Output::Cas(r.swapped)))
-    } else {
-        let h = recorder.invoke(client, Input::delete(key.clone()));
-        let r = kv.delete(&key).await;
-        (RandomOp::Delete, h, r.map(|_| Output::Write))
-    };
-    match result {
-        Ok(out) => {
-            recorder.complete(handle, out.clone());
-            (op, Some(out))
-        }
-        Err(_) => {
-            recorder.unknown(handle);
-            (op, None)
-        }
-    }
+    })
+    .await;
+    (input, output)
 }

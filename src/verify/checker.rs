@@ -1,11 +1,9 @@
-//! Linearizability checker for recorded client histories (Jepsen/porcupine style).
+//! The linearizability checker (Jepsen/porcupine style).
 //!
-//! Tests drive the store from many clients, record every operation with a
-//! [`Recorder`] (invocation time, completion time, observed result), and then
-//! ask [`check`] whether some total order of the operations exists that
-//! respects real time (an operation that returned before another was invoked
-//! comes first) and explains every observed result on a sequential key-value
-//! store whose keys all start absent.
+//! [`check`] asks whether some total order of a history's operations exists
+//! that respects real time (an operation that returned before another was
+//! invoked comes first) and explains every observed result on a sequential
+//! key-value store whose keys all start absent.
 //!
 //! Every key is an independent register, and linearizability is compositional,
 //! so the history is split by key and each key is checked on its own with the
@@ -24,111 +22,13 @@
 //!
 //! The search is exponential in the worst case, so it is bounded by
 //! [`Limits`]; a key that exceeds them yields [`CheckResult::Unknown`], never a
-//! false `Ok`.
-//!
-//! ```
-//! use shardkv::linearizability::{check, Input, Output, Recorder};
-//!
-//! let recorder = Recorder::new(); // clone it into every client task
-//! let put = recorder.invoke(1, Input::put("x", "1"));
-//! // ... send the request, await the reply ...
-//! recorder.complete(put, Output::Write);
-//! let get = recorder.invoke(2, Input::get("x"));
-//! recorder.complete(get, Output::Get(None)); // stale: the put had completed
-//!
-//! let result = check(&recorder.into_history());
-//! assert!(result.violation().is_some());
-//! println!("{result}"); // the key and the offending ops, one per line
-//! ```
+//! false `Ok`. A violation is shrunk to a small per-key sub-history that is
+//! still not linearizable (the witness printed by `Display`).
 
+use super::history::{Bytes, Input, Operation, Output};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Instant;
-
-/// A request a client sent to the store.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Input {
-    /// Read a key.
-    Get { key: Vec<u8> },
-    /// Set a key to a value.
-    Put { key: Vec<u8>, value: Vec<u8> },
-    /// Remove a key (absent afterwards, whether or not it existed).
-    Delete { key: Vec<u8> },
-    /// Compare-and-swap: if the key's current value equals `expected` (`None`:
-    /// the key must be absent), set it to `new` (`None`: delete it).
-    Cas {
-        key: Vec<u8>,
-        expected: Option<Vec<u8>>,
-        new: Option<Vec<u8>>,
-    },
-}
-
-impl Input {
-    /// A `Get` of `key`.
-    pub fn get(key: impl Into<Vec<u8>>) -> Self {
-        Input::Get { key: key.into() }
-    }
-
-    /// A `Put` of `value` at `key`.
-    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
-        Input::Put {
-            key: key.into(),
-            value: value.into(),
-        }
-    }
-
-    /// A `Delete` of `key`.
-    pub fn delete(key: impl Into<Vec<u8>>) -> Self {
-        Input::Delete { key: key.into() }
-    }
-
-    /// A `Cas` on `key` from `expected` to `new` (`None` = absent).
-    pub fn cas(key: impl Into<Vec<u8>>, expected: Option<&[u8]>, new: Option<&[u8]>) -> Self {
-        Input::Cas {
-            key: key.into(),
-            expected: expected.map(<[u8]>::to_vec),
-            new: new.map(<[u8]>::to_vec),
-        }
-    }
-
-    /// The key the request touches.
-    pub fn key(&self) -> &[u8] {
-        match self {
-            Input::Get { key } | Input::Put { key, .. } | Input::Delete { key } => key,
-            Input::Cas { key, .. } => key,
-        }
-    }
-}
-
-/// The result a client observed.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Output {
-    /// Result of a `Get`: the value, or `None` if the key was absent.
-    Get(Option<Vec<u8>>),
-    /// A `Put` or `Delete` was acknowledged.
-    Write,
-    /// Result of a `Cas`: whether the swap happened.
-    Cas(bool),
-}
-
-/// One operation of a recorded history.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Operation {
-    /// Which client issued it (only used in messages).
-    pub client: u64,
-    /// What was asked.
-    pub input: Input,
-    /// Invocation time in nanoseconds from any common origin.
-    pub call: u64,
-    /// Completion time on the same clock; `None` when the outcome is unknown
-    /// (timeout, crash): the operation may or may not have taken effect, at
-    /// any time after `call`.
-    pub ret: Option<u64>,
-    /// The observed result; ignored when `ret` is `None`.
-    pub output: Output,
-}
 
 /// Bounds on the work [`check_with_limits`] may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -713,13 +613,18 @@ fn build_list(ops: &[&Operation]) -> EventList {
 /// Removes chunks of operations, halving the chunk size down to single ops,
 /// while the rest stays non-linearizable and the budget lasts. Only sound
 /// removals are tried (see [`sound_removal`]), so the witness being
-/// non-linearizable still proves the whole history is.
+/// non-linearizable still proves the whole history is. Passes of single ops
+/// repeat until one removes nothing (a removal can make an earlier op
+/// removable: one that only a dropped op's expectation kept), so within the
+/// budget no single op of the witness can go.
 fn shrink<'a>(ops: &[&'a Operation], limits: &Limits, budget: &mut u64) -> Vec<&'a Operation> {
     let mut current: Vec<&Operation> = ops.to_vec();
     let mut chunk = (current.len() / 2).max(1);
-    // Each round halves `chunk`; within a round each try removes a chunk or
-    // advances past it, and every try costs budget, so both loops end.
+    // Each round halves `chunk` or, at 1, removes an op; within a round each
+    // try removes a chunk or advances past it, and every try costs budget, so
+    // both loops end.
     loop {
+        let before = current.len();
         let mut start = 0;
         while start < current.len() && *budget > 0 {
             let end = (start + chunk).min(current.len());
@@ -738,10 +643,10 @@ fn shrink<'a>(ops: &[&'a Operation], limits: &Limits, budget: &mut u64) -> Vec<&
                 start = end;
             }
         }
-        if chunk == 1 || *budget == 0 {
+        if *budget == 0 || (chunk == 1 && current.len() == before) {
             return current;
         }
-        chunk /= 2;
+        chunk = (chunk / 2).max(1);
     }
 }
 
@@ -846,65 +751,6 @@ fn drop_unneeded_unknowns(mut ops: Vec<&Operation>) -> Vec<&Operation> {
 // Display
 // ---------------------------------------------------------------------------
 
-/// Bytes as a quoted, escaped UTF-8 (lossy) string.
-struct Bytes<'a>(&'a [u8]);
-
-impl fmt::Display for Bytes<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", String::from_utf8_lossy(self.0))
-    }
-}
-
-/// A value or `absent`.
-struct MaybeBytes<'a>(Option<&'a [u8]>);
-
-impl fmt::Display for MaybeBytes<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(v) => Bytes(v).fmt(f),
-            None => f.write_str("absent"),
-        }
-    }
-}
-
-impl fmt::Display for Input {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Input::Get { key } => write!(f, "get({})", Bytes(key)),
-            Input::Put { key, value } => write!(f, "put({}, {})", Bytes(key), Bytes(value)),
-            Input::Delete { key } => write!(f, "delete({})", Bytes(key)),
-            Input::Cas { key, expected, new } => write!(
-                f,
-                "cas({}, {} -> {})",
-                Bytes(key),
-                MaybeBytes(expected.as_deref()),
-                MaybeBytes(new.as_deref())
-            ),
-        }
-    }
-}
-
-impl fmt::Display for Output {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Output::Get(v) => MaybeBytes(v.as_deref()).fmt(f),
-            Output::Write => f.write_str("ok"),
-            Output::Cas(true) => f.write_str("swapped"),
-            Output::Cas(false) => f.write_str("not swapped"),
-        }
-    }
-}
-
-impl fmt::Display for Operation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "client {:<4} [{:>12} .. ", self.client, self.call)?;
-        match self.ret {
-            Some(ret) => write!(f, "{ret:>12}] {} -> {}", self.input, self.output),
-            None => write!(f, "{:>12}] {} -> unknown", "?", self.input),
-        }
-    }
-}
-
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -941,121 +787,12 @@ impl fmt::Display for CheckResult {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Recording
-// ---------------------------------------------------------------------------
-
-/// Records a history from many clients. Clones share one history and one
-/// clock origin, so hand a clone to every task or thread.
-#[derive(Clone, Debug)]
-pub struct Recorder {
-    shared: Arc<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    origin: Instant,
-    ops: Mutex<Vec<Operation>>,
-}
-
-/// An invoked operation awaiting its result. Dropping it without
-/// [`Recorder::complete`] leaves the outcome unknown, like
-/// [`Recorder::unknown`].
-#[derive(Debug)]
-#[must_use = "pass the handle to Recorder::complete or Recorder::unknown"]
-pub struct OpHandle {
-    index: usize,
-}
-
-impl Default for Recorder {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Recorder {
-    /// An empty history whose clock starts now.
-    pub fn new() -> Self {
-        Recorder {
-            shared: Arc::new(Shared {
-                origin: Instant::now(),
-                ops: Mutex::new(Vec::new()),
-            }),
-        }
-    }
-
-    /// Records that `client` is about to send `input`. Call it before sending.
-    pub fn invoke(&self, client: u64, input: Input) -> OpHandle {
-        // Stamped before taking the lock: waiting for it only widens the
-        // interval, which can hide but never invent a violation.
-        let call = self.now();
-        let mut ops = self.lock();
-        ops.push(Operation {
-            client,
-            input,
-            call,
-            ret: None,
-            // Placeholder; ignored while `ret` is None.
-            output: Output::Write,
-        });
-        OpHandle {
-            index: ops.len() - 1,
-        }
-    }
-
-    /// Records the result the client received.
-    pub fn complete(&self, handle: OpHandle, output: Output) {
-        let ret = self.now(); // before the lock, as in `invoke`
-        if let Some(op) = self.lock().get_mut(handle.index) {
-            op.ret = Some(ret);
-            op.output = output;
-        }
-    }
-
-    /// Records that the outcome is unknown (timeout, lost connection): the
-    /// operation may take effect at any later time, or never.
-    pub fn unknown(&self, handle: OpHandle) {
-        drop(handle); // `ret` stays None
-    }
-
-    /// A copy of the history so far.
-    pub fn snapshot(&self) -> Vec<Operation> {
-        self.lock().clone()
-    }
-
-    /// The recorded history (copied if other clones are still alive).
-    pub fn into_history(self) -> Vec<Operation> {
-        match Arc::try_unwrap(self.shared) {
-            Ok(shared) => shared
-                .ops
-                .into_inner()
-                .unwrap_or_else(PoisonError::into_inner),
-            Err(shared) => shared
-                .ops
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone(),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.shared.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// A panicking client thread must not make the rest of the history unreadable.
-    fn lock(&self) -> MutexGuard<'_, Vec<Operation>> {
-        self.shared
-            .ops
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+    use std::time::Instant;
 
     fn val(s: Option<&str>) -> Option<Vec<u8>> {
         s.map(|s| s.as_bytes().to_vec())
@@ -1477,40 +1214,6 @@ mod tests {
         assert!(check(&[]).is_ok());
     }
 
-    #[test]
-    fn recorder_collects_from_threads() {
-        let recorder = Recorder::new();
-        let threads: Vec<_> = (0..4u64)
-            .map(|client| {
-                let recorder = recorder.clone();
-                std::thread::spawn(move || {
-                    for i in 0..25u64 {
-                        let key = format!("k{client}");
-                        let h = recorder.invoke(client, Input::put(key.as_str(), i.to_string()));
-                        recorder.complete(h, Output::Write);
-                        let h = recorder.invoke(client, Input::get(key.as_str()));
-                        recorder.complete(h, Output::Get(Some(i.to_string().into_bytes())));
-                    }
-                    let h = recorder.invoke(client, Input::put("shared", "lost"));
-                    recorder.unknown(h);
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().expect("client thread");
-        }
-        assert_eq!(recorder.snapshot().len(), 4 * 51);
-        let history = recorder.into_history();
-        assert_eq!(history.len(), 4 * 51);
-        for op in &history {
-            match op.input {
-                Input::Put { ref key, .. } if key == b"shared" => assert_eq!(op.ret, None),
-                _ => assert!(op.ret.is_some_and(|r| r >= op.call), "{op}"),
-            }
-        }
-        assert_ok(&history);
-    }
-
     // --- Randomized: histories of a simulated linearizable store ---------
 
     const KEYS: [&str; 3] = ["a", "b", "c"];
@@ -1611,6 +1314,23 @@ mod tests {
         })
     }
 
+    /// Every op the witness could soundly lose is needed: without it, the rest is
+    /// linearizable.
+    fn assert_one_minimal(v: &Violation, seed: u64) {
+        let ops: Vec<&Operation> = v.ops.iter().collect();
+        for i in 0..ops.len() {
+            let mut rest = ops.clone();
+            let removed = rest.remove(i);
+            if sound_removal(&[removed], &rest) {
+                let (outcome, _) = check_key(&rest, u64::MAX);
+                assert!(
+                    matches!(outcome, Outcome::Linearizable),
+                    "seed {seed}: the witness still violates without {removed}:\n{v}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn random_linearizable_histories_are_accepted_and_corruptions_rejected() {
         let mut checked_corruptions = 0;
@@ -1671,6 +1391,7 @@ mod tests {
                     v.ops.contains(&history[victim]),
                     "seed {seed}: read missing from {v}"
                 );
+                assert_one_minimal(v, seed);
                 checked_corruptions += 1;
             }
         }
