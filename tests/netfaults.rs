@@ -15,10 +15,11 @@ mod common;
 
 use common::faults::{seed, Workload, WorkloadOptions, FAULT_FLAG};
 use common::netns::{self, Net};
-use common::{expect_within, rpc, KvCluster, KvOptions};
+use common::{expect_within, rpc, rpc_within, KvCluster, KvOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shardkv::proto::{Config, PutRequest};
+use shardkv::linearizability::{check, CheckResult, Input, Output, Recorder};
+use shardkv::proto::{Config, GetRequest, PutRequest};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -300,6 +301,173 @@ fn kernel_soak() {
         println!("soak: {} steps in {secs} s (seed {seed})", steps.len());
         cluster.wait_settled(SETTLE_WAIT).await;
         work.finish("kernel soak").await;
+    });
+}
+
+/// How a leader cut off with a fresh lease fared while its followers' Raft clocks
+/// ran `rate` times fast (`--test-tick-multiplier`).
+struct LeaseEdge {
+    /// The history of the cut-off leader's reads and the majority's write, checked.
+    result: CheckResult,
+    /// Reads the cut-off leader served after the majority acknowledged the write.
+    served_after_ack: usize,
+    /// Reads it served after the cut (the lease window was exercised).
+    served_after_cut: usize,
+}
+
+/// Cuts a leader off (one group, default tick, so the lease is 800 ms and elections
+/// take 1-2 s by the followers' clocks) right after its lease was renewed, while
+/// its two followers' clocks run `rate` times fast. One task keeps reading from the
+/// old leader, another writes v2 on the majority; the history of both is checked.
+async fn cut_off_leader_with_fast_follower_clocks(net: &Arc<Net>, rate: &str) -> LeaseEdge {
+    let mut cluster = KvCluster::start(KvOptions {
+        masters: 1,
+        groups: 1,
+        tick_ms: 100,
+        net: Some(net.clone()),
+        extra_args: vec![FAULT_FLAG.to_string()],
+        ..Default::default()
+    });
+    bootstrap(&cluster, &[]).await;
+    let old = cluster.wait_leader(1, LEADER_WAIT).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    for &i in &others {
+        cluster.restart_with(1, i, &["--test-tick-multiplier", rate]);
+        cluster.wait_caught_up(1, i, SETTLE_WAIT).await;
+    }
+    assert_eq!(
+        cluster.wait_leader(1, LEADER_WAIT).await,
+        old,
+        "leadership moved while the followers restarted with fast clocks"
+    );
+
+    let key = b"a-lease".to_vec();
+    let recorder = Recorder::new();
+    let h = recorder.invoke(0, Input::put(key.clone(), b"v1".to_vec()));
+    cluster.client().put(&key, b"v1").await.expect("put v1");
+    recorder.complete(h, Output::Write);
+    let read_old = || {
+        let mut client = cluster.kv(1, old);
+        let key = key.clone();
+        let recorder = recorder.clone();
+        async move {
+            let h = recorder.invoke(1, Input::get(key.clone()));
+            let started = Instant::now();
+            match rpc(client.get(GetRequest { key })).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    recorder.complete(h, Output::Get(r.found.then_some(r.value)));
+                    Some(started)
+                }
+                Err(_) => {
+                    recorder.unknown(h);
+                    None
+                }
+            }
+        }
+    };
+    // A read of an expired lease starts a round that renews it: cut right after.
+    expect_within(LEADER_WAIT, "a fresh lease at the leader", || async {
+        read_old().await.is_some()
+            && cluster
+                .node_status(1, old)
+                .await
+                .is_ok_and(|st| st.replica.is_some_and(|r| r.lease_remaining_ms >= 750))
+    })
+    .await;
+    let cut = Instant::now();
+    let me = vec![cluster.addr(1, old).to_owned()];
+    let rest = all_but(&cluster, &me);
+    net.partition(&[me, rest]);
+
+    let acked = Mutex::new(None::<Instant>);
+    let served = Mutex::new(Vec::new());
+    let reader = async {
+        for _ in 0..100_000 {
+            let after_ack = acked
+                .lock()
+                .unwrap()
+                .map(|a| served.lock().unwrap().iter().filter(|&&s| s > a).count());
+            // Stop once the lease is surely over, or a few served reads after the ack.
+            if cut.elapsed() > Duration::from_secs(3) || after_ack >= Some(3) {
+                break;
+            }
+            if let Some(started) = read_old().await {
+                served.lock().unwrap().push(started);
+            }
+        }
+    };
+    let writer = async {
+        let h = recorder.invoke(2, Input::put(key.clone(), b"v2".to_vec()));
+        'acked: for _ in 0..1000 {
+            for &i in &others {
+                let put = PutRequest {
+                    key: key.clone(),
+                    value: b"v2".to_vec(),
+                    id: None,
+                };
+                if rpc_within(Duration::from_millis(500), cluster.kv(1, i).put(put))
+                    .await
+                    .is_ok()
+                {
+                    break 'acked;
+                }
+            }
+            // No leader yet: poll again shortly.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        recorder.complete(h, Output::Write);
+        *acked.lock().unwrap() = Some(Instant::now());
+    };
+    tokio::join!(reader, writer);
+
+    let acked = acked.into_inner().unwrap().expect("v2 acknowledged");
+    let served = served.into_inner().unwrap();
+    let ms = |t: Instant| t.saturating_duration_since(cut).as_millis();
+    println!(
+        "followers at {rate}x: cut at 0 ms, v2 acknowledged by the majority at {} ms, \
+         the cut-off leader served reads invoked at {:?} ms",
+        ms(acked),
+        served.iter().map(|&s| ms(s)).collect::<Vec<_>>()
+    );
+    let result = check(&recorder.snapshot());
+    println!("followers at {rate}x: {result}");
+    LeaseEdge {
+        result,
+        served_after_ack: served.iter().filter(|&&s| s > acked).count(),
+        served_after_cut: served.iter().filter(|&&s| s > cut).count(),
+    }
+}
+
+/// The lease leaves one tick of ten as a margin for clock rates: with the
+/// followers' clocks 10 % fast, a cut-off leader still stops serving from its lease
+/// before they can elect another leader.
+#[test]
+fn kernel_follower_clocks_within_the_lease_margin_keep_reads_linearizable() {
+    netns::run("kernel_clock_within_margin", |net| async move {
+        let edge = cut_off_leader_with_fast_follower_clocks(&net, "1.1").await;
+        assert!(
+            edge.served_after_cut > 0,
+            "the cut-off leader served no read from its lease after the cut"
+        );
+        assert_eq!(edge.served_after_ack, 0, "stale reads: {}", edge.result);
+        assert!(edge.result.is_ok(), "{}", edge.result);
+    });
+}
+
+/// The clock-rate fault bites: with the followers' clocks 4x fast they elect a
+/// leader, which acknowledges a write, while the cut-off leader still serves the old
+/// value from its lease, and the checker reports it. (The lease assumes clock rates
+/// differ by less than its margin; this is what happens when they do not.)
+#[test]
+fn kernel_follower_clocks_beyond_the_lease_margin_break_it() {
+    netns::run("kernel_clock_beyond_margin", |net| async move {
+        let edge = cut_off_leader_with_fast_follower_clocks(&net, "4").await;
+        assert!(
+            edge.served_after_ack > 0 && !edge.result.is_ok(),
+            "4x fast follower clocks did not let a stale read through: {}",
+            edge.result
+        );
     });
 }
 

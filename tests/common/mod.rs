@@ -1365,6 +1365,16 @@ impl KvCluster {
         self.forget_node(gid, i);
     }
 
+    /// Restarts node `i` of `gid` with `extra` appended to its arguments (kept for
+    /// later restarts).
+    pub fn restart_with(&mut self, gid: u64, i: usize, extra: &[&str]) {
+        let proc = &mut self.group_mut(gid).procs[i];
+        let mut args = proc.args().to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        proc.set_args(args);
+        self.restart(gid, i);
+    }
+
     /// Starts node `i` of `gid` if it is not started.
     pub fn start_node(&mut self, gid: u64, i: usize) {
         if !self.group(gid).procs[i].is_started() {
