@@ -118,9 +118,9 @@ fn kernel_minority_partition() {
         let minority = vec![cluster.addr(1, old).to_owned()];
         let majority = all_but(&cluster, &minority);
         net.partition(&[minority, majority]);
-        wait_new_leader(&cluster, 1, old, term).await;
 
-        // The bite: the partitioned node takes no write (group 1 owns `a...`).
+        // The bite: the partitioned leader, which does not know it yet, takes no
+        // write (group 1 owns `a...`); nor is the write applied later.
         let put = rpc(cluster.kv(1, old).put(PutRequest {
             key: b"a-minority".to_vec(),
             value: b"must not be acknowledged".to_vec(),
@@ -129,8 +129,9 @@ fn kernel_minority_partition() {
         .await;
         match put {
             Ok(_) => panic!("the partitioned old leader acknowledged a write"),
-            Err(e) => println!("partitioned old leader {old} refused a write: {e}"),
+            Err(e) => println!("partitioned old leader {old} did not acknowledge a write: {e}"),
         }
+        wait_new_leader(&cluster, 1, old, term).await;
         work.expect_progress(PROGRESS, PROGRESS_WAIT, "with the old leader cut off")
             .await;
         let dropped = net.dropped();
@@ -140,6 +141,11 @@ fn kernel_minority_partition() {
         net.heal_all();
         cluster.wait_caught_up(1, old, SETTLE_WAIT).await;
         cluster.wait_settled(SETTLE_WAIT).await;
+        let probe = cluster.client().get(b"a-minority").await.expect("get");
+        assert_eq!(
+            probe, None,
+            "the minority's unacknowledged write was applied"
+        );
         work.finish("kernel minority partition").await;
     });
 }
