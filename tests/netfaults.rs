@@ -121,6 +121,7 @@ fn kernel_minority_partition() {
 
         // The bite: the partitioned leader, which does not know it yet, takes no
         // write (group 1 owns `a...`); nor is the write applied later.
+        let sent = Instant::now();
         let put = rpc(cluster.kv(1, old).put(PutRequest {
             key: b"a-minority".to_vec(),
             value: b"must not be acknowledged".to_vec(),
@@ -129,7 +130,10 @@ fn kernel_minority_partition() {
         .await;
         match put {
             Ok(_) => panic!("the partitioned old leader acknowledged a write"),
-            Err(e) => println!("partitioned old leader {old} did not acknowledge a write: {e}"),
+            Err(e) => println!(
+                "partitioned old leader {old} did not acknowledge a write: {e} (after {:?})",
+                sent.elapsed()
+            ),
         }
         wait_new_leader(&cluster, 1, old, term).await;
         work.expect_progress(PROGRESS, PROGRESS_WAIT, "with the old leader cut off")

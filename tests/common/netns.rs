@@ -129,6 +129,11 @@ fn enter_netns(path: &PathBuf) {
 
 /// Runs a command; Err(stderr) if it cannot start or fails.
 fn sh(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
+    finish(spawn_cmd(program, args, stdin)?)
+}
+
+/// Starts a command with `stdin` written to it.
+fn spawn_cmd(program: &str, args: &[&str], stdin: Option<&str>) -> Result<Running, String> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(if stdin.is_some() {
@@ -145,15 +150,30 @@ fn sh(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Strin
         pipe.write_all(input.as_bytes())
             .map_err(|e| format!("{program}: write stdin: {e}"))?;
     }
-    let out = child
+    Ok(Running {
+        what: format!("{program} {}", args.join(" ")),
+        child,
+    })
+}
+
+/// A started command.
+struct Running {
+    what: String,
+    child: std::process::Child,
+}
+
+/// Waits for a command; Err(stderr) if it failed.
+fn finish(running: Running) -> Result<String, String> {
+    let out = running
+        .child
         .wait_with_output()
-        .map_err(|e| format!("{program}: {e}"))?;
+        .map_err(|e| format!("{}: {e}", running.what))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
-            "`{program} {}` failed ({}): {}",
-            args.join(" "),
+            "`{}` failed ({}): {}",
+            running.what,
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         ))
@@ -312,12 +332,28 @@ impl Net {
     }
 
     fn nft(&self, ns: &str, script: &str) {
-        must("ip", &["netns", "exec", ns, "nft", "-f", "-"], Some(script));
+        self.nft_all(&[(ns.to_owned(), script.to_owned())]);
+    }
+
+    /// Runs nftables `scripts` (namespace, script) at once, so a fault on many
+    /// servers starts nearly together rather than one `nft` start-up apart.
+    fn nft_all(&self, scripts: &[(String, String)]) {
+        let running: Vec<Running> = scripts
+            .iter()
+            .map(|(ns, script)| {
+                spawn_cmd("ip", &["netns", "exec", ns, "nft", "-f", "-"], Some(script))
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        for r in running {
+            finish(r).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 
     /// Cuts every link between servers (addresses) on different `sides`, both ways:
     /// each server drops what arrives from the other sides. Others are unaffected.
     pub fn partition(&self, sides: &[Vec<String>]) {
+        let mut scripts = Vec::new();
         for (s, side) in sides.iter().enumerate() {
             let others: Vec<String> = sides
                 .iter()
@@ -328,17 +364,13 @@ impl Net {
             if others.is_empty() {
                 continue;
             }
-            for addr in side {
-                let (ns, _) = self.find(addr);
-                self.nft(
-                    &ns,
-                    &format!(
-                        "add rule inet {TABLE} input ip saddr {{ {} }} counter drop\n",
-                        others.join(", ")
-                    ),
-                );
-            }
+            let rule = format!(
+                "add rule inet {TABLE} input ip saddr {{ {} }} counter drop\n",
+                others.join(", ")
+            );
+            scripts.extend(side.iter().map(|addr| (self.find(addr).0, rule.clone())));
         }
+        self.nft_all(&scripts);
         println!("kernel partition {sides:?}");
     }
 
@@ -419,34 +451,41 @@ impl Net {
 
     /// Removes every fault of `addr`.
     pub fn heal(&self, addr: &str) {
-        let (ns, _) = self.find(addr);
-        self.nft(
-            &ns,
-            &format!("flush chain inet {TABLE} input\nflush chain inet {TABLE} output\n"),
-        );
-        // No qdisc to delete is fine.
-        let _ = sh(
-            "ip",
-            &[
-                "netns", "exec", &ns, "tc", "qdisc", "del", "dev", "eth0", "root",
-            ],
-            None,
-        );
+        self.heal_namespaces(vec![self.find(addr).0]);
     }
 
     /// Removes every fault of every server.
     pub fn heal_all(&self) {
-        let addrs: Vec<String> = self
+        let all = self
             .hosts
             .lock()
             .unwrap()
             .values()
-            .map(|h| h.ip.clone())
+            .map(|h| h.ns.clone())
             .collect();
-        for addr in addrs {
-            self.heal(&addr);
-        }
+        self.heal_namespaces(all);
         println!("kernel faults healed");
+    }
+
+    fn heal_namespaces(&self, namespaces: Vec<String>) {
+        let flush = format!("flush chain inet {TABLE} input\nflush chain inet {TABLE} output\n");
+        let scripts: Vec<(String, String)> = namespaces
+            .iter()
+            .map(|ns| (ns.clone(), flush.clone()))
+            .collect();
+        self.nft_all(&scripts);
+        if *self.netem.lock().unwrap() == Some(true) {
+            for ns in &namespaces {
+                // No qdisc to delete is fine.
+                let _ = sh(
+                    "ip",
+                    &[
+                        "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root",
+                    ],
+                    None,
+                );
+            }
+        }
     }
 
     /// Packets dropped by the fixture's rules of `addr` since its last heal.
