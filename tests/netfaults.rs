@@ -34,12 +34,11 @@ const DEFAULT_SOAK_SECS: u64 = 20;
 const KEYS: [&str; 4] = ["a0", "a1", "p0", "p1"];
 
 /// Three masters and `groups` groups of three kvnodes, each in its own namespace.
-fn start(net: &Arc<Net>, groups: u64, extra_args: &[&str]) -> KvCluster {
+fn start(net: &Arc<Net>, groups: u64) -> KvCluster {
     KvCluster::start(KvOptions {
         masters: 3,
         groups,
         net: Some(net.clone()),
-        extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     })
 }
@@ -56,13 +55,6 @@ async fn bootstrap(cluster: &KvCluster, more: &[u64]) -> Config {
         cluster.join(more).await;
     }
     cluster.wait_settled(SETTLE_WAIT).await
-}
-
-fn workload(cluster: &KvCluster, seed: u64) -> Workload {
-    Workload::start(
-        cluster.masters().addrs().to_vec(),
-        WorkloadOptions::new(&KEYS, seed),
-    )
 }
 
 /// The term of node `i` of `gid` if it says it leads.
@@ -100,24 +92,46 @@ fn all_but(cluster: &KvCluster, except: &[String]) -> Vec<String> {
     all
 }
 
+/// Partitions the server at `addr` away from every other server.
+fn isolate(net: &Net, cluster: &KvCluster, addr: &str) {
+    let me = vec![addr.to_owned()];
+    let rest = all_but(cluster, &me);
+    net.partition(&[me, rest]);
+}
+
+/// Drops everything node `leader` of `gid` sends to the rest of its group.
+fn mute(net: &Net, cluster: &KvCluster, gid: u64, leader: usize) {
+    for i in (0..cluster.group(gid).len()).filter(|&i| i != leader) {
+        net.cut(cluster.addr(gid, leader), cluster.addr(gid, i));
+    }
+}
+
+/// A cluster of `groups` groups (group 1 joined, split at `m`, `more` joined), with
+/// recorded clients that have made progress, and their seed.
+async fn serving(net: &Arc<Net>, groups: u64, more: &[u64]) -> (KvCluster, Workload, u64) {
+    let seed = seed();
+    let cluster = start(net, groups);
+    bootstrap(&cluster, more).await;
+    let work = Workload::start(
+        cluster.masters().addrs().to_vec(),
+        WorkloadOptions::new(&KEYS, seed),
+    );
+    work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
+        .await;
+    (cluster, work, seed)
+}
+
 /// A group's leader is partitioned away from every other server (the test's clients
 /// still reach it): it acknowledges no write, the majority elects a leader and
 /// serves, and after healing the history is linearizable with no write lost.
 #[test]
 fn kernel_minority_partition() {
     netns::run("kernel_minority_partition", |net| async move {
-        let seed = seed();
-        let cluster = start(&net, 2, &[]);
-        bootstrap(&cluster, &[2]).await;
-        let work = workload(&cluster, seed);
-        work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
-            .await;
+        let (cluster, work, _) = serving(&net, 2, &[2]).await;
 
         let old = cluster.wait_leader(1, LEADER_WAIT).await;
         let term = leading_term(&cluster, 1, old).await.unwrap_or(0);
-        let minority = vec![cluster.addr(1, old).to_owned()];
-        let majority = all_but(&cluster, &minority);
-        net.partition(&[minority, majority]);
+        isolate(&net, &cluster, cluster.addr(1, old));
 
         // The bite: the partitioned leader, which does not know it yet, takes no
         // write (group 1 owns `a...`); nor is the write applied later.
@@ -138,9 +152,7 @@ fn kernel_minority_partition() {
         wait_new_leader(&cluster, 1, old, term).await;
         work.expect_progress(PROGRESS, PROGRESS_WAIT, "with the old leader cut off")
             .await;
-        let dropped = net.dropped();
-        assert!(dropped > 0, "the partition dropped no packet");
-        println!("partition dropped {dropped} packets");
+        net.expect_dropped("partition");
 
         net.heal_all();
         cluster.wait_caught_up(1, old, SETTLE_WAIT).await;
@@ -159,19 +171,11 @@ fn kernel_minority_partition() {
 #[test]
 fn kernel_one_way_cut_from_a_leader_causes_an_election() {
     netns::run("kernel_one_way_cut", |net| async move {
-        let seed = seed();
-        let cluster = start(&net, 1, &[]);
-        bootstrap(&cluster, &[]).await;
-        let work = workload(&cluster, seed);
-        work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
-            .await;
+        let (cluster, work, _) = serving(&net, 1, &[]).await;
 
         let old = cluster.wait_leader(1, LEADER_WAIT).await;
         let term = leading_term(&cluster, 1, old).await.unwrap_or(0);
-        let from = cluster.addr(1, old).to_owned();
-        for i in (0..3).filter(|&i| i != old) {
-            net.cut(&from, cluster.addr(1, i));
-        }
+        mute(&net, &cluster, 1, old);
         // The bite: the cut alone makes the followers elect a new leader.
         wait_new_leader(&cluster, 1, old, term).await;
         work.expect_progress(PROGRESS, PROGRESS_WAIT, "with the old leader muted")
@@ -188,12 +192,7 @@ fn kernel_one_way_cut_from_a_leader_causes_an_election() {
 #[test]
 fn kernel_packet_loss_during_a_join_and_a_move() {
     netns::run("kernel_packet_loss", |net| async move {
-        let seed = seed();
-        let cluster = start(&net, 2, &[]);
-        bootstrap(&cluster, &[]).await;
-        let work = workload(&cluster, seed);
-        work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
-            .await;
+        let (cluster, work, _) = serving(&net, 2, &[]).await;
 
         for addr in all_but(&cluster, &[]) {
             net.set_loss(&addr, 15);
@@ -212,10 +211,7 @@ fn kernel_packet_loss_during_a_join_and_a_move() {
         cluster.wait_settled(SETTLE_WAIT).await;
         work.expect_progress(PROGRESS, PROGRESS_WAIT, "under loss")
             .await;
-        // The bite: packets were really lost.
-        let dropped = net.dropped();
-        assert!(dropped > 0, "the loss rules dropped no packet");
-        println!("loss dropped {dropped} packets");
+        net.expect_dropped("loss");
 
         net.heal_all();
         cluster.wait_settled(SETTLE_WAIT).await;
@@ -248,13 +244,8 @@ fn kernel_soak() {
             .ok()
             .map(|s| s.parse().expect("SHARDKV_SOAK_SECS is a number of seconds"))
             .unwrap_or(DEFAULT_SOAK_SECS);
-        let seed = seed();
+        let (mut cluster, work, seed) = serving(&net, 2, &[2]).await;
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut cluster = start(&net, 2, &[]);
-        bootstrap(&cluster, &[2]).await;
-        let work = workload(&cluster, seed);
-        work.expect_progress(PROGRESS, PROGRESS_WAIT, "at the start")
-            .await;
 
         let end = Instant::now() + Duration::from_secs(secs);
         let mut steps = Vec::new();
@@ -274,21 +265,13 @@ fn kernel_soak() {
             match &fault {
                 SoakFault::IsolateLeader(g) => {
                     if let Some(l) = cluster.leader(*g).await {
-                        let me = vec![cluster.addr(*g, l).to_owned()];
-                        let rest = all_but(&cluster, &me);
-                        net.partition(&[me, rest]);
+                        isolate(&net, &cluster, cluster.addr(*g, l));
                     }
                 }
-                SoakFault::IsolateAny(addr) => {
-                    let me = vec![addr.clone()];
-                    let rest = all_but(&cluster, &me);
-                    net.partition(&[me, rest]);
-                }
+                SoakFault::IsolateAny(addr) => isolate(&net, &cluster, addr),
                 SoakFault::MuteLeader(g) => {
                     if let Some(l) = cluster.leader(*g).await {
-                        for i in (0..3).filter(|&i| i != l) {
-                            net.cut(cluster.addr(*g, l), cluster.addr(*g, i));
-                        }
+                        mute(&net, &cluster, *g, l);
                     }
                 }
                 SoakFault::Loss(p) => {
@@ -386,9 +369,7 @@ async fn cut_off_leader_with_fast_follower_clocks(net: &Arc<Net>, rate: &str) ->
     })
     .await;
     let cut = Instant::now();
-    let me = vec![cluster.addr(1, old).to_owned()];
-    let rest = all_but(&cluster, &me);
-    net.partition(&[me, rest]);
+    isolate(net, &cluster, cluster.addr(1, old));
 
     let acked = Mutex::new(None::<Instant>);
     let served = Mutex::new(Vec::new());

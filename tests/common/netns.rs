@@ -449,25 +449,15 @@ impl Net {
         .map(|_| ())
     }
 
-    /// Removes every fault of `addr`.
-    pub fn heal(&self, addr: &str) {
-        self.heal_namespaces(vec![self.find(addr).0]);
-    }
-
     /// Removes every fault of every server.
     pub fn heal_all(&self) {
-        let all = self
+        let namespaces: Vec<String> = self
             .hosts
             .lock()
             .unwrap()
             .values()
             .map(|h| h.ns.clone())
             .collect();
-        self.heal_namespaces(all);
-        println!("kernel faults healed");
-    }
-
-    fn heal_namespaces(&self, namespaces: Vec<String>) {
         let flush = format!("flush chain inet {TABLE} input\nflush chain inet {TABLE} output\n");
         let scripts: Vec<(String, String)> = namespaces
             .iter()
@@ -486,10 +476,11 @@ impl Net {
                 );
             }
         }
+        println!("kernel faults healed");
     }
 
     /// Packets dropped by the fixture's rules of `addr` since its last heal.
-    pub fn dropped_at(&self, addr: &str) -> u64 {
+    fn dropped_at(&self, addr: &str) -> u64 {
         let (ns, _) = self.find(addr);
         let listing = must(
             "ip",
@@ -501,6 +492,14 @@ impl Net {
             .skip(1)
             .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
             .sum()
+    }
+
+    /// Checks that the fault (`what`) bites: the rules of the servers dropped packets
+    /// since their last heal.
+    pub fn expect_dropped(&self, what: &str) {
+        let dropped = self.dropped();
+        assert!(dropped > 0, "the {what} dropped no packet");
+        println!("the {what} dropped {dropped} packets");
     }
 
     /// Packets dropped by the fixture's rules of every server since their last heal.
