@@ -17,6 +17,7 @@ use common::faults::{seed, Workload, WorkloadOptions, FAULT_FLAG};
 use common::netns::{self, Net};
 use common::{expect_within, rpc, rpc_within, KvCluster, KvOptions};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use shardkv::linearizability::{check, CheckResult, Input, Output, Recorder};
 use shardkv::proto::{Config, GetRequest, PutRequest};
@@ -219,6 +220,29 @@ fn kernel_packet_loss_during_a_join_and_a_move() {
     });
 }
 
+/// A group's leader is frozen with SIGSTOP (its connections stay open, nothing
+/// answers): the others elect a leader and serve; resumed, the old leader follows.
+#[test]
+fn kernel_paused_leader() {
+    netns::run("kernel_paused_leader", |net| async move {
+        let (mut cluster, work, _) = serving(&net, 1, &[]).await;
+        let old = cluster.wait_leader(1, LEADER_WAIT).await;
+        let term = leading_term(&cluster, 1, old).await.unwrap_or(0);
+        cluster.pause(1, old);
+        // The bite: the pause alone makes the others elect a new leader.
+        wait_new_leader(&cluster, 1, old, term).await;
+        work.expect_progress(PROGRESS, PROGRESS_WAIT, "with the old leader paused")
+            .await;
+
+        cluster.resume(1, old);
+        let caught = cluster.wait_caught_up(1, old, SETTLE_WAIT).await;
+        let role = caught.replica.map(|r| r.role).unwrap_or_default();
+        println!("resumed old leader {old} is now a {role}");
+        cluster.wait_settled(SETTLE_WAIT).await;
+        work.finish("kernel paused leader").await;
+    });
+}
+
 /// One randomized fault of the soak, undone by healing (and resuming).
 #[derive(Debug)]
 enum SoakFault {
@@ -249,9 +273,16 @@ fn kernel_soak() {
 
         let end = Instant::now() + Duration::from_secs(secs);
         let mut steps = Vec::new();
+        // Every kind of fault once per five steps (in a random order), so even the
+        // short default run has each.
+        let mut kinds = Vec::new();
         while Instant::now() < end {
+            if kinds.is_empty() {
+                kinds = (0..5).collect();
+                kinds.shuffle(&mut rng);
+            }
             let gid = rng.random_range(1..=2u64);
-            let fault = match rng.random_range(0..5) {
+            let fault = match kinds.pop().expect("a kind") {
                 0 => SoakFault::IsolateLeader(gid),
                 1 => {
                     let all = all_but(&cluster, &[]);
