@@ -29,7 +29,8 @@
 //! netem qdisc, which not every kernel has ([`Net::netem`] says).
 //!
 //! Namespaces are named `skv-<pid>-<counter>-...`, so parallel tests and other
-//! runs do not collide, and are deleted when the [`Net`] is dropped (also when the
+//! runs do not collide (interfaces, `br0`, `v<n>` and `eth0`, are created
+//! directly inside them, so their short names cannot collide either), and are deleted when the [`Net`] is dropped (also when the
 //! test panics). Namespaces left by a test process that died are deleted by the
 //! next [`Net::new`].
 //!
