@@ -107,6 +107,14 @@ fn mute(net: &Net, cluster: &KvCluster, gid: u64, leader: usize) {
     }
 }
 
+/// Heals every fault, waits until every group serves, and checks the clients'
+/// history (see `Workload::finish`).
+async fn heal_and_finish(net: &Net, cluster: &KvCluster, work: Workload, what: &str) {
+    net.heal_all();
+    cluster.wait_settled(SETTLE_WAIT).await;
+    work.finish(what).await;
+}
+
 /// A cluster of `groups` groups (group 1 joined, split at `m`, `more` joined), with
 /// recorded clients that have made progress, and their seed.
 async fn serving(net: &Arc<Net>, groups: u64, more: &[u64]) -> (KvCluster, Workload, u64) {
@@ -155,15 +163,13 @@ fn kernel_minority_partition() {
             .await;
         net.expect_dropped("partition");
 
-        net.heal_all();
+        heal_and_finish(&net, &cluster, work, "kernel minority partition").await;
         cluster.wait_caught_up(1, old, SETTLE_WAIT).await;
-        cluster.wait_settled(SETTLE_WAIT).await;
         let probe = cluster.client().get(b"a-minority").await.expect("get");
         assert_eq!(
             probe, None,
             "the minority's unacknowledged write was applied"
         );
-        work.finish("kernel minority partition").await;
     });
 }
 
@@ -182,9 +188,7 @@ fn kernel_one_way_cut_from_a_leader_causes_an_election() {
         work.expect_progress(PROGRESS, PROGRESS_WAIT, "with the old leader muted")
             .await;
 
-        net.heal_all();
-        cluster.wait_settled(SETTLE_WAIT).await;
-        work.finish("kernel one-way cut").await;
+        heal_and_finish(&net, &cluster, work, "kernel one-way cut").await;
     });
 }
 
@@ -214,9 +218,7 @@ fn kernel_packet_loss_during_a_join_and_a_move() {
             .await;
         net.expect_dropped("loss");
 
-        net.heal_all();
-        cluster.wait_settled(SETTLE_WAIT).await;
-        work.finish("kernel packet loss").await;
+        heal_and_finish(&net, &cluster, work, "kernel packet loss").await;
     });
 }
 

@@ -456,13 +456,7 @@ impl Net {
 
     /// Removes every fault of every server.
     pub fn heal_all(&self) {
-        let namespaces: Vec<String> = self
-            .hosts
-            .lock()
-            .unwrap()
-            .values()
-            .map(|h| h.ns.clone())
-            .collect();
+        let namespaces = self.namespaces();
         let flush = format!("flush chain inet {TABLE} input\nflush chain inet {TABLE} output\n");
         let scripts: Vec<(String, String)> = namespaces
             .iter()
@@ -484,12 +478,11 @@ impl Net {
         println!("kernel faults healed");
     }
 
-    /// Packets dropped by the fixture's rules of `addr` since its last heal.
-    fn dropped_at(&self, addr: &str) -> u64 {
-        let (ns, _) = self.find(addr);
+    /// Packets dropped by the fixture's rules in namespace `ns` since its last heal.
+    fn dropped_in(&self, ns: &str) -> u64 {
         let listing = must(
             "ip",
-            &["netns", "exec", &ns, "nft", "list", "table", "inet", TABLE],
+            &["netns", "exec", ns, "nft", "list", "table", "inet", TABLE],
             None,
         );
         listing
@@ -497,6 +490,12 @@ impl Net {
             .skip(1)
             .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
             .sum()
+    }
+
+    /// The servers' namespaces.
+    fn namespaces(&self) -> Vec<String> {
+        let hosts = self.hosts.lock().unwrap();
+        hosts.values().map(|h| h.ns.clone()).collect()
     }
 
     /// Checks that the fault (`what`) bites: the rules of the servers dropped packets
@@ -509,14 +508,7 @@ impl Net {
 
     /// Packets dropped by the fixture's rules of every server since their last heal.
     pub fn dropped(&self) -> u64 {
-        let addrs: Vec<String> = self
-            .hosts
-            .lock()
-            .unwrap()
-            .values()
-            .map(|h| h.ip.clone())
-            .collect();
-        addrs.iter().map(|a| self.dropped_at(a)).sum()
+        self.namespaces().iter().map(|ns| self.dropped_in(ns)).sum()
     }
 }
 
