@@ -74,6 +74,11 @@ pub struct Args {
     /// hidden from --help.
     #[arg(long, hide = true, requires = "enable_fault_injection")]
     pub unsafe_stale_reads: bool,
+    /// Test only, a clock-rate fault: this node's Raft clock ticks this many times as
+    /// fast as --tick-ms says. Needs the fault-injection flag. Hidden from --help.
+    #[arg(long = crate::faults::TICK_MULTIPLIER_FLAG, hide = true, default_value_t = 1.0,
+          requires = "enable_fault_injection", value_parser = crate::faults::parse_tick_multiplier)]
+    pub test_tick_multiplier: f64,
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
@@ -95,6 +100,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             data_dir: args.data_dir,
             initial_peers: peers,
             tick: Duration::from_millis(args.tick_ms),
+            tick_multiplier: args.test_tick_multiplier,
             compact_threshold: args.compact_threshold,
             fault_injection: args.enable_fault_injection,
         },

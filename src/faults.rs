@@ -28,6 +28,21 @@ use tonic::{Request, Response, Status};
 
 /// The hidden command-line flag that enables fault injection.
 pub const FLAG: &str = "enable-fault-injection";
+/// The hidden clock-rate fault: the node's Raft clock ticks this many times as
+/// often as `--tick-ms` says (its lease still counts in `--tick-ms`). Accepted only
+/// together with [`FLAG`].
+pub const TICK_MULTIPLIER_FLAG: &str = "test-tick-multiplier";
+
+/// Parses a `--test-tick-multiplier` value: a factor in [0.1, 10].
+pub fn parse_tick_multiplier(s: &str) -> Result<f64, String> {
+    let m: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if !(0.1..=10.0).contains(&m) {
+        return Err(format!("{m} is outside 0.1..=10"));
+    }
+    Ok(m)
+}
 
 /// The fault of one destination.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -245,6 +260,15 @@ impl faults_server::Faults for FaultsService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tick_multiplier_must_be_a_sane_factor() {
+        assert_eq!(parse_tick_multiplier("2.5"), Ok(2.5));
+        assert_eq!(parse_tick_multiplier("0.1"), Ok(0.1));
+        for bad in ["0", "-1", "11", "NaN", "inf", "fast"] {
+            assert!(parse_tick_multiplier(bad).is_err(), "{bad} accepted");
+        }
+    }
 
     #[test]
     fn no_rule_sends_and_rules_apply_per_destination() {

@@ -69,6 +69,8 @@ pub struct NodeSpec {
     /// data directory is opened. Empty for a node that joins an existing group.
     pub initial_peers: BTreeMap<u64, String>,
     pub tick: Duration,
+    /// Test-only clock-rate fault (`--test-tick-multiplier`): 1.0 otherwise.
+    pub tick_multiplier: f64,
     pub compact_threshold: u64,
     /// Test-only: build a fault table into the transport and offer the `Faults`
     /// service (hidden flag `--enable-fault-injection`).
@@ -178,6 +180,7 @@ pub fn start<S: StateMachine>(
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let mut options = ReplicaOptions::new(spec.id, spec.group);
     options.tick = spec.tick;
+    options.tick_multiplier = spec.tick_multiplier;
     options.compact_threshold = spec.compact_threshold;
     let replica = replica::start(
         options,

@@ -182,7 +182,7 @@ impl<S: StateMachine> Driver<S> {
         mut requests: mpsc::Receiver<Request<S>>,
         mut events: mpsc::Receiver<NetEvent>,
     ) -> anyhow::Result<()> {
-        let mut ticker = tokio::time::interval(self.options.tick);
+        let mut ticker = tokio::time::interval(self.options.tick_interval());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -44,6 +44,9 @@ pub struct ReplicaOptions {
     pub group: u64,
     /// Interval of one Raft tick.
     pub tick: Duration,
+    /// Test only (a clock-rate fault): this replica ticks `tick_multiplier` times as
+    /// often as `tick` says, while its lease still counts in `tick`s. 1.0 otherwise.
+    pub tick_multiplier: f64,
     /// Ticks without a heartbeat before a follower campaigns (randomised up to 2x).
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
@@ -60,11 +63,17 @@ impl ReplicaOptions {
             id,
             group,
             tick: Duration::from_millis(100),
+            tick_multiplier: 1.0,
             election_ticks: 10,
             heartbeat_ticks: 2,
             compact_threshold: 10_000,
             request_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// How often the Raft clock really ticks: `tick`, unless a test skews it.
+    pub fn tick_interval(&self) -> Duration {
+        self.tick.div_f64(self.tick_multiplier)
     }
 }
 

@@ -22,6 +22,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod netns;
 pub mod user;
 
 use shardkv::proto::kv_client::KvClient;
@@ -42,7 +43,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as OsCommand, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tonic::transport::{Channel, Endpoint};
@@ -397,6 +398,8 @@ pub struct MasterOptions {
     pub log_level: String,
     /// Appended to every replica's command line.
     pub extra_args: Vec<String>,
+    /// Run each replica in its own network namespace of this [`netns::Net`].
+    pub net: Option<Arc<netns::Net>>,
 }
 
 impl Default for MasterOptions {
@@ -407,6 +410,7 @@ impl Default for MasterOptions {
             compact_threshold: None,
             log_level: "info".into(),
             extra_args: Vec::new(),
+            net: None,
         }
     }
 }
@@ -443,10 +447,10 @@ impl MasterCluster {
     /// Starts the cluster in `dir` (which the cluster then owns).
     pub fn start_in(dir: TempDir, options: MasterOptions) -> MasterCluster {
         assert!(options.replicas > 0);
-        let addrs: Vec<String> = free_ports(options.replicas)
-            .into_iter()
-            .map(|p| format!("127.0.0.1:{p}"))
+        let names: Vec<String> = (1..=options.replicas)
+            .map(|id| format!("master-{id}"))
             .collect();
+        let addrs = netns::addrs(options.net.as_deref(), &names);
         let peers = addrs
             .iter()
             .enumerate()
@@ -475,7 +479,14 @@ impl MasterCluster {
             }
             args.extend(options.extra_args.iter().cloned());
             let log = dir.path().join(format!("master-{id}.log"));
-            procs.push(Proc::spawn(format!("master-{id}"), program, args, log));
+            let name = format!("master-{id}");
+            procs.push(netns::spawn(
+                options.net.as_deref(),
+                name,
+                program,
+                args,
+                log,
+            ));
         }
         MasterCluster {
             channels: Mutex::new(vec![None; procs.len()]),
@@ -1147,6 +1158,9 @@ pub struct KvOptions {
     pub log_level: String,
     /// Appended to every kvnode's command line.
     pub extra_args: Vec<String>,
+    /// Run each server (masters too) in its own network namespace of this
+    /// [`netns::Net`].
+    pub net: Option<Arc<netns::Net>>,
 }
 
 impl Default for KvOptions {
@@ -1161,6 +1175,7 @@ impl Default for KvOptions {
             compact_threshold: None,
             log_level: "info".into(),
             extra_args: Vec::new(),
+            net: None,
         }
     }
 }
@@ -1234,6 +1249,7 @@ impl KvCluster {
         let masters = MasterCluster::start_with(MasterOptions {
             replicas: options.masters,
             tick_ms: options.tick_ms,
+            net: options.net.clone(),
             ..Default::default()
         });
         let mut cluster = KvCluster {
@@ -1258,10 +1274,8 @@ impl KvCluster {
         assert!(gid > 0, "gid 0 is reserved");
         assert!(!self.groups.contains_key(&gid), "group {gid} exists");
         let n = self.options.replicas;
-        let addrs: Vec<String> = free_ports(n)
-            .into_iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect();
+        let names: Vec<String> = (1..=n).map(|id| format!("kv-{gid}-{id}")).collect();
+        let addrs = netns::addrs(self.options.net.as_deref(), &names);
         let peers = addrs
             .iter()
             .enumerate()
@@ -1302,7 +1316,13 @@ impl KvCluster {
             args.extend(self.options.extra_args.iter().cloned());
             args.extend(extra.iter().map(|s| s.to_string()));
             let log = dir.join(format!("{name}.log"));
-            procs.push(Proc::spawn(name, program, args, log));
+            procs.push(netns::spawn(
+                self.options.net.as_deref(),
+                name,
+                program,
+                args,
+                log,
+            ));
         }
         self.groups.insert(gid, KvGroup { gid, procs, addrs });
     }
@@ -1343,6 +1363,16 @@ impl KvCluster {
     pub fn restart(&mut self, gid: u64, i: usize) {
         self.group_mut(gid).procs[i].restart();
         self.forget_node(gid, i);
+    }
+
+    /// Restarts node `i` of `gid` with `extra` appended to its arguments (kept for
+    /// later restarts).
+    pub fn restart_with(&mut self, gid: u64, i: usize, extra: &[&str]) {
+        let proc = &mut self.group_mut(gid).procs[i];
+        let mut args = proc.args().to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        proc.set_args(args);
+        self.restart(gid, i);
     }
 
     /// Starts node `i` of `gid` if it is not started.
