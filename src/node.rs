@@ -6,6 +6,7 @@ use crate::membership::MembershipService;
 use crate::proto::faults_server::FaultsServer;
 use crate::proto::membership_server::MembershipServer;
 use crate::proto::raft_server::RaftServer;
+use crate::proto::RaftTiming;
 use crate::replica::{self, Replica, ReplicaOptions, StateMachine};
 use crate::storage::{Engine, Identity};
 use crate::transport::{RaftService, Transport, EVENT_QUEUE, MAX_MESSAGE_BYTES};
@@ -163,9 +164,18 @@ pub fn start<S: StateMachine>(
     if faults.is_some() {
         slog::warn!(logger, "fault injection is enabled (test only): the Faults service can cut and slow this node's links");
     }
+    let mut options = ReplicaOptions::new(spec.id, spec.group);
+    options.tick = spec.tick;
+    options.tick_multiplier = spec.tick_multiplier;
+    options.compact_threshold = spec.compact_threshold;
+    let timing = RaftTiming {
+        tick_ms: spec.tick.as_millis() as u64,
+        election_ticks: options.election_ticks as u32,
+    };
     let transport = Transport::new(
         spec.group,
         (spec.id, spec.addr.clone()),
+        timing,
         events_tx.clone(),
         faults.clone(),
     );
@@ -176,12 +186,9 @@ pub fn start<S: StateMachine>(
         transport.clone(),
         sm_store.clone(),
         stopping_rx,
+        logger.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let mut options = ReplicaOptions::new(spec.id, spec.group);
-    options.tick = spec.tick;
-    options.tick_multiplier = spec.tick_multiplier;
-    options.compact_threshold = spec.compact_threshold;
     let replica = replica::start(
         options,
         raft_store,

@@ -19,7 +19,7 @@
 use crate::faults::{Faults, Verdict};
 use crate::proto::raft_client::RaftClient;
 use crate::proto::raft_server::Raft;
-use crate::proto::{RaftAck, RaftBatch, SnapshotChunk, SnapshotEnd, SnapshotRecord};
+use crate::proto::{RaftAck, RaftBatch, RaftTiming, SnapshotChunk, SnapshotEnd, SnapshotRecord};
 use crate::storage::{OutgoingSnapshot, SmStore};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use protobuf::Message as _;
@@ -90,6 +90,8 @@ pub struct Transport {
     runtime: tokio::runtime::Handle,
     /// Test-only fault injection; `None` unless enabled.
     faults: Option<Arc<Faults>>,
+    /// This node's Raft timing, sent with every batch and required of every peer.
+    timing: RaftTiming,
 }
 
 impl Transport {
@@ -99,6 +101,7 @@ impl Transport {
     pub fn new(
         group: u64,
         me: (u64, String),
+        timing: RaftTiming,
         events: mpsc::Sender<NetEvent>,
         faults: Option<Arc<Faults>>,
     ) -> Arc<Transport> {
@@ -110,6 +113,7 @@ impl Transport {
             dropped: AtomicU64::new(0),
             runtime: tokio::runtime::Handle::current(),
             faults,
+            timing,
         })
     }
 
@@ -140,9 +144,16 @@ impl Transport {
             .keep_alive_while_idle(true)
             .connect_lazy();
         let (queue, rx) = mpsc::channel(PEER_QUEUE);
+        // What every batch to this peer says besides its messages.
+        let header = RaftBatch {
+            group: self.group,
+            messages: Vec::new(),
+            from: self.me.0,
+            from_addr: self.me.1.clone(),
+            timing: Some(self.timing),
+        };
         self.runtime.spawn(send_loop(
-            self.group,
-            self.me.clone(),
+            header,
             (id, addr.to_owned()),
             stream_channel,
             rx,
@@ -233,8 +244,7 @@ impl Transport {
 }
 
 async fn send_loop(
-    group: u64,
-    me: (u64, String),
+    header: RaftBatch,
     (peer, peer_addr): (u64, String),
     channel: Channel,
     mut queue: mpsc::Receiver<Message>,
@@ -279,10 +289,8 @@ async fn send_loop(
                 },
             };
             let batch = RaftBatch {
-                group,
                 messages: take_batch(first, &mut queue),
-                from: me.0,
-                from_addr: me.1.clone(),
+                ..header.clone()
             };
             if let (Some(faults), Some(line)) = (&faults, &delay_line) {
                 let delay = match faults.decide(&peer_addr) {
@@ -445,6 +453,7 @@ pub struct RaftService {
     receiving: tokio::sync::Mutex<()>,
     /// Becomes true when the node shuts down: message streams end then.
     stopping: watch::Receiver<bool>,
+    logger: slog::Logger,
 }
 
 impl RaftService {
@@ -454,6 +463,7 @@ impl RaftService {
         transport: Arc<Transport>,
         store: SmStore,
         stopping: watch::Receiver<bool>,
+        logger: slog::Logger,
     ) -> RaftService {
         RaftService {
             group,
@@ -462,6 +472,32 @@ impl RaftService {
             store,
             receiving: tokio::sync::Mutex::new(()),
             stopping,
+            logger,
+        }
+    }
+
+    /// Refuses a member whose Raft timing differs from ours: the leader lease
+    /// assumes every member refuses votes for as long as the leader's own election
+    /// timeout. (A sender that names no timing predates the check.)
+    fn check_timing(&self, batch: &RaftBatch) -> Result<(), Status> {
+        let ours = self.transport.timing;
+        match batch.timing {
+            Some(theirs) if theirs != ours => {
+                let message = format!(
+                    "node {} at {} runs Raft ticks of {} ms with an election timeout of {} \
+                     ticks, this node {} ms and {} ticks: every member of a group must run \
+                     the same --tick-ms (the leader lease depends on it)",
+                    batch.from,
+                    batch.from_addr,
+                    theirs.tick_ms,
+                    theirs.election_ticks,
+                    ours.tick_ms,
+                    ours.election_ticks
+                );
+                slog::error!(self.logger, "refused a peer's Raft messages"; "why" => &message);
+                Err(Status::failed_precondition(message))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -498,6 +534,7 @@ impl Raft for RaftService {
                 _ = stopping.wait_for(|s| *s) => break,
             };
             self.check_group(batch.group)?;
+            self.check_timing(&batch)?;
             self.transport.learn_peer(batch.from, &batch.from_addr);
             for raw in &batch.messages {
                 let msg = decode_message(raw)?;

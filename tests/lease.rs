@@ -296,3 +296,50 @@ async fn lease_reads_see_what_followers_applied_and_handed_on() {
         Some(b"v2".to_vec())
     );
 }
+
+/// The lease counts on every member of a group refusing votes as long as the
+/// leader's own election timeout: a member restarted with another `--tick-ms` is
+/// refused by the others, says why in its log, and catches up once it runs the
+/// group's timing again.
+#[tokio::test]
+async fn member_with_other_raft_timing_is_refused_and_says_why() {
+    let (mut cluster, a) = group_with_value(b"k", 1, 100).await;
+    let f = (a + 1) % 3;
+    let set_tick = |tick: &'static str| {
+        move |args: &mut Vec<String>| {
+            let at = args
+                .iter()
+                .position(|a| a == "--tick-ms")
+                .expect("--tick-ms");
+            args[at + 1] = tick.to_owned();
+        }
+    };
+    cluster.kill9(1, f);
+    cluster.restart_with(1, f, set_tick("200"));
+    expect_within(WAIT, "the refusal in the node's log", || async {
+        cluster
+            .group(1)
+            .proc(f)
+            .log()
+            .contains("must run the same --tick-ms")
+    })
+    .await;
+    cluster.client().put(b"k", b"v2").await.expect("put v2");
+    let leader_applied = cluster
+        .must_node_status(1, a)
+        .await
+        .replica
+        .map_or(0, |r| r.applied_index);
+    let applied = cluster
+        .must_node_status(1, f)
+        .await
+        .replica
+        .map_or(0, |r| r.applied_index);
+    assert!(
+        applied < leader_applied,
+        "the node with other timing applied {applied}, as far as the leader ({leader_applied})"
+    );
+    cluster.kill9(1, f);
+    cluster.restart_with(1, f, set_tick("100"));
+    cluster.wait_caught_up(1, f, WAIT).await;
+}

@@ -19,8 +19,8 @@ use common::{expect_within, rpc, rpc_within, KvCluster, KvOptions};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use shardkv::verify::{check, CheckResult, Input, Output, Recorder};
 use shardkv::proto::{Config, GetRequest, PutRequest};
+use shardkv::verify::{check, CheckResult, Input, Output, Recorder};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -359,7 +359,9 @@ async fn cut_off_leader_with_fast_follower_clocks(net: &Arc<Net>, rate: &str) ->
     let old = cluster.wait_leader(1, LEADER_WAIT).await;
     let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
     for &i in &others {
-        cluster.restart_with(1, i, &["--test-tick-multiplier", rate]);
+        cluster.restart_with(1, i, |args| {
+            args.extend(["--test-tick-multiplier".to_owned(), rate.to_owned()])
+        });
         cluster.wait_caught_up(1, i, SETTLE_WAIT).await;
     }
     assert_eq!(

@@ -1365,12 +1365,12 @@ impl KvCluster {
         self.forget_node(gid, i);
     }
 
-    /// Restarts node `i` of `gid` with `extra` appended to its arguments (kept for
+    /// Restarts node `i` of `gid` with its arguments changed by `edit` (kept for
     /// later restarts).
-    pub fn restart_with(&mut self, gid: u64, i: usize, extra: &[&str]) {
+    pub fn restart_with(&mut self, gid: u64, i: usize, edit: impl FnOnce(&mut Vec<String>)) {
         let proc = &mut self.group_mut(gid).procs[i];
         let mut args = proc.args().to_vec();
-        args.extend(extra.iter().map(|a| a.to_string()));
+        edit(&mut args);
         proc.set_args(args);
         self.restart(gid, i);
     }
