@@ -12,7 +12,7 @@
 //! measuring the longest request and the longest time any hot key (one or more per
 //! range) went without an answer. The history is checked for linearizability and
 //! lost writes; `down -v` must leave no container, volume or network behind.
-//! Takes about three minutes.
+//! Takes about four minutes on an idle 2-core machine (nine with a load of 30).
 //!
 //! Both need a Docker engine (and Compose, v2 or v1) or the manifests' validator
 //! (`pip install kubernetes-validate`); without them they print why and pass,
