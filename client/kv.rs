@@ -514,6 +514,18 @@ impl Client {
                             Failure::Unreachable(gid, addr.clone(), transport_message(&status))
                         };
                         self.skip(gid, &addr, &config);
+                        if !reached {
+                            // The group may have left and been shut down: no node of
+                            // it will ever answer wrong-group, so ask the shard master.
+                            // Best effort, bounded like one attempt: an unreachable
+                            // master must not hold up trying the group's other nodes.
+                            let by = deadline.min(Instant::now() + options.attempt_timeout);
+                            if let Ok(fresh) = self.refresh_after(config.num, by).await {
+                                if fresh.owner(key).1 != gid {
+                                    wait = false;
+                                }
+                            }
+                        }
                     }
                     Action::WrongGroup(num) => {
                         last = Failure::Moving(gid, num);

@@ -36,6 +36,11 @@ pub struct Args {
     /// Address to listen on; defaults to this node's address in --peers.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Address other nodes and clients reach this node at (a DNS name is fine);
+    /// defaults to its address in --peers, else --listen. Needed with --listen
+    /// 0.0.0.0:PORT.
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Directory of this node's data. It is bound to this node's id, group and cluster.
     #[arg(long)]
     pub data_dir: PathBuf,
@@ -84,7 +89,11 @@ pub struct Args {
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.gid != 0, "--gid 0 is reserved");
-    let (peers, listen) = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen)?;
+    let node::Addresses {
+        peers,
+        listen,
+        advertise,
+    } = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen, args.advertise)?;
     let logger = server::logger(&args.log_level, format!("kv-{}-{}", args.gid, args.id));
     let masters = Arc::new(MasterClient::new(&args.masters, Duration::from_secs(2))?);
     let listener = tokio::net::TcpListener::bind(&listen)
@@ -96,7 +105,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             role: "kvnode",
             group: args.gid,
             id: args.id,
-            addr: listen.clone(),
+            addr: advertise.clone(),
             data_dir: args.data_dir,
             initial_peers: peers,
             tick: Duration::from_millis(args.tick_ms),
@@ -118,7 +127,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(kvnode::run_heartbeats(
         node.replica.clone(),
         masters,
-        listen.clone(),
+        advertise.clone(),
         Duration::from_millis(args.heartbeat_ms),
         logger.clone(),
     ));
@@ -135,7 +144,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let transfer = RangeTransferServer::new(TransferService::new(node.replica.clone()))
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    slog::info!(logger, "kvnode serving"; "listen" => &listen, "gid" => args.gid);
+    slog::info!(logger, "kvnode serving"; "listen" => &listen, "advertise" => &advertise, "gid" => args.gid);
     let shutdown = node.shutdown();
     let routes = node.add_services(tonic::service::Routes::new(kv).add_service(transfer));
     let mut names = kvnode::SERVICE_NAMES.to_vec();

@@ -25,6 +25,11 @@ pub struct Args {
     /// Address to listen on; defaults to this replica's address in --peers.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Address other nodes and clients reach this replica at (a DNS name is fine);
+    /// defaults to its address in --peers, else --listen. Needed with --listen
+    /// 0.0.0.0:PORT.
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// Directory of this replica's data. It is bound to this replica's id and cluster.
     #[arg(long)]
     pub data_dir: PathBuf,
@@ -56,7 +61,11 @@ pub struct Args {
 
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let (peers, listen) = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen)?;
+    let node::Addresses {
+        peers,
+        listen,
+        advertise,
+    } = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen, args.advertise)?;
     let logger = server::logger(&args.log_level, format!("master-{}", args.id));
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -67,7 +76,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             role: "shardmaster",
             group: 0,
             id: args.id,
-            addr: listen.clone(),
+            addr: advertise.clone(),
             data_dir: args.data_dir,
             initial_peers: peers,
             tick: Duration::from_millis(args.tick_ms),
@@ -78,7 +87,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         MasterState::new(),
         logger.clone(),
     )?;
-    slog::info!(logger, "shard master replica serving"; "listen" => &listen);
+    slog::info!(logger, "shard master replica serving"; "listen" => &listen, "advertise" => &advertise);
     let shutdown = node.shutdown();
     let routes = node.add_services(tonic::service::Routes::new(shardmaster::server(
         MasterService::new(

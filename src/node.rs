@@ -36,25 +36,53 @@ pub fn parse_peers(spec: &str) -> anyhow::Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
-/// The initial members (from `--peers`, if given) and this node's own address (from
-/// `--listen`, else its entry in `--peers`).
+/// Where a replica listens and the address it gives the others (`--listen`,
+/// `--advertise`, `--peers`).
+#[derive(Debug, PartialEq)]
+pub struct Addresses {
+    /// The initial members, from `--peers` (empty without it).
+    pub peers: BTreeMap<u64, String>,
+    /// The socket address to bind: `--listen`, else the advertised address.
+    pub listen: String,
+    /// How the others reach this node: `--advertise`, else its entry in `--peers`,
+    /// else `--listen`. A DNS name (a Compose service, a Kubernetes headless
+    /// Service) is kept as given and resolved by each peer when it connects, so a
+    /// container that comes back with another IP is found again.
+    pub advertise: String,
+}
+
+/// Works out [`Addresses`] from the flags. An advertised address that no other host
+/// could dial (`0.0.0.0`, `[::]`) is refused: it would be stored in the group's
+/// membership and routing.
 pub fn resolve_addresses(
     id: u64,
     peers: Option<&str>,
     listen: Option<String>,
-) -> anyhow::Result<(BTreeMap<u64, String>, String)> {
+    advertise: Option<String>,
+) -> anyhow::Result<Addresses> {
     let peers = match peers {
         Some(spec) => parse_peers(spec)?,
         None => BTreeMap::new(),
     };
-    let listen = match listen {
-        Some(l) => l,
-        None => peers
-            .get(&id)
-            .cloned()
-            .with_context(|| format!("--peers has no address for id {id}"))?,
+    let advertise = match (advertise, peers.get(&id), &listen) {
+        (Some(a), _, _) => a,
+        (None, Some(a), _) => a.clone(),
+        (None, None, Some(l)) => l.clone(),
+        (None, None, None) => anyhow::bail!("--peers has no address for id {id}"),
     };
-    Ok((peers, listen))
+    if let Ok(addr) = advertise.parse::<std::net::SocketAddr>() {
+        anyhow::ensure!(
+            !addr.ip().is_unspecified(),
+            "{advertise} cannot be dialled by other nodes: give the address they reach \
+             this node at with --advertise HOST:PORT"
+        );
+    }
+    let listen = listen.unwrap_or_else(|| advertise.clone());
+    Ok(Addresses {
+        peers,
+        listen,
+        advertise,
+    })
 }
 
 /// What a replica process needs to start.
@@ -226,7 +254,7 @@ async fn report_until_member<S: StateMachine>(replica: Replica<S>, logger: slog:
 
 #[cfg(test)]
 mod tests {
-    use super::parse_peers;
+    use super::{parse_peers, resolve_addresses};
 
     #[test]
     fn parses_and_rejects_peer_lists() {
@@ -237,5 +265,42 @@ mod tests {
         assert!(parse_peers("0=a").is_err());
         assert!(parse_peers("x=a").is_err());
         assert!(parse_peers("127.0.0.1:7001").is_err());
+    }
+
+    #[test]
+    fn advertised_address_is_flag_then_peers_then_listen() {
+        let peers = Some("1=kv-1-1:8101,2=kv-1-2:8101");
+        // In a container: bind every interface, give the others the DNS name.
+        let a = resolve_addresses(1, peers, Some("0.0.0.0:8101".into()), None).unwrap();
+        assert_eq!(
+            (a.listen.as_str(), a.advertise.as_str()),
+            ("0.0.0.0:8101", "kv-1-1:8101")
+        );
+        assert_eq!(a.peers.len(), 2);
+        let a = resolve_addresses(
+            2,
+            None,
+            Some("0.0.0.0:8101".into()),
+            Some("kv-1-2.kv-1:8101".into()),
+        )
+        .unwrap();
+        assert_eq!(a.advertise, "kv-1-2.kv-1:8101");
+        // Without --listen, bind what is advertised (as on one machine).
+        let a = resolve_addresses(1, peers, None, None).unwrap();
+        assert_eq!(
+            (a.listen.as_str(), a.advertise.as_str()),
+            ("kv-1-1:8101", "kv-1-1:8101")
+        );
+        let a = resolve_addresses(4, None, Some("127.0.0.1:8104".into()), None).unwrap();
+        assert_eq!(a.advertise, "127.0.0.1:8104");
+    }
+
+    #[test]
+    fn an_address_nobody_can_dial_is_not_advertised() {
+        for listen in ["0.0.0.0:8101", "[::]:8101"] {
+            let e = resolve_addresses(4, None, Some(listen.into()), None).unwrap_err();
+            assert!(e.to_string().contains("--advertise"), "{e}");
+        }
+        assert!(resolve_addresses(3, Some("1=a:1"), None, None).is_err());
     }
 }

@@ -380,3 +380,40 @@ async fn scan_across_four_ranges_of_two_groups_is_complete_and_in_order() {
         Err(shardkv::client::Error::InvalidArgument { .. })
     ));
 }
+
+/// A client whose cached configuration still gives a range to a group that has
+/// since left and been shut down (the scale-in of README's "Deploy") asks the shard
+/// master again, rather than retrying the gone group's nodes until its deadline:
+/// nothing else would ever tell it, since no node of that group answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_follows_a_range_whose_old_group_left_and_stopped() {
+    let mut cluster = KvCluster::start(KvOptions {
+        masters: 1,
+        groups: 2,
+        replicas: 1,
+        ..Default::default()
+    });
+    cluster.join(&[1]).await;
+    let client = connect(
+        &cluster,
+        ClientOptions {
+            call_deadline: Duration::from_secs(10),
+            ..ClientOptions::default()
+        },
+    )
+    .await;
+    client.put(b"apple", b"red").await.expect("put in group 1");
+    assert_eq!(client.config().owner(b"apple").1, 1);
+
+    // Group 2 takes everything over; the client hears nothing of it.
+    cluster.join(&[2]).await;
+    let mut masters = cluster.master_client();
+    masters.leave(vec![1]).await.expect("group 1 leaves");
+    cluster.wait_settled(SETTLE_WAIT).await;
+    cluster.kill9_group(1);
+    assert_eq!(client.config().owner(b"apple").1, 1, "the cache is stale");
+
+    let value = client.get(b"apple").await.expect("get after group 1 left");
+    assert_eq!(value.as_deref(), Some(&b"red"[..]));
+    assert_eq!(client.config().owner(b"apple").1, 2);
+}

@@ -560,7 +560,7 @@ fn written(op: &Operation) -> Option<Option<Vec<u8>>> {
 /// effect of a write (acknowledged or of unknown outcome) that no acknowledged write
 /// strictly follows, or absence when no write was acknowledged. Otherwise an
 /// acknowledged write was lost (or a value came from nowhere); returns why.
-fn lost_write(history: &[Operation], key: &[u8], value: &Option<Vec<u8>>) -> Option<String> {
+pub fn lost_write(history: &[Operation], key: &[u8], value: &Option<Vec<u8>>) -> Option<String> {
     let ops: Vec<&Operation> = history.iter().filter(|o| o.input.key() == key).collect();
     // The call time of the latest-invoked acknowledged write.
     let last_acked_call = ops
