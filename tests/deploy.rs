@@ -26,7 +26,7 @@ use common::user::{bin_dir, http, poll_until};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use shardkv::linearizability::{check, Input, Output, Recorder};
+use shardkv::verify::{check, Input, Output, Recorder};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
