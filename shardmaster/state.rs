@@ -2,16 +2,22 @@
 //! configurations, and the last outcome of each client so a retried command is
 //! answered, not applied twice.
 //!
-//! Stored keys: `c` + num (big-endian) -> `Config`; `s` + client id -> `MasterOutcome`.
+//! Live moves are plans in the configuration (`Config::moves`): a new plan, its
+//! cancellation and its cutover are each a configuration, so every group sees them
+//! at one position of its own log. Their progress, reported by the destinations, is
+//! kept beside the configurations.
+//!
+//! Stored keys: `c` + num (big-endian) -> `Config`; `s` + client id -> `MasterOutcome`;
+//! `p` + plan id -> `MovePlan` (last reported progress).
 
 use super::balance::rebalance;
 use crate::config::MAX_KEY_BYTES;
 use crate::proto::master_command::Command;
 use crate::proto::master_outcome::Result as OutcomeResult;
 use crate::proto::{
-    AddNodeRequest, CommandError, Config, Group, JoinRequest, KeyRange, LeaveRequest,
-    MasterCommand, MasterOutcome, MoveRequest, RangeAssignment, RemoveNodeRequest, RequestId,
-    SplitRequest,
+    AddNodeRequest, CancelMoveRequest, CommandError, Config, FinishMoveRequest, Group,
+    JoinRequest, KeyRange, LeaveRequest, MasterCommand, MasterOutcome, MovePlan, MoveRequest,
+    RangeAssignment, RemoveNodeRequest, RequestId, SplitRequest,
 };
 use crate::replica::StateMachine;
 use crate::storage::{ApplyBatch, SmStore};
@@ -45,6 +51,12 @@ fn session_key(client: u64) -> Vec<u8> {
     k
 }
 
+fn progress_key(plan: u64) -> Vec<u8> {
+    let mut k = b"p".to_vec();
+    k.extend_from_slice(&plan.to_be_bytes());
+    k
+}
+
 /// The shard master's state. Reads take it through the replica's read lock.
 #[derive(Default)]
 pub struct MasterState {
@@ -53,6 +65,8 @@ pub struct MasterState {
     sessions: HashMap<u64, MasterOutcome>,
     /// (log index of last command, client): the expiry order of `sessions`.
     session_order: BTreeSet<(u64, u64)>,
+    /// Plan id -> the destination's last progress report.
+    progress: HashMap<u64, MovePlan>,
 }
 
 impl MasterState {
@@ -66,6 +80,33 @@ impl MasterState {
     /// The newest configuration this replica has applied.
     pub fn latest(&self) -> &Config {
         &self.latest
+    }
+
+    /// The live moves of the latest configuration, with their reported progress.
+    pub fn moves(&self) -> Vec<MovePlan> {
+        self.latest
+            .moves
+            .iter()
+            .map(|plan| match self.progress.get(&plan.id) {
+                Some(p) => MovePlan {
+                    phase: p.phase,
+                    bytes_copied: p.bytes_copied,
+                    lag_bytes: p.lag_bytes,
+                    ..plan.clone()
+                },
+                None => plan.clone(),
+            })
+            .collect()
+    }
+
+    /// Records a destination's progress report; false if the plan no longer exists.
+    fn report(&mut self, progress: MovePlan, batch: &mut ApplyBatch) -> bool {
+        if !self.latest.moves.iter().any(|p| p.id == progress.id) {
+            return false;
+        }
+        batch.put(progress_key(progress.id), progress.encode_to_vec());
+        self.progress.insert(progress.id, progress);
+        true
     }
 
     /// Configuration `num`, if it exists on this replica.
@@ -131,9 +172,28 @@ impl StateMachine for MasterState {
                 }
             }
         }
+        if let Command::ReportMove(r) = command {
+            let planned = self.report(r.progress.unwrap_or_default(), batch);
+            return if planned {
+                Ok(self.latest.num)
+            } else {
+                Err(refuse(Code::NotFound, "no such move plan"))
+            };
+        }
         let result = match next_config(&self.latest, command) {
             Ok(Some(next)) => {
                 batch.put(config_key(next.num), next.encode_to_vec());
+                // Progress of plans that ended (done or cancelled) is forgotten.
+                let ended: Vec<u64> = self
+                    .progress
+                    .keys()
+                    .filter(|id| !next.moves.iter().any(|p| p.id == **id))
+                    .copied()
+                    .collect();
+                for id in ended {
+                    self.progress.remove(&id);
+                    batch.delete(progress_key(id));
+                }
                 self.latest = next;
                 Ok(self.latest.num)
             }
@@ -169,6 +229,11 @@ impl StateMachine for MasterState {
             self.session_order.insert((outcome.index, client));
             self.sessions.insert(client, outcome);
         }
+        self.progress.clear();
+        for item in keyspace.prefix(b"p") {
+            let plan = MovePlan::decode(&*item.into_inner()?.1)?;
+            self.progress.insert(plan.id, plan);
+        }
         self.store = Some(store.clone());
         Ok(())
     }
@@ -182,6 +247,8 @@ fn request_id(command: &Command) -> RequestId {
         Command::Split(r) => &r.id,
         Command::AddNode(r) => &r.id,
         Command::RemoveNode(r) => &r.id,
+        Command::CancelMove(r) => &r.id,
+        Command::FinishMove(_) | Command::ReportMove(_) => &None,
     };
     id.unwrap_or_default()
 }
@@ -198,8 +265,66 @@ pub fn next_config(current: &Config, command: Command) -> Result<Option<Config>,
         Command::Split(r) => split(&mut next, r)?,
         Command::AddNode(r) => add_node(&mut next, r)?,
         Command::RemoveNode(r) => remove_node(&mut next, r)?,
+        Command::CancelMove(r) => cancel_move(&mut next, r)?,
+        Command::FinishMove(r) => finish_move(&mut next, r)?,
+        // Progress changes no configuration (MasterState::apply handles it).
+        Command::ReportMove(_) => false,
     };
-    Ok(changed.then_some(next))
+    // A plan whose range was split, given away or whose groups left is void: its
+    // source still holds the range, so nothing is lost.
+    let planned = next.moves.len();
+    let ranges = next.ranges.clone();
+    let gids: HashSet<u64> = next.groups.iter().map(|g| g.gid).collect();
+    next.moves.retain(|plan| {
+        gids.contains(&plan.dest)
+            && ranges
+                .iter()
+                .any(|r| r.range == plan.range && r.gid == plan.source)
+    });
+    Ok((changed || next.moves.len() != planned).then_some(next))
+}
+
+/// The plan moving the range that contains `key` (or plan `id`, when not 0).
+fn plan_index(config: &Config, key: &[u8], id: u64) -> Option<usize> {
+    config.moves.iter().position(|p| {
+        if id != 0 {
+            p.id == id
+        } else {
+            p.range.as_ref().is_some_and(|r| r.contains(key))
+        }
+    })
+}
+
+fn cancel_move(next: &mut Config, request: CancelMoveRequest) -> Result<bool, CommandError> {
+    if request.plan_id == 0 {
+        check_key(&request.key)?;
+    }
+    let Some(i) = plan_index(next, &request.key, request.plan_id) else {
+        return Err(refuse(Code::NotFound, "no move of that range is under way"));
+    };
+    next.moves.remove(i);
+    Ok(true)
+}
+
+/// The cutover: the destination has the whole range and the source has frozen it.
+fn finish_move(next: &mut Config, request: FinishMoveRequest) -> Result<bool, CommandError> {
+    if request.plan_id == 0 {
+        return Err(refuse(Code::InvalidArgument, "plan_id: must not be 0"));
+    }
+    let Some(i) = plan_index(next, &[], request.plan_id) else {
+        return Err(refuse(
+            Code::NotFound,
+            format!("move plan {} no longer exists", request.plan_id),
+        ));
+    };
+    let plan = next.moves.remove(i);
+    let r = next
+        .ranges
+        .iter_mut()
+        .find(|r| r.range == plan.range)
+        .ok_or_else(|| refuse(Code::Internal, "a plan's range is not in its configuration"))?;
+    r.gid = plan.dest;
+    Ok(true)
 }
 
 /// Addresses in use by any node of any group.
@@ -324,10 +449,39 @@ fn move_range(next: &mut Config, request: MoveRequest) -> Result<bool, CommandEr
         ));
     }
     let i = next.range_index(&request.key);
-    if next.ranges[i].gid == request.gid {
+    let owner = next.ranges[i].gid;
+    if let Some(p) = plan_index(next, &request.key, 0) {
+        let plan = &next.moves[p];
+        if request.immediate {
+            next.moves.remove(p);
+        } else if plan.dest == request.gid {
+            return Ok(false);
+        } else {
+            return Err(refuse(
+                Code::FailedPrecondition,
+                format!(
+                    "range {} is already moving to group {}; cancel that move first",
+                    plan.range.clone().unwrap_or_default(),
+                    plan.dest
+                ),
+            ));
+        }
+    }
+    if owner == request.gid {
         return Ok(false);
     }
-    next.ranges[i].gid = request.gid;
+    // A range nobody owns has no data to copy.
+    if request.immediate || owner == 0 {
+        next.ranges[i].gid = request.gid;
+        return Ok(true);
+    }
+    next.moves.push(MovePlan {
+        id: next.num,
+        range: next.ranges[i].range.clone(),
+        source: owner,
+        dest: request.gid,
+        ..Default::default()
+    });
     Ok(true)
 }
 
@@ -336,6 +490,12 @@ fn split(next: &mut Config, request: SplitRequest) -> Result<bool, CommandError>
     let i = next.range_index(&request.key);
     let owner = next.ranges[i].gid;
     let range = next.ranges[i].range.clone().unwrap_or_else(KeyRange::full);
+    if plan_index(next, &request.key, 0).is_some() {
+        return Err(refuse(
+            Code::FailedPrecondition,
+            format!("range {range} is moving; split it after the move (or cancel it)"),
+        ));
+    }
     if range.start == request.key {
         return Err(refuse(
             Code::AlreadyExists,
@@ -479,6 +639,7 @@ mod tests {
             Command::Move(MoveRequest {
                 key: b"apple".to_vec(),
                 gid: 2,
+                immediate: true,
                 id: None,
             }),
         );
@@ -547,6 +708,7 @@ mod tests {
                 Command::Move(MoveRequest {
                     key: b"a".to_vec(),
                     gid: 9,
+                    immediate: true,
                     id: None,
                 }),
                 Code::NotFound,
@@ -639,6 +801,7 @@ mod tests {
             Command::Move(MoveRequest {
                 key: b"a".to_vec(),
                 gid: 1,
+                immediate: true,
                 id: None,
             }),
         );

@@ -930,11 +930,24 @@ impl MasterClient {
             .await
     }
 
+    /// Gives the range away in the next configuration (`MoveRequest::immediate`).
     pub async fn move_range(&mut self, key: &[u8], gid: u64) -> Result<Config, Status> {
         self.execute(Command::Move(MoveRequest {
             key: key.to_vec(),
             gid,
             id: None,
+            immediate: true,
+        }))
+        .await
+    }
+
+    /// Starts a live move: a plan; the source serves until the cutover.
+    pub async fn move_live(&mut self, key: &[u8], gid: u64) -> Result<Config, Status> {
+        self.execute(Command::Move(MoveRequest {
+            key: key.to_vec(),
+            gid,
+            id: None,
+            immediate: false,
         }))
         .await
     }
@@ -1007,6 +1020,9 @@ async fn send_command(
         Command::Split(r) => client.split(r).await,
         Command::AddNode(r) => client.add_node(r).await,
         Command::RemoveNode(r) => client.remove_node(r).await,
+        Command::CancelMove(r) => client.cancel_move(r).await,
+        Command::FinishMove(r) => client.finish_move(r).await,
+        Command::ReportMove(_) => return Err(Status::unimplemented("not a config change")),
     }?;
     reply
         .into_inner()
@@ -1023,6 +1039,8 @@ pub fn set_request_id(command: &mut Command, id: RequestId) {
         Command::Split(r) => &mut r.id,
         Command::AddNode(r) => &mut r.id,
         Command::RemoveNode(r) => &mut r.id,
+        Command::CancelMove(r) => &mut r.id,
+        Command::FinishMove(_) | Command::ReportMove(_) => return,
     };
     *slot = Some(id);
 }
@@ -1147,6 +1165,8 @@ pub struct KvOptions {
     pub log_level: String,
     /// Appended to every kvnode's command line.
     pub extra_args: Vec<String>,
+    /// Appended to every shard master's command line.
+    pub master_args: Vec<String>,
 }
 
 impl Default for KvOptions {
@@ -1161,6 +1181,7 @@ impl Default for KvOptions {
             compact_threshold: None,
             log_level: "info".into(),
             extra_args: Vec::new(),
+            master_args: Vec::new(),
         }
     }
 }
@@ -1234,6 +1255,7 @@ impl KvCluster {
         let masters = MasterCluster::start_with(MasterOptions {
             replicas: options.masters,
             tick_ms: options.tick_ms,
+            extra_args: options.master_args.clone(),
             ..Default::default()
         });
         let mut cluster = KvCluster {
@@ -1599,6 +1621,10 @@ impl KvCluster {
                     return false;
                 }
             };
+            if !config.moves.is_empty() {
+                *last_view.lock().unwrap() = format!("live moves under way: {:?}", config.moves);
+                return false;
+            }
             for g in &config.groups {
                 if let Err(v) = self.group_serving_view(g.gid, &config).await {
                     *last_view.lock().unwrap() = format!("group {}: {v}", g.gid);
