@@ -128,7 +128,7 @@ impl Worker {
             }
             // A configuration that does not exist yet is an error answer: nothing to do.
             let Ok(next) = self.masters.query(Some(num + 1)).await else {
-                return Ok(());
+                break;
             };
             info!(self.logger, "moving to configuration"; "num" => next.num);
             self.propose(Command::Config(next)).await?;
@@ -329,6 +329,9 @@ impl Worker {
                     self.delta_round(&plan, &source, &m, !frozen).await?;
                 lag = remaining;
                 if !frozen && remaining <= CUTOVER_LAG_BYTES && installed < PULL_CHUNK_BYTES {
+                    // Said first, so the shard master gives a cutover that stalls
+                    // (the range is frozen) its shorter limit.
+                    self.report(&plan, remaining, true).await;
                     self.freeze(&plan, &source).await?;
                     frozen = true;
                 }

@@ -44,6 +44,10 @@ pub struct Args {
     /// (the source keeps serving the range).
     #[arg(long, default_value_t = 20_000)]
     pub move_stall_ms: u64,
+    /// Cancel a live move whose cutover (the source has stopped serving the range)
+    /// has not completed for this long, in ms: the source serves it again.
+    #[arg(long, default_value_t = 3000)]
+    pub move_cutover_stall_ms: u64,
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -79,6 +83,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(shardmaster::run_move_watchdog(
         node.replica.clone(),
         Duration::from_millis(args.move_stall_ms),
+        Duration::from_millis(args.move_cutover_stall_ms),
         logger.clone(),
     ));
     slog::info!(logger, "shard master replica serving"; "listen" => &listen);

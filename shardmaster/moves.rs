@@ -1,20 +1,26 @@
 //! The leader's watch over live moves: a plan whose destination reports no progress
 //! for `stall` is cancelled, so a destination that is down or cut off never leaves a
-//! range half-moved. Before the cutover the source never stopped serving; if the
-//! source froze the range for a cutover that stalled, the cancellation lets it serve
-//! again.
+//! range half-moved. Before the cutover the source never stopped serving; a cutover
+//! (the source may have frozen the range) gets `cutover_stall`, shorter: the
+//! cancellation lets the source serve again.
 
 use super::service::propose;
 use super::state::MasterState;
 use crate::proto::master_command::Command;
-use crate::proto::CancelMoveRequest;
+use crate::proto::{CancelMoveRequest, MovePhase};
 use crate::replica::{Replica, Role};
 use slog::{info, Logger};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-pub async fn run_move_watchdog(replica: Replica<MasterState>, stall: Duration, logger: Logger) {
-    let mut ticker = tokio::time::interval((stall / 4).max(Duration::from_millis(100)));
+pub async fn run_move_watchdog(
+    replica: Replica<MasterState>,
+    stall: Duration,
+    cutover_stall: Duration,
+    logger: Logger,
+) {
+    let tick = stall.min(cutover_stall) / 4;
+    let mut ticker = tokio::time::interval(tick.max(Duration::from_millis(50)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Plan id -> (last progress seen, when it last changed). Only the leader's clock
     // counts: a new leader gives every plan a full `stall` from its election.
@@ -35,11 +41,16 @@ pub async fn run_move_watchdog(replica: Replica<MasterState>, stall: Duration, l
                 *entry = (progress, now);
                 continue;
             }
-            if now.duration_since(entry.1) < stall {
+            let limit = if plan.phase() == MovePhase::MoveCuttingOver {
+                cutover_stall.min(stall)
+            } else {
+                stall
+            };
+            if now.duration_since(entry.1) < limit {
                 continue;
             }
             let reason = format!(
-                "the destination, group {}, made no progress for {stall:?}",
+                "the destination, group {}, made no progress for {limit:?}",
                 plan.dest
             );
             info!(logger, "cancelling a stalled move"; "plan" => plan.id, "reason" => &reason);

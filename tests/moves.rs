@@ -97,7 +97,7 @@ async fn a_range_serves_reads_and_writes_while_its_copy_is_in_progress() {
     let src = config.owner(b"c").1;
     let dst = 3 - src;
     let kv = client(&cluster).await;
-    let big = big_values("c-big", 12, 256 << 10);
+    let big = big_values("c-big", 16, 256 << 10);
     for (k, v) in &big {
         kv.put(k, v).await.expect("put big value");
     }
@@ -197,7 +197,7 @@ async fn a_move_whose_destination_died_is_cancelled_and_the_source_serves_throug
     let src = config.owner(b"c").1;
     let dst = 3 - src;
     let kv = client(&cluster).await;
-    for (k, v) in big_values("c-big", 8, 256 << 10) {
+    for (k, v) in big_values("c-big", 16, 256 << 10) {
         kv.put(&k, &v).await.expect("put big value");
     }
     let config = cluster
