@@ -325,8 +325,7 @@ impl Worker {
                     self.copy_chunk(&plan, &source, &m).await?;
                     continue;
                 }
-                let (installed, remaining) =
-                    self.delta_round(&plan, &source, &m, !frozen).await?;
+                let (installed, remaining) = self.delta_round(&plan, &source, &m, !frozen).await?;
                 lag = remaining;
                 if !frozen && remaining <= CUTOVER_LAG_BYTES && installed < PULL_CHUNK_BYTES {
                     // Said first, so the shard master gives a cutover that stalls

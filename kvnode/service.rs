@@ -394,10 +394,11 @@ impl Kv for KvService {
             write_results.iter().map(|r| r.as_ref().err()).collect(),
             writes.iter().map(write_key).collect(),
         );
-        let first = again_reads
-            .first()
-            .map(|i| reads[*i].clone())
-            .or_else(|| again_writes.first().map(|i| write_key(&writes[*i]).to_vec()));
+        let first = again_reads.first().map(|i| reads[*i].clone()).or_else(|| {
+            again_writes
+                .first()
+                .map(|i| write_key(&writes[*i]).to_vec())
+        });
         if let Some(key) = first {
             if self.hold_for_cutover(&key).await {
                 let keys: Vec<Vec<u8>> = again_reads.iter().map(|i| reads[*i].clone()).collect();

@@ -860,9 +860,10 @@ impl KvState {
                 continue;
             }
             let range = plan_range(&m);
-            let arrived = self.held.iter_mut().find(|h| {
-                h.state() == RangeState::Pulling && h.range.as_ref() == Some(&range)
-            });
+            let arrived = self
+                .held
+                .iter_mut()
+                .find(|h| h.state() == RangeState::Pulling && h.range.as_ref() == Some(&range));
             match arrived {
                 // The cutover: everything is here already, nothing to pull.
                 Some(h) if m.ready => {
@@ -906,8 +907,12 @@ impl KvState {
                 config_num,
                 ..Default::default()
             });
-            self.held
-                .sort_by(|a, b| a.range.as_ref().map(|r| &r.start).cmp(&b.range.as_ref().map(|r| &r.start)));
+            self.held.sort_by(|a, b| {
+                a.range
+                    .as_ref()
+                    .map(|r| &r.start)
+                    .cmp(&b.range.as_ref().map(|r| &r.start))
+            });
             return Ok(());
         }
         let (start, end) = data_bounds(range);
@@ -1347,6 +1352,143 @@ mod tests {
             0,
             "a finished transfer has no peer"
         );
+    }
+
+    #[test]
+    fn a_live_move_copies_replays_recorded_results_and_cuts_over() {
+        let c1 = config(1, &["n"], &[1, 2]);
+        let mut c2 = config(2, &["n"], &[1, 2]);
+        let range = c2.ranges[0].range.clone().unwrap();
+        let plan = crate::proto::MovePlan {
+            id: 2,
+            range: Some(range.clone()),
+            source: 1,
+            dest: 2,
+            ..Default::default()
+        };
+        c2.moves.push(plan.clone());
+        let c3 = config(3, &["n"], &[2, 2]);
+        let (mut source, mut dest) = (Harness::new(1), Harness::new(2));
+        for c in [&c1, &c2] {
+            source.exec(Command::Config(c.clone()));
+            dest.exec(Command::Config(c.clone()));
+        }
+        source.put("apple", b"1", None).unwrap();
+        source.put("berry", b"1", id(9, 1, 1)).unwrap();
+        // The copy reads the first record, then writes go on at the source.
+        let (first, _) = source.state.copy(2, b"", 1).unwrap().unwrap();
+        source.put("apple", b"2", id(9, 2, 1)).unwrap();
+        source
+            .apply(Command::Delete(DeleteRequest {
+                key: b"berry".to_vec(),
+                id: id(9, 3, 1),
+            }))
+            .unwrap();
+        let cursor = first.last().unwrap().key.clone();
+        let (rest, done) = source.state.copy(2, &cursor, 1 << 20).unwrap().unwrap();
+        assert!(done);
+        for (records, last) in [(first, false), (rest, true)] {
+            dest.exec(Command::MoveCopy(MoveChunk {
+                plan_id: 2,
+                records,
+                last,
+            }));
+        }
+        // Catch up: everything recorded so far, then the source freezes.
+        let (deltas, done, recorded) = source.state.deltas(2, b"", 1 << 20).unwrap().unwrap();
+        assert!(!done && recorded > 0);
+        assert_eq!(deltas.len(), 4, "every write to the range since the plan is recorded");
+        let cursor = deltas.last().unwrap().key.clone();
+        dest.exec(Command::MoveDeltas(MoveChunk {
+            plan_id: 2,
+            records: deltas.clone(),
+            last: false,
+        }));
+        source.put("cherry", b"1", id(9, 4, 1)).unwrap();
+        source.exec(Command::FreezeMove(2));
+        assert_eq!(
+            source.state.get(b"apple").unwrap(),
+            Err(KvError::WrongGroup { config_num: 2 })
+        );
+        let (last, done, _) = source.state.deltas(2, &cursor, 1 << 20).unwrap().unwrap();
+        assert!(done);
+        assert_eq!(last.len(), 1);
+        dest.exec(Command::MoveDeltas(MoveChunk {
+            plan_id: 2,
+            records: last,
+            last: true,
+        }));
+        // A duplicate of an earlier round changes nothing.
+        dest.exec(Command::MoveDeltas(MoveChunk {
+            plan_id: 2,
+            records: deltas,
+            last: false,
+        }));
+        assert!(dest.state.arriving(b"apple"));
+        dest.exec(Command::Config(c3.clone()));
+        assert_eq!(dest.get("apple").as_deref(), Some(&b"2"[..]));
+        assert_eq!(dest.get("berry"), None);
+        assert_eq!(dest.get("cherry").as_deref(), Some(&b"1"[..]));
+        let held = dest.state.held()[0].clone();
+        assert_eq!(held.state(), RangeState::Serving);
+        assert!(held.release_pending, "the source is told to drop its copy");
+        // A retry of a write the source answered is answered, not applied again.
+        dest.put("apple", b"2", id(9, 2, 1)).unwrap();
+        dest.put("apple", b"3", id(9, 5, 1)).unwrap();
+        dest.put("apple", b"2", id(9, 2, 1)).unwrap();
+        assert_eq!(dest.get("apple").as_deref(), Some(&b"3"[..]));
+        // The source: FROZEN until released, its recorded deltas deleted.
+        source.exec(Command::Config(c3));
+        assert_eq!(source.state.held()[0].state(), RangeState::Frozen);
+        assert_eq!(source.state.ended_plans(), [2]);
+        source.exec(Command::DropDeltas(2));
+        assert!(source.state.ended_plans().is_empty());
+        assert_eq!(source.store.keyspace().prefix(delta_prefix(2)).count(), 0);
+    }
+
+    #[test]
+    fn a_cancelled_move_serves_again_at_the_source_and_drops_the_copy() {
+        let c1 = config(1, &["n"], &[1, 2]);
+        let mut c2 = config(2, &["n"], &[1, 2]);
+        c2.moves.push(crate::proto::MovePlan {
+            id: 2,
+            range: c2.ranges[0].range.clone(),
+            source: 1,
+            dest: 2,
+            ..Default::default()
+        });
+        let c3 = config(3, &["n"], &[1, 2]);
+        let (mut source, mut dest) = (Harness::new(1), Harness::new(2));
+        for c in [&c1, &c2] {
+            source.exec(Command::Config(c.clone()));
+            dest.exec(Command::Config(c.clone()));
+        }
+        source.put("apple", b"1", None).unwrap();
+        let (records, _) = source.state.copy(2, b"", 1 << 20).unwrap().unwrap();
+        dest.exec(Command::MoveCopy(MoveChunk {
+            plan_id: 2,
+            records,
+            last: true,
+        }));
+        source.exec(Command::FreezeMove(2));
+        source.exec(Command::Config(c3.clone()));
+        dest.exec(Command::Config(c3));
+        assert_eq!(source.get("apple").as_deref(), Some(&b"1"[..]));
+        source.put("apple", b"2", None).unwrap();
+        let garbage: Vec<_> = dest
+            .state
+            .held()
+            .iter()
+            .filter(|h| h.state() == RangeState::Garbage)
+            .cloned()
+            .collect();
+        assert_eq!(garbage.len(), 1, "{:?}", dest.state.held());
+        dest.exec(Command::DeleteChunk(RangeOp {
+            config_num: 3,
+            range: garbage[0].range.clone(),
+        }));
+        assert!(dest.state.settled());
+        assert_eq!(dest.store.get(&data_key(b"apple")).unwrap(), None);
     }
 
     fn config(num: u64, bounds: &[&str], owners: &[u64]) -> Config {

@@ -15,9 +15,9 @@ use crate::config::MAX_KEY_BYTES;
 use crate::proto::master_command::Command;
 use crate::proto::master_outcome::Result as OutcomeResult;
 use crate::proto::{
-    AddNodeRequest, CancelMoveRequest, CommandError, Config, FinishMoveRequest, Group,
-    JoinRequest, KeyRange, LeaveRequest, MasterCommand, MasterOutcome, MovePlan, MoveRequest,
-    RangeAssignment, RemoveNodeRequest, RequestId, SplitRequest,
+    AddNodeRequest, CancelMoveRequest, CommandError, Config, FinishMoveRequest, Group, JoinRequest,
+    KeyRange, LeaveRequest, MasterCommand, MasterOutcome, MovePlan, MoveRequest, RangeAssignment,
+    RemoveNodeRequest, RequestId, SplitRequest,
 };
 use crate::replica::StateMachine;
 use crate::storage::{ApplyBatch, SmStore};

@@ -108,11 +108,7 @@ async fn a_range_serves_reads_and_writes_while_its_copy_is_in_progress() {
         .await
         .expect("move");
     let plan = plan_of(&config, b"c");
-    assert_eq!(
-        config.owner(b"c").1,
-        src,
-        "a plan is not an owner change"
-    );
+    assert_eq!(config.owner(b"c").1, src, "a plan is not an owner change");
     wait_phase(&cluster, plan.id, MovePhase::MoveCopying, 1).await;
 
     // Reads and writes while the copy goes on.
@@ -217,7 +213,9 @@ async fn a_move_whose_destination_died_is_cancelled_and_the_source_serves_throug
     loop {
         let key = format!("c-during-{n}").into_bytes();
         let started = Instant::now();
-        kv.put(&key, b"x").await.expect("put while the destination is down");
+        kv.put(&key, b"x")
+            .await
+            .expect("put while the destination is down");
         assert!(kv.get(&key).await.expect("get").is_some());
         assert!(
             started.elapsed() < Duration::from_secs(1),
@@ -254,7 +252,9 @@ async fn a_move_whose_destination_died_is_cancelled_and_the_source_serves_throug
     assert_eq!(config.owner(b"c").1, src);
     let again = mc.cancel_move(cancel).await.expect_err("nothing to cancel");
     assert_eq!(again.code(), Code::NotFound);
-    kv.put(b"c-after-cancel", b"y").await.expect("put after cancel");
+    kv.put(b"c-after-cancel", b"y")
+        .await
+        .expect("put after cancel");
 
     // The destination comes back, drops its partial copy and settles.
     cluster.start_stopped();
@@ -290,7 +290,8 @@ async fn live_moves_survive_leader_kills_in_every_phase() {
         cluster.masters().addrs().to_vec(),
         WorkloadOptions::new(&["c0", "c1", "c2", "c3", "p0"], seed),
     );
-    work.expect_progress(15, PROGRESS_WAIT, "at the start").await;
+    work.expect_progress(15, PROGRESS_WAIT, "at the start")
+        .await;
 
     for (round, victim) in ["source", "destination", "master"].iter().enumerate() {
         let config = cluster.latest_config().await.expect("config");
