@@ -68,6 +68,13 @@ pub fn only(results: Vec<KvResult>) -> KvResult {
 /// One page of a scan: the pairs and where to resume (empty when done).
 pub type ScanPage = (Vec<KeyValue>, Vec<u8>);
 
+/// Storage-key bounds of one stretch of records.
+type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// Recorded writes of a live move after a cursor: the records, whether they end with
+/// the last one (the source is frozen), and the bytes recorded so far.
+pub type DeltaPage = (Vec<KeyValue>, bool, u64);
+
 fn data_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
     k.push(DATA);
@@ -354,7 +361,7 @@ impl KvState {
     /// whether they are all.
     fn records(
         &self,
-        segments: &[(Bound<Vec<u8>>, Bound<Vec<u8>>)],
+        segments: &[KeyBounds],
         max_bytes: usize,
     ) -> anyhow::Result<(Vec<KeyValue>, bool)> {
         let ks = self.store().keyspace();
@@ -405,7 +412,7 @@ impl KvState {
         id: u64,
         cursor: &[u8],
         max_bytes: usize,
-    ) -> anyhow::Result<Result<(Vec<KeyValue>, bool, u64), String>> {
+    ) -> anyhow::Result<Result<DeltaPage, String>> {
         let Some(m) = self.outgoing(id) else {
             return Ok(Err(self.no_plan(id)));
         };
@@ -1397,7 +1404,11 @@ mod tests {
         // Catch up: everything recorded so far, then the source freezes.
         let (deltas, done, recorded) = source.state.deltas(2, b"", 1 << 20).unwrap().unwrap();
         assert!(!done && recorded > 0);
-        assert_eq!(deltas.len(), 4, "every write to the range since the plan is recorded");
+        assert_eq!(
+            deltas.len(),
+            4,
+            "every write to the range since the plan is recorded"
+        );
         let cursor = deltas.last().unwrap().key.clone();
         dest.exec(Command::MoveDeltas(MoveChunk {
             plan_id: 2,
