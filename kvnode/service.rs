@@ -455,6 +455,21 @@ impl TransferService {
     pub fn new(replica: Replica<KvState>) -> TransferService {
         TransferService { replica }
     }
+
+    /// Proposes an internal command and waits until it is applied.
+    async fn propose(&self, command: Command) -> Result<(), Status> {
+        let encoded = KvCommand {
+            command: Some(command),
+        }
+        .encode_to_vec();
+        let results = self
+            .replica
+            .propose(encoded)
+            .await
+            .map_err(status::from_replica)?;
+        only(results).map_err(kv_error)?;
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -493,17 +508,8 @@ impl RangeTransfer for TransferService {
             config_num: r.config_num,
             range: r.range,
         };
-        let encoded = KvCommand {
-            command: Some(Command::Release(op)),
-        }
-        .encode_to_vec();
         // Releasing an already-released range is a no-op: the answer is the same.
-        let results = self
-            .replica
-            .propose(encoded)
-            .await
-            .map_err(status::from_replica)?;
-        only(results).map_err(kv_error)?;
+        self.propose(Command::Release(op)).await?;
         Ok(Response::new(ReleaseReply {}))
     }
 
@@ -555,16 +561,7 @@ impl RangeTransfer for TransferService {
             return Err(status::from_replica(self.replica.status().not_leader()));
         }
         if self.replica.state().frozen(id) != Some(true) {
-            let encoded = KvCommand {
-                command: Some(Command::FreezeMove(id)),
-            }
-            .encode_to_vec();
-            let results = self
-                .replica
-                .propose(encoded)
-                .await
-                .map_err(status::from_replica)?;
-            only(results).map_err(kv_error)?;
+            self.propose(Command::FreezeMove(id)).await?;
         }
         match self.replica.state().frozen(id) {
             Some(true) => Ok(Response::new(FreezeMoveReply {})),

@@ -249,10 +249,11 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
         }))
         .await;
     // Liveness from heartbeats, and move progress, are known to the leader only.
-    let moves: Vec<MoveJson> = masters
+    let leader = masters
         .iter()
         .filter_map(|r| r.as_ref().ok())
-        .find(|r| r.replica.as_ref().is_some_and(|x| x.role == "leader"))
+        .find(|r| r.replica.as_ref().is_some_and(|x| x.role == "leader"));
+    let moves: Vec<MoveJson> = leader
         .map(|r| {
             r.moves
                 .iter()
@@ -269,10 +270,7 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-    let health: HashMap<(u64, u64), NodeHealth> = masters
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .find(|r| r.replica.as_ref().is_some_and(|x| x.role == "leader"))
+    let health: HashMap<(u64, u64), NodeHealth> = leader
         .map(|r| {
             r.nodes
                 .iter()
