@@ -450,10 +450,12 @@ fn move_range(next: &mut Config, request: MoveRequest) -> Result<bool, CommandEr
     }
     let i = next.range_index(&request.key);
     let owner = next.ranges[i].gid;
+    let mut cancelled = false;
     if let Some(p) = plan_index(next, &request.key, 0) {
         let plan = &next.moves[p];
         if request.immediate {
             next.moves.remove(p);
+            cancelled = true;
         } else if plan.dest == request.gid {
             return Ok(false);
         } else {
@@ -468,7 +470,7 @@ fn move_range(next: &mut Config, request: MoveRequest) -> Result<bool, CommandEr
         }
     }
     if owner == request.gid {
-        return Ok(false);
+        return Ok(cancelled);
     }
     // A range nobody owns has no data to copy.
     if request.immediate || owner == 0 {
@@ -791,6 +793,83 @@ mod tests {
         );
         let ids: Vec<u64> = c3.group(1).unwrap().nodes.iter().map(|n| n.id).collect();
         assert_eq!(ids, vec![1, 3, 4]);
+    }
+
+    #[test]
+    fn a_live_move_is_a_plan_until_finished_or_cancelled() {
+        let c1 = apply(&Config::initial(), join_cmd(vec![group(1, &[1])]));
+        let c2 = split_at(&c1, "n");
+        let c3 = apply(&c2, join_cmd(vec![group(2, &[1]), group(3, &[1])]));
+        let (range, src) = c3.owner(b"a");
+        let (range, src) = (range.clone(), src);
+        let others: Vec<u64> = [1, 2, 3].into_iter().filter(|g| *g != src).collect();
+        let (dst, other) = (others[0], others[1]);
+        let live = |key: &[u8], gid| {
+            Command::Move(MoveRequest {
+                key: key.to_vec(),
+                gid,
+                id: None,
+                immediate: false,
+            })
+        };
+        let c4 = apply(&c3, live(b"a", dst));
+        assert_eq!(c4.owner(b"a").1, src, "a plan changes no owner");
+        assert_eq!(c4.moves.len(), 1);
+        let plan = c4.moves[0].clone();
+        assert_eq!((plan.id, plan.source, plan.dest), (4, src, dst));
+        assert_eq!(plan.range.as_ref(), Some(&range));
+        // The same move again changes nothing; another destination, a split of the
+        // range, and finishing a plan that does not exist are refused.
+        assert_eq!(next_config(&c4, live(b"a", dst)).unwrap(), None);
+        assert_eq!(
+            code(next_config(&c4, live(b"a", other))),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(next_config(
+                &c4,
+                Command::Split(SplitRequest {
+                    key: b"b".to_vec(),
+                    id: None
+                })
+            )),
+            Code::FailedPrecondition
+        );
+        let finish = |id| Command::FinishMove(FinishMoveRequest { plan_id: id });
+        assert_eq!(code(next_config(&c4, finish(99))), Code::NotFound);
+        // Finished: the owner changes and the plan goes.
+        let c5 = apply(&c4, finish(plan.id));
+        assert_eq!(c5.owner(b"a").1, dst);
+        assert!(c5.moves.is_empty());
+        // Cancelled: the owner stays; cancelling again finds nothing.
+        let cancel = |key: &[u8]| {
+            Command::CancelMove(CancelMoveRequest {
+                key: key.to_vec(),
+                ..Default::default()
+            })
+        };
+        let c5 = apply(&c4, cancel(b"c"));
+        assert_eq!(c5.owner(b"a").1, src);
+        assert!(c5.moves.is_empty());
+        assert_eq!(code(next_config(&c5, cancel(b"c"))), Code::NotFound);
+        assert_eq!(code(next_config(&c5, finish(plan.id))), Code::NotFound);
+        // The destination leaving voids the plan (the source still has the range).
+        let c5 = apply(
+            &c4,
+            Command::Leave(LeaveRequest {
+                gids: vec![dst],
+                id: None,
+            }),
+        );
+        assert!(c5.moves.is_empty());
+        // An immediate move replaces the plan.
+        let mut immediate = live(b"a", other);
+        if let Command::Move(r) = &mut immediate {
+            r.immediate = true;
+        }
+        let c5 = apply(&c4, immediate);
+        assert_eq!(c5.owner(b"a").1, other);
+        assert!(c5.moves.is_empty());
     }
 
     #[test]
