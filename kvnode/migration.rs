@@ -116,23 +116,7 @@ struct Worker {
 
 impl Worker {
     async fn step(&mut self) -> anyhow::Result<()> {
-        // A group that was down, or joined late, catches up through every
-        // configuration in order; those that move nothing of its ranges pass at once.
-        for _ in 0..MAX_CONFIGS_PER_STEP {
-            let (settled, num) = {
-                let state = self.replica.state();
-                (state.settled(), state.config().num)
-            };
-            if !settled {
-                break;
-            }
-            // A configuration that does not exist yet is an error answer: nothing to do.
-            let Ok(next) = self.masters.query(Some(num + 1)).await else {
-                break;
-            };
-            info!(self.logger, "moving to configuration"; "num" => next.num);
-            self.propose(Command::Config(next)).await?;
-        }
+        self.follow_configs().await?;
         let (moves, ended, gid) = {
             let state = self.replica.state();
             (
@@ -162,6 +146,27 @@ impl Worker {
                 RangeState::Garbage => self.collect(range).await?,
                 RangeState::Serving | RangeState::Frozen => {}
             }
+        }
+        Ok(())
+    }
+
+    /// A group that was down, or joined late, catches up through every configuration
+    /// in order; those that move nothing of its ranges pass at once.
+    async fn follow_configs(&mut self) -> anyhow::Result<()> {
+        for _ in 0..MAX_CONFIGS_PER_STEP {
+            let (settled, num) = {
+                let state = self.replica.state();
+                (state.settled(), state.config().num)
+            };
+            if !settled {
+                break;
+            }
+            // A configuration that does not exist yet is an error answer: nothing to do.
+            let Ok(next) = self.masters.query(Some(num + 1)).await else {
+                break;
+            };
+            info!(self.logger, "moving to configuration"; "num" => next.num);
+            self.propose(Command::Config(next)).await?;
         }
         Ok(())
     }
@@ -437,7 +442,7 @@ impl Worker {
     }
 
     /// Everything has arrived: the shard master gives the range to this group, which
-    /// moves to that configuration at once if it is the next one.
+    /// moves to that configuration at once.
     async fn finish_move(&mut self, plan: &MovePlan) -> anyhow::Result<()> {
         let request = FinishMoveRequest { plan_id: plan.id };
         let reply = self
@@ -454,7 +459,9 @@ impl Worker {
         if config.num == self.replica.state().config().num + 1 {
             self.propose(Command::Config(config)).await?;
         }
-        Ok(())
+        // Configurations made meanwhile come before it: follow them now, not at the
+        // next step.
+        self.follow_configs().await
     }
 
     /// Tells the shard master how far the move is (best effort: the next step will).
