@@ -880,7 +880,7 @@ impl KvState {
                 _ => self.discard_copy(&range, next.num, batch)?,
             }
         }
-        for plan in &next.moves {
+        for plan in next.moves.iter().filter(|p| !p.queued) {
             let ours = plan.source == gid || plan.dest == gid;
             if ours && !self.moves.iter().any(|m| m.plan.as_ref() == Some(plan)) {
                 self.moves.push(MoveState {

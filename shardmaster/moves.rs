@@ -34,7 +34,7 @@ pub async fn run_move_watchdog(
         let moves = replica.state().moves();
         seen.retain(|id, _| moves.iter().any(|p| p.id == *id));
         let now = Instant::now();
-        for plan in moves {
+        for plan in moves.into_iter().filter(|p| !p.queued) {
             let progress = (plan.phase, plan.bytes_copied, plan.lag_bytes);
             let entry = seen.entry(plan.id).or_insert((progress, now));
             if entry.0 != progress {

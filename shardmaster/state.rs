@@ -272,7 +272,7 @@ pub fn next_config(current: &Config, command: Command) -> Result<Option<Config>,
     };
     // A plan whose range was split, given away or whose groups left is void: its
     // source still holds the range, so nothing is lost.
-    let planned = next.moves.len();
+    let planned = next.moves.clone();
     let ranges = next.ranges.clone();
     let gids: HashSet<u64> = next.groups.iter().map(|g| g.gid).collect();
     next.moves.retain(|plan| {
@@ -281,7 +281,8 @@ pub fn next_config(current: &Config, command: Command) -> Result<Option<Config>,
                 .iter()
                 .any(|r| r.range == plan.range && r.gid == plan.source)
     });
-    Ok((changed || next.moves.len() != planned).then_some(next))
+    activate_queued(&mut next);
+    Ok((changed || next.moves != planned).then_some(next))
 }
 
 /// The plan moving the range that contains `key` (or plan `id`, when not 0).
@@ -382,6 +383,28 @@ fn rebalance_config(config: &mut Config) {
     }
 }
 
+/// A plan's id: unique, as configuration numbers only grow.
+fn plan_id(config_num: u64, range_index: usize) -> u64 {
+    (config_num << 16) | range_index as u64
+}
+
+/// Starts queued plans whose source and destination take part in no other move, in
+/// order: each group moves one range at a time, so many cutovers never stall it.
+fn activate_queued(next: &mut Config) {
+    let mut busy: HashSet<u64> = next
+        .moves
+        .iter()
+        .filter(|p| !p.queued)
+        .flat_map(|p| [p.source, p.dest])
+        .collect();
+    for plan in next.moves.iter_mut().filter(|p| p.queued) {
+        if !busy.contains(&plan.source) && !busy.contains(&plan.dest) {
+            plan.queued = false;
+            busy.extend([plan.source, plan.dest]);
+        }
+    }
+}
+
 fn join(next: &mut Config, request: JoinRequest) -> Result<bool, CommandError> {
     if request.groups.is_empty() {
         return Err(refuse(Code::InvalidArgument, "join names no groups"));
@@ -397,9 +420,30 @@ fn join(next: &mut Config, request: JoinRequest) -> Result<bool, CommandError> {
         }
         validate_group(group, &mut taken)?;
     }
+    let live: HashSet<u64> = next.groups.iter().map(|g| g.gid).collect();
     next.groups.extend(request.groups);
     next.groups.sort_by_key(|g| g.gid);
-    rebalance_config(next);
+    let mut target = next.clone();
+    rebalance_config(&mut target);
+    for (i, (range, goal)) in next.ranges.iter_mut().zip(target.ranges).enumerate() {
+        let moving = next.moves.iter().any(|p| p.range == range.range);
+        if range.gid == goal.gid || moving {
+            continue;
+        }
+        // A range nobody owned has no data to move.
+        if request.immediate || !live.contains(&range.gid) {
+            range.gid = goal.gid;
+            continue;
+        }
+        next.moves.push(MovePlan {
+            id: plan_id(next.num, i),
+            range: range.range.clone(),
+            source: range.gid,
+            dest: goal.gid,
+            queued: true,
+            ..Default::default()
+        });
+    }
     Ok(true)
 }
 
@@ -478,7 +522,7 @@ fn move_range(next: &mut Config, request: MoveRequest) -> Result<bool, CommandEr
         return Ok(true);
     }
     next.moves.push(MovePlan {
-        id: next.num,
+        id: plan_id(next.num, i),
         range: next.ranges[i].range.clone(),
         source: owner,
         dest: request.gid,
@@ -600,7 +644,11 @@ mod tests {
     }
 
     fn join_cmd(groups: Vec<Group>) -> Command {
-        Command::Join(JoinRequest { groups, id: None })
+        Command::Join(JoinRequest {
+            groups,
+            id: None,
+            immediate: true,
+        })
     }
 
     fn apply(config: &Config, command: Command) -> Config {
@@ -816,7 +864,11 @@ mod tests {
         assert_eq!(c4.owner(b"a").1, src, "a plan changes no owner");
         assert_eq!(c4.moves.len(), 1);
         let plan = c4.moves[0].clone();
-        assert_eq!((plan.id, plan.source, plan.dest), (4, src, dst));
+        let index = c4.range_index(b"a");
+        assert_eq!(
+            (plan.id, plan.source, plan.dest),
+            (plan_id(4, index), src, dst)
+        );
         assert_eq!(plan.range.as_ref(), Some(&range));
         // The same move again changes nothing; another destination, a split of the
         // range, and finishing a plan that does not exist are refused.
@@ -870,6 +922,52 @@ mod tests {
         let c5 = apply(&c4, immediate);
         assert_eq!(c5.owner(b"a").1, other);
         assert!(c5.moves.is_empty());
+    }
+
+    #[test]
+    fn a_live_join_moves_one_range_per_group_at_a_time() {
+        let mut c = apply(&Config::initial(), join_cmd(vec![group(1, &[1])]));
+        for key in ["g", "n", "t"] {
+            c = split_at(&c, key);
+        }
+        let joined = apply(
+            &c,
+            Command::Join(JoinRequest {
+                groups: vec![group(2, &[1])],
+                id: None,
+                immediate: false,
+            }),
+        );
+        assert!(
+            joined.ranges.iter().all(|r| r.gid == 1),
+            "nothing moved yet"
+        );
+        assert_eq!(joined.moves.len(), 2, "{:?}", joined.moves);
+        let active: Vec<&MovePlan> = joined.moves.iter().filter(|p| !p.queued).collect();
+        assert_eq!(active.len(), 1, "one move per group at a time");
+        let first = active[0].id;
+        let next = apply(
+            &joined,
+            Command::FinishMove(FinishMoveRequest { plan_id: first }),
+        );
+        assert_eq!(next.moves.len(), 1);
+        assert!(!next.moves[0].queued, "the next move starts when one ends");
+        let done = apply(
+            &next,
+            Command::FinishMove(FinishMoveRequest {
+                plan_id: next.moves[0].id,
+            }),
+        );
+        assert!(done.moves.is_empty());
+        assert_eq!(range_counts(&done), [(1, 2), (2, 2)].into());
+    }
+
+    fn range_counts(c: &Config) -> std::collections::BTreeMap<u64, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for r in &c.ranges {
+            *counts.entry(r.gid).or_default() += 1;
+        }
+        counts
     }
 
     #[test]

@@ -388,3 +388,92 @@ async fn live_moves_survive_leader_kills_in_every_phase() {
     }
     work.finish("live moves with leader kills").await;
 }
+
+/// A live join: the new groups' ranges move with their sources serving, one move per
+/// group at a time (the others queued), while a client reads and writes every range.
+#[tokio::test]
+async fn a_live_join_moves_ranges_one_per_group_at_a_time_while_they_serve() {
+    let cluster = KvCluster::start(KvOptions {
+        masters: 1,
+        groups: 3,
+        ..Default::default()
+    });
+    cluster.join(&[1]).await;
+    let mut mc = cluster.master_client();
+    for key in ["g", "n", "t"] {
+        mc.split(key.as_bytes()).await.expect("split");
+    }
+    cluster.wait_settled(SETTLE_WAIT).await;
+    let kv = client(&cluster).await;
+    for (k, v) in ["a", "h", "o", "u"]
+        .iter()
+        .flat_map(|p| big_values(p, 4, 64 << 10))
+    {
+        kv.put(&k, &v).await.expect("put");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let background = {
+        let kv = client(&cluster).await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            let mut written = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let prefix = ["a", "h", "o", "u"][written.len() % 4];
+                let key = format!("{prefix}-bg-{:05}", written.len()).into_bytes();
+                let started = Instant::now();
+                kv.put(&key, b"bg").await.expect("put through the join");
+                kv.get(&key).await.expect("get through the join");
+                slowest = slowest.max(started.elapsed());
+                written.push(key);
+            }
+            (slowest, written)
+        })
+    };
+    let groups = vec![cluster.group(2).spec(), cluster.group(3).spec()];
+    let config = mc.join_live(groups).await.expect("join");
+    assert!(
+        config.ranges.iter().all(|r| r.gid == 1),
+        "a live join moves no range at once"
+    );
+    assert_eq!(config.moves.len(), 2, "{:?}", config.moves);
+    // Watch the plans until they are done: never two at once for one group.
+    let done = common::wait_until(SETTLE_WAIT, || async {
+        let Some(m) = moves(&cluster).await else {
+            return false;
+        };
+        let active: Vec<&MovePlan> = m.iter().filter(|p| !p.queued).collect();
+        for gid in [1, 2, 3] {
+            let n = active
+                .iter()
+                .filter(|p| p.source == gid || p.dest == gid)
+                .count();
+            assert!(n <= 1, "group {gid} in {n} moves at once: {m:?}");
+        }
+        m.is_empty()
+    })
+    .await;
+    assert!(done, "the join's moves did not finish");
+    let config = cluster.wait_settled(SETTLE_WAIT).await;
+    stop.store(true, Ordering::Relaxed);
+    let (slowest, written) = background.await.expect("background client");
+    println!(
+        "{} puts and gets through the join; slowest pair {slowest:?}",
+        written.len()
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a put and get took {slowest:?}"
+    );
+    let mut counts = std::collections::BTreeMap::new();
+    for r in &config.ranges {
+        *counts.entry(r.gid).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 3, "every group owns a range: {counts:?}");
+    for key in &written {
+        assert!(
+            kv.get(key).await.expect("get").is_some(),
+            "a write was lost"
+        );
+    }
+}

@@ -103,6 +103,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
             let request = JoinRequest {
                 groups: vec![Group { gid: a.gid, nodes }],
                 id,
+                immediate: false,
             };
             let config = execute(ctx, &master, |mut c| {
                 let r = request.clone();

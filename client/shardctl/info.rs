@@ -262,7 +262,11 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
                     range: range_text(p.range.as_ref()),
                     source: p.source,
                     dest: p.dest,
-                    phase: output::phase_text(p.phase()),
+                    phase: if p.queued {
+                        "queued"
+                    } else {
+                        output::phase_text(p.phase())
+                    },
                     bytes_copied: p.bytes_copied,
                     lag_bytes: p.lag_bytes,
                     text: output::move_progress_text(p),

@@ -134,7 +134,11 @@ pub fn move_progress_text(p: &MovePlan) -> String {
         p.range.clone().unwrap_or_default(),
         p.source,
         p.dest,
-        phase_text(p.phase()),
+        if p.queued {
+            "queued"
+        } else {
+            phase_text(p.phase())
+        },
         p.bytes_copied as f64 / (1 << 20) as f64,
         p.lag_bytes / 1024
     )

@@ -920,9 +920,25 @@ impl MasterClient {
         ))
     }
 
+    /// Joins `groups`, giving them their ranges in the next configuration
+    /// (`JoinRequest::immediate`).
     pub async fn join(&mut self, groups: Vec<Group>) -> Result<Config, Status> {
-        self.execute(Command::Join(JoinRequest { groups, id: None }))
-            .await
+        self.execute(Command::Join(JoinRequest {
+            groups,
+            id: None,
+            immediate: true,
+        }))
+        .await
+    }
+
+    /// Joins `groups`; their ranges arrive by live moves, one per group at a time.
+    pub async fn join_live(&mut self, groups: Vec<Group>) -> Result<Config, Status> {
+        self.execute(Command::Join(JoinRequest {
+            groups,
+            id: None,
+            immediate: false,
+        }))
+        .await
     }
 
     pub async fn leave(&mut self, gids: Vec<u64>) -> Result<Config, Status> {
