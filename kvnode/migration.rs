@@ -36,7 +36,7 @@ const DELETE_CHUNKS_PER_STEP: usize = 64;
 /// the source and not yet installed here are at most this many bytes after a round:
 /// what is left then travels in one chunk while the range is frozen, one Raft entry
 /// here (a few ms), whatever the range's size.
-pub const CUTOVER_LAG_BYTES: u64 = 256 << 10;
+const CUTOVER_LAG_BYTES: u64 = 256 << 10;
 /// Time one step spends on one live move before it looks at the configuration again
 /// (a cancellation) and reports progress.
 const MOVE_STEP: Duration = Duration::from_secs(1);

@@ -2,7 +2,7 @@
 //! groups. Handlers validate input, then turn requests into proposals or
 //! linearizable reads of [`KvState`], and results into replies.
 
-use super::state::{only, KvError, KvResult, KvState};
+use super::state::{only, KvError, KvResult, KvState, MoveRead};
 use crate::config::{MAX_BATCH_OPS, MAX_KEY_BYTES};
 use crate::proto::batch_op::Op;
 use crate::proto::batch_result::Result as OpResult;
@@ -13,7 +13,7 @@ use crate::proto::range_transfer_server::RangeTransfer;
 use crate::proto::{
     BatchReply, BatchRequest, BatchResult, ClientWrites, CompareAndSwapReply,
     CompareAndSwapRequest, CopyRangeRequest, DeleteReply, DeleteRequest, FreezeMoveReply,
-    FreezeMoveRequest, GetReply, GetRequest, KeyRange, KvCommand, NodeStatusReply,
+    FreezeMoveRequest, GetReply, GetRequest, KeyRange, KeyValue, KvCommand, NodeStatusReply,
     NodeStatusRequest, PullDeltasReply, PullDeltasRequest, PullReply, PullRequest, PutReply,
     PutRequest, RangeOp, ReleaseReply, ReleaseRequest, ScanReply, ScanRequest,
 };
@@ -163,16 +163,7 @@ impl KvService {
 
     async fn write_once(&self, command: Command) -> Result<Reply, Status> {
         self.check_write(&command)?;
-        let encoded = KvCommand {
-            command: Some(command),
-        }
-        .encode_to_vec();
-        let results = self
-            .replica
-            .propose(encoded)
-            .await
-            .map_err(status::from_replica)?;
-        write_reply(only(results))
+        write_reply(propose_one(&self.replica, command).await?)
     }
 
     /// Reads `keys` after one read barrier: one result per key.
@@ -229,6 +220,27 @@ impl KvService {
             .await
             .map_err(status::from_replica)
     }
+}
+
+/// Runs a live move's read on a blocking thread, without the state lock.
+async fn run_read(read: MoveRead, max_bytes: usize) -> Result<(Vec<KeyValue>, bool), Status> {
+    tokio::task::spawn_blocking(move || read.run(max_bytes))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(internal)
+}
+
+/// Proposes a command with one result and waits for it.
+async fn propose_one(replica: &Replica<KvState>, command: Command) -> Result<KvResult, Status> {
+    let encoded = KvCommand {
+        command: Some(command),
+    }
+    .encode_to_vec();
+    let results = replica
+        .propose(encoded)
+        .await
+        .map_err(status::from_replica)?;
+    Ok(only(results))
 }
 
 fn is_wrong_group(e: &Status) -> bool {
@@ -458,16 +470,9 @@ impl TransferService {
 
     /// Proposes an internal command and waits until it is applied.
     async fn propose(&self, command: Command) -> Result<(), Status> {
-        let encoded = KvCommand {
-            command: Some(command),
-        }
-        .encode_to_vec();
-        let results = self
-            .replica
-            .propose(encoded)
-            .await
-            .map_err(status::from_replica)?;
-        only(results).map_err(kv_error)?;
+        propose_one(&self.replica, command)
+            .await?
+            .map_err(kv_error)?;
         Ok(())
     }
 }
@@ -521,12 +526,12 @@ impl RangeTransfer for TransferService {
     ) -> Result<Response<PullReply>, Status> {
         let r = r.into_inner();
         let max_bytes = r.max_bytes.clamp(1, MAX_PULL_BYTES) as usize;
-        let (records, done) = self
+        let read = self
             .replica
             .state()
-            .copy(r.plan_id, &r.cursor, max_bytes)
-            .map_err(internal)?
+            .copy(r.plan_id, &r.cursor)
             .map_err(Status::unavailable)?;
+        let (records, done) = run_read(read, max_bytes).await?;
         Ok(Response::new(PullReply { records, done }))
     }
 
@@ -538,15 +543,16 @@ impl RangeTransfer for TransferService {
     ) -> Result<Response<PullDeltasReply>, Status> {
         let r = r.into_inner();
         let max_bytes = r.max_bytes.clamp(1, MAX_PULL_BYTES) as usize;
-        let (deltas, done, recorded_bytes) = self
+        let read = self
             .replica
             .state()
-            .deltas(r.plan_id, &r.cursor, max_bytes)
-            .map_err(internal)?
+            .deltas(r.plan_id, &r.cursor)
             .map_err(Status::unavailable)?;
+        let (frozen, recorded_bytes) = (read.frozen, read.recorded_bytes);
+        let (deltas, all) = run_read(read, max_bytes).await?;
         Ok(Response::new(PullDeltasReply {
             deltas,
-            done,
+            done: all && frozen,
             recorded_bytes,
         }))
     }

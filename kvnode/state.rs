@@ -71,9 +71,51 @@ pub type ScanPage = (Vec<KeyValue>, Vec<u8>);
 /// Storage-key bounds of one stretch of records.
 type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
-/// Recorded writes of a live move after a cursor: the records, whether they end with
-/// the last one (the source is frozen), and the bytes recorded so far.
-pub type DeltaPage = (Vec<KeyValue>, bool, u64);
+/// A read of stored records prepared under the state lock and run without it, so a
+/// chunk of a range's copy does not hold up the writes being applied meanwhile.
+pub struct MoveRead {
+    store: SmStore,
+    segments: Vec<KeyBounds>,
+    /// Deltas: the source had frozen the range when the read was prepared.
+    pub frozen: bool,
+    /// Deltas: the bytes recorded when the read was prepared.
+    pub recorded_bytes: u64,
+}
+
+impl MoveRead {
+    /// The records, in order, up to about `max_bytes`; and whether they are all.
+    pub fn run(&self, max_bytes: usize) -> anyhow::Result<(Vec<KeyValue>, bool)> {
+        let ks = self.store.keyspace();
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        for bounds in &self.segments {
+            for item in ks.range::<Vec<u8>, _>(bounds.clone()) {
+                let (k, v) = item.into_inner()?;
+                bytes += k.len() + v.len();
+                records.push(KeyValue {
+                    key: k.to_vec(),
+                    value: v.to_vec(),
+                });
+                if bytes >= max_bytes {
+                    return Ok((records, false));
+                }
+            }
+        }
+        Ok((records, true))
+    }
+}
+
+/// The bounds of a range's records after `cursor`: its data, then every session.
+fn range_segments(range: &KeyRange, cursor: &[u8]) -> Vec<KeyBounds> {
+    let (data_start, data_end) = data_bounds(range);
+    vec![
+        (after_cursor(data_start, cursor), data_end),
+        (
+            after_cursor(vec![SESSION], cursor),
+            Bound::Excluded(vec![SESSION + 1]),
+        ),
+    ]
+}
 
 fn data_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
@@ -346,41 +388,16 @@ impl KvState {
         cursor: &[u8],
         max_bytes: usize,
     ) -> anyhow::Result<(Vec<KeyValue>, bool)> {
-        let (data_start, data_end) = data_bounds(range);
-        let segments = [
-            (after_cursor(data_start, cursor), data_end),
-            (
-                after_cursor(vec![SESSION], cursor),
-                Bound::Excluded(vec![SESSION + 1]),
-            ),
-        ];
-        self.records(&segments, max_bytes)
+        self.move_read(range_segments(range, cursor)).run(max_bytes)
     }
 
-    /// The stored records of `segments`, in order, up to about `max_bytes`; and
-    /// whether they are all.
-    fn records(
-        &self,
-        segments: &[KeyBounds],
-        max_bytes: usize,
-    ) -> anyhow::Result<(Vec<KeyValue>, bool)> {
-        let ks = self.store().keyspace();
-        let mut records = Vec::new();
-        let mut bytes = 0;
-        for bounds in segments {
-            for item in ks.range::<Vec<u8>, _>(bounds.clone()) {
-                let (k, v) = item.into_inner()?;
-                bytes += k.len() + v.len();
-                records.push(KeyValue {
-                    key: k.to_vec(),
-                    value: v.to_vec(),
-                });
-                if bytes >= max_bytes {
-                    return Ok((records, false));
-                }
-            }
+    fn move_read(&self, segments: Vec<KeyBounds>) -> MoveRead {
+        MoveRead {
+            store: self.store_handle(),
+            segments,
+            frozen: false,
+            recorded_bytes: 0,
         }
-        Ok((records, true))
     }
 
     fn no_plan(&self, id: u64) -> String {
@@ -390,38 +407,27 @@ impl KvState {
         )
     }
 
-    /// Live move: the current records of the range of plan `id` after `cursor` (its
-    /// data, then the client sessions), for the destination's copy.
-    pub fn copy(
-        &self,
-        id: u64,
-        cursor: &[u8],
-        max_bytes: usize,
-    ) -> anyhow::Result<Result<(Vec<KeyValue>, bool), String>> {
-        let Some(m) = self.outgoing(id) else {
-            return Ok(Err(self.no_plan(id)));
-        };
-        let range = plan_range(&self.moves[m]);
-        Ok(Ok(self.range_records(&range, cursor, max_bytes)?))
+    /// Live move: a read of the current records of the range of plan `id` after
+    /// `cursor` (its data, then the client sessions), for the destination's copy.
+    pub fn copy(&self, id: u64, cursor: &[u8]) -> Result<MoveRead, String> {
+        let m = self.outgoing(id).ok_or_else(|| self.no_plan(id))?;
+        Ok(self.move_read(range_segments(&plan_range(&self.moves[m]), cursor)))
     }
 
-    /// Live move: the deltas recorded for plan `id` after `cursor`; whether they end
-    /// with the last one (the range is frozen); the bytes recorded so far.
-    pub fn deltas(
-        &self,
-        id: u64,
-        cursor: &[u8],
-        max_bytes: usize,
-    ) -> anyhow::Result<Result<DeltaPage, String>> {
-        let Some(m) = self.outgoing(id) else {
-            return Ok(Err(self.no_plan(id)));
-        };
-        let prefix = delta_prefix(id);
-        let end = delta_prefix(id + 1);
-        let segments = [(after_cursor(prefix, cursor), Bound::Excluded(end))];
-        let (records, all) = self.records(&segments, max_bytes)?;
+    /// Live move: a read of the deltas recorded for plan `id` after `cursor`.
+    pub fn deltas(&self, id: u64, cursor: &[u8]) -> Result<MoveRead, String> {
+        let m = self.outgoing(id).ok_or_else(|| self.no_plan(id))?;
+        let segments = vec![(
+            after_cursor(delta_prefix(id), cursor),
+            Bound::Excluded(delta_prefix(id + 1)),
+        )];
+        // Taken before the records are read: if frozen now, every delta exists.
         let m = &self.moves[m];
-        Ok(Ok((records, all && m.frozen, m.recorded_bytes)))
+        Ok(MoveRead {
+            frozen: m.frozen,
+            recorded_bytes: m.recorded_bytes,
+            ..self.move_read(segments)
+        })
     }
 
     /// True if this replica has applied the freeze of plan `id` (`None`: no such plan).
@@ -1383,7 +1389,7 @@ mod tests {
         source.put("apple", b"1", None).unwrap();
         source.put("berry", b"1", id(9, 1, 1)).unwrap();
         // The copy reads the first record, then writes go on at the source.
-        let (first, _) = source.state.copy(2, b"", 1).unwrap().unwrap();
+        let (first, _) = source.state.copy(2, b"").unwrap().run(1).unwrap();
         source.put("apple", b"2", id(9, 2, 1)).unwrap();
         source
             .apply(Command::Delete(DeleteRequest {
@@ -1392,7 +1398,7 @@ mod tests {
             }))
             .unwrap();
         let cursor = first.last().unwrap().key.clone();
-        let (rest, done) = source.state.copy(2, &cursor, 1 << 20).unwrap().unwrap();
+        let (rest, done) = source.state.copy(2, &cursor).unwrap().run(1 << 20).unwrap();
         assert!(done);
         for (records, last) in [(first, false), (rest, true)] {
             dest.exec(Command::MoveCopy(MoveChunk {
@@ -1402,8 +1408,9 @@ mod tests {
             }));
         }
         // Catch up: everything recorded so far, then the source freezes.
-        let (deltas, done, recorded) = source.state.deltas(2, b"", 1 << 20).unwrap().unwrap();
-        assert!(!done && recorded > 0);
+        let read = source.state.deltas(2, b"").unwrap();
+        let (deltas, _) = read.run(1 << 20).unwrap();
+        assert!(!read.frozen && read.recorded_bytes > 0);
         assert_eq!(
             deltas.len(),
             4,
@@ -1421,8 +1428,9 @@ mod tests {
             source.state.get(b"apple").unwrap(),
             Err(KvError::WrongGroup { config_num: 2 })
         );
-        let (last, done, _) = source.state.deltas(2, &cursor, 1 << 20).unwrap().unwrap();
-        assert!(done);
+        let read = source.state.deltas(2, &cursor).unwrap();
+        let (last, all) = read.run(1 << 20).unwrap();
+        assert!(read.frozen && all);
         assert_eq!(last.len(), 1);
         dest.exec(Command::MoveDeltas(MoveChunk {
             plan_id: 2,
@@ -1475,7 +1483,7 @@ mod tests {
             dest.exec(Command::Config(c.clone()));
         }
         source.put("apple", b"1", None).unwrap();
-        let (records, _) = source.state.copy(2, b"", 1 << 20).unwrap().unwrap();
+        let (records, _) = source.state.copy(2, b"").unwrap().run(1 << 20).unwrap();
         dest.exec(Command::MoveCopy(MoveChunk {
             plan_id: 2,
             records,

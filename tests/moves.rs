@@ -84,6 +84,60 @@ async fn client(cluster: &KvCluster) -> Client {
         .expect("client connects")
 }
 
+/// A client that puts and gets new keys under `prefixes` in turn until stopped.
+/// Any error fails the test.
+struct Background {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(Duration, Vec<Vec<u8>>)>,
+}
+
+impl Background {
+    async fn start(cluster: &KvCluster, prefixes: &'static [&'static str]) -> Background {
+        let kv = client(cluster).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut slowest = Duration::ZERO;
+                let mut written = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let prefix = prefixes[written.len() % prefixes.len()];
+                    let key = format!("{prefix}-bg-{:05}", written.len()).into_bytes();
+                    let started = Instant::now();
+                    kv.put(&key, b"bg").await.expect("put in the background");
+                    kv.get(&key).await.expect("get in the background");
+                    slowest = slowest.max(started.elapsed());
+                    written.push(key);
+                }
+                (slowest, written)
+            }
+        });
+        Background { stop, task }
+    }
+
+    /// Stops the client; checks that each of its put-and-get pairs took under 2 s
+    /// (generous for a debug build on a shared machine: bench/move.sh measures
+    /// latency) and that every key it wrote is there.
+    async fn finish(self, kv: &Client, what: &str) {
+        self.stop.store(true, Ordering::Relaxed);
+        let (slowest, written) = self.task.await.expect("background client");
+        println!(
+            "{} puts and gets {what}; slowest pair {slowest:?}",
+            written.len()
+        );
+        assert!(
+            slowest < Duration::from_secs(2),
+            "a put and get took {slowest:?} {what}"
+        );
+        for key in &written {
+            assert!(
+                kv.get(key).await.expect("get").is_some(),
+                "a write was lost"
+            );
+        }
+    }
+}
+
 /// A range of ~3 MiB copied at 1 MiB/s answers reads and writes all along its copy
 /// (each within a bound far below the copy's duration), and every write acknowledged
 /// by the source during the copy is at the destination after the cutover.
@@ -105,24 +159,7 @@ async fn a_range_serves_reads_and_writes_while_its_copy_is_in_progress() {
 
     // A second client writes and reads the range through the whole move, cutover
     // included.
-    let stop = Arc::new(AtomicBool::new(false));
-    let background = {
-        let kv = client(&cluster).await;
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut slowest = Duration::ZERO;
-            let mut written = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let key = format!("c-bg-{:05}", written.len()).into_bytes();
-                let started = Instant::now();
-                kv.put(&key, b"bg").await.expect("put through the move");
-                kv.get(&key).await.expect("get through the move");
-                slowest = slowest.max(started.elapsed());
-                written.push(key);
-            }
-            (slowest, written)
-        })
-    };
+    let background = Background::start(&cluster, &["c"]).await;
     let config = cluster
         .master_client()
         .move_live(b"c", dst)
@@ -172,23 +209,9 @@ async fn a_range_serves_reads_and_writes_while_its_copy_is_in_progress() {
     let config = cluster.wait_settled(SETTLE_WAIT).await;
     assert_eq!(config.owner(b"c").1, dst, "the move finished");
     assert!(config.moves.is_empty());
-    stop.store(true, Ordering::Relaxed);
-    let (slowest_bg, bg_written) = background.await.expect("background client");
-    println!(
-        "{} puts and gets through the whole move, cutover included; slowest pair {slowest_bg:?}",
-        bg_written.len()
-    );
-    // Generous for a debug build on a shared machine; bench/move.sh measures it.
-    assert!(
-        slowest_bg < Duration::from_secs(2),
-        "a put and get took {slowest_bg:?} through the move"
-    );
-    for key in &bg_written {
-        assert!(
-            kv.get(key).await.expect("get").is_some(),
-            "a write was lost"
-        );
-    }
+    background
+        .finish(&kv, "through the whole move, cutover included")
+        .await;
     assert_eq!(
         kv.get(&big[0].0).await.expect("get").as_deref(),
         Some(&b"overwritten"[..])
@@ -411,25 +434,7 @@ async fn a_live_join_moves_ranges_one_per_group_at_a_time_while_they_serve() {
     {
         kv.put(&k, &v).await.expect("put");
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let background = {
-        let kv = client(&cluster).await;
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let mut slowest = Duration::ZERO;
-            let mut written = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let prefix = ["a", "h", "o", "u"][written.len() % 4];
-                let key = format!("{prefix}-bg-{:05}", written.len()).into_bytes();
-                let started = Instant::now();
-                kv.put(&key, b"bg").await.expect("put through the join");
-                kv.get(&key).await.expect("get through the join");
-                slowest = slowest.max(started.elapsed());
-                written.push(key);
-            }
-            (slowest, written)
-        })
-    };
+    let background = Background::start(&cluster, &["a", "h", "o", "u"]).await;
     let groups = vec![cluster.group(2).spec(), cluster.group(3).spec()];
     let config = mc.join_live(groups).await.expect("join");
     assert!(
@@ -455,25 +460,10 @@ async fn a_live_join_moves_ranges_one_per_group_at_a_time_while_they_serve() {
     .await;
     assert!(done, "the join's moves did not finish");
     let config = cluster.wait_settled(SETTLE_WAIT).await;
-    stop.store(true, Ordering::Relaxed);
-    let (slowest, written) = background.await.expect("background client");
-    println!(
-        "{} puts and gets through the join; slowest pair {slowest:?}",
-        written.len()
-    );
-    assert!(
-        slowest < Duration::from_secs(2),
-        "a put and get took {slowest:?}"
-    );
+    background.finish(&kv, "through the join").await;
     let mut counts = std::collections::BTreeMap::new();
     for r in &config.ranges {
         *counts.entry(r.gid).or_insert(0) += 1;
     }
     assert_eq!(counts.len(), 3, "every group owns a range: {counts:?}");
-    for key in &written {
-        assert!(
-            kv.get(key).await.expect("get").is_some(),
-            "a write was lost"
-        );
-    }
 }
