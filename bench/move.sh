@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Time to move a range holding SIZE_MB (default 1024) of data between the groups of a
-# fresh playground, and the latency of requests to the other ranges meanwhile.
+# fresh playground, and the latency of requests meanwhile: to the other ranges, and to
+# the moving range itself (reads and writes, MOVING_CONCURRENCY in flight, default 4;
+# a live move keeps it serving until a short cutover).
 #   bench/move.sh                      # binaries from target/release
-#   BIN=/path/to/bin SIZE_MB=256 bench/move.sh
-# Prints the move's duration and the bench report (JSON) of the other ranges' load.
+#   BIN=/path/to/bin SIZE_MB=256 MOVING_CONCURRENCY=16 bench/move.sh
+# Prints the move's duration and the bench reports (JSON) of both loads.
 set -euo pipefail
 # shellcheck source=bench/playground.sh
 source "$(dirname "$0")/playground.sh"
@@ -27,12 +29,19 @@ du -sh "$dir"/playground/* 2>/dev/null | sed 's/^/  /' || true
 "$bin/shardctl" --output json bench --workload mixed --prefixes a,b,c,d,e,f,o,p,q,r,s,u,v,w,x,y,z \
   --keys 100000 --concurrency 16 --clients 4 --duration 3600 --warmup 0 >other.json &
 load=$!
+# Reads and writes to the moving range, on keys of their own (prefix "hz").
+"$bin/shardctl" --output json bench --workload mixed --prefixes hz \
+  --keys 10000 --concurrency "${MOVING_CONCURRENCY:-4}" --clients 1 --duration 3600 --warmup 0 \
+  >moving.json &
+moving=$!
 sleep 3 # connections up, load steady
 started=$(date +%s.%N)
 "$bin/shardctl" --timeout 1800 move h "$dest" --wait
 ended=$(date +%s.%N)
-kill -INT $load
-wait $load
+kill -INT $load $moving
+wait $load $moving
 echo "moved ${size_mb} MB from group $owner to group $dest in $(echo "$ended - $started" | bc) s"
 echo "requests to the other ranges during the move (and ~3 s before it):"
 cat other.json
+echo "requests to the moving range during the move (max latency, p99.9 and errors are in it):"
+cat moving.json

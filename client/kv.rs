@@ -472,6 +472,7 @@ impl Client {
             let config = self.config();
             let (_, gid) = config.owner(key);
             let mut wait = true;
+            let mut cutover = false;
             if gid == 0 {
                 last = Failure::NoOwner(config.num);
                 if let Err(e) = self.refresh_after(config.num, deadline).await {
@@ -533,6 +534,9 @@ impl Client {
                             // The configuration moved on: ask the shard master.
                             match self.refresh_after(config.num, deadline).await {
                                 Ok(fresh) if fresh.owner(key).1 != gid => wait = false,
+                                // A live move's source has frozen the range: the
+                                // configuration that gives it away is a few ms off.
+                                Ok(fresh) if moving(&fresh, key) => cutover = true,
                                 Ok(_) => {} // the range is still arriving: wait
                                 Err(e) => last = Failure::Master(e),
                             }
@@ -552,7 +556,11 @@ impl Client {
             }
             if wait {
                 quick_hops = 0;
-                let delay = delays.next().unwrap_or(Duration::from_millis(500));
+                let delay = if cutover {
+                    CUTOVER_RETRY
+                } else {
+                    delays.next().unwrap_or(Duration::from_millis(500))
+                };
                 tokio::time::sleep_until((now + delay).min(deadline)).await;
                 if Instant::now() >= deadline {
                     return Err(last.into_error(what, options.call_deadline));
@@ -560,6 +568,17 @@ impl Client {
             }
         }
     }
+}
+
+/// Between two tries of a key whose range is in a live move's cutover.
+const CUTOVER_RETRY: Duration = Duration::from_millis(5);
+
+/// True if `config` has a live move of the range holding `key`.
+fn moving(config: &Config, key: &[u8]) -> bool {
+    config
+        .moves
+        .iter()
+        .any(|p| p.range.as_ref().is_some_and(|r| r.contains(key)))
 }
 
 /// One server's connection, and its request coalescer unless batching is off.

@@ -387,7 +387,15 @@ async fn bootstrap(
         retry_until(deadline, "the groups to join", || {
             client.call(|mut c| {
                 let groups = groups.clone();
-                async move { c.join(JoinRequest { groups, id: None }).await }
+                async move {
+                    // Nobody owns a range yet: every group gets its ranges at once.
+                    let request = JoinRequest {
+                        groups,
+                        id: None,
+                        immediate: false,
+                    };
+                    c.join(request).await
+                }
             })
         })
         .await?;

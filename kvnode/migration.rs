@@ -1,6 +1,7 @@
 //! The leader's background work: follow the shard master's configurations one at a
 //! time, pull ranges this group gained, tell old owners to drop what was pulled, and
-//! delete ranges other groups have taken. Every step is a proposal through the
+//! delete ranges other groups have taken; drive the live moves this group is the
+//! destination of (copy, catch up, cutover). Every step is a proposal through the
 //! group's log, so a new leader resumes where the old one stopped.
 
 use super::state::{only, KvState};
@@ -9,7 +10,9 @@ use crate::faults::{Faults, Verdict};
 use crate::proto::kv_command::Command;
 use crate::proto::range_transfer_client::RangeTransferClient;
 use crate::proto::{
-    HeldRange, InstallChunk, KvCommand, Node, PullRequest, RangeOp, RangeState, ReleaseRequest,
+    CopyRangeRequest, FinishMoveRequest, FreezeMoveRequest, HeldRange, InstallChunk, KvCommand,
+    MoveChunk, MovePhase, MovePlan, MoveState, Node, PullDeltasRequest, PullRequest, RangeOp,
+    RangeState, ReleaseRequest, ReportMoveRequest,
 };
 use crate::replica::{Replica, Role};
 use anyhow::Context;
@@ -20,7 +23,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
 /// Bytes of records asked for per pull.
@@ -29,6 +32,14 @@ const PULL_CHUNK_BYTES: u32 = 1 << 20;
 const MAX_CONFIGS_PER_STEP: usize = 64;
 /// Garbage-collection commands per range per step, so other work is not starved.
 const DELETE_CHUNKS_PER_STEP: usize = 64;
+/// A live move's catch-up ends, and its cutover begins, once the writes recorded at
+/// the source and not yet installed here are at most this many bytes after a round:
+/// what is left then travels in one chunk while the range is frozen, one Raft entry
+/// here (a few ms), whatever the range's size.
+const CUTOVER_LAG_BYTES: u64 = 256 << 10;
+/// Time one step spends on one live move before it looks at the configuration again
+/// (a cancellation) and reports progress.
+const MOVE_STEP: Duration = Duration::from_secs(1);
 
 /// Paces the bytes this node pulls from other groups, so a large move leaves CPU
 /// and disk to the ranges that keep serving (TiKV's snap-io-max-bytes-per-sec).
@@ -74,6 +85,7 @@ pub async fn run_migrations(
         replica,
         masters,
         channels: HashMap::new(),
+        preferred: HashMap::new(),
         rate,
         logger,
         faults,
@@ -95,6 +107,8 @@ struct Worker {
     replica: Replica<KvState>,
     masters: Arc<MasterClient>,
     channels: HashMap<String, Channel>,
+    /// Per group, the node that answered last: tried first (the leader, usually).
+    preferred: HashMap<u64, String>,
     rate: Option<MoveRate>,
     logger: Logger,
     faults: Option<Arc<Faults>>,
@@ -102,8 +116,43 @@ struct Worker {
 
 impl Worker {
     async fn step(&mut self) -> anyhow::Result<()> {
-        // A group that was down, or joined late, catches up through every
-        // configuration in order; those that move nothing of its ranges pass at once.
+        self.follow_configs().await?;
+        let (moves, ended, gid) = {
+            let state = self.replica.state();
+            (
+                state.moves().to_vec(),
+                state.ended_plans().to_vec(),
+                state.gid(),
+            )
+        };
+        for m in &moves {
+            if m.plan.as_ref().is_some_and(|p| p.dest == gid) {
+                self.drive_move(m).await?;
+            }
+        }
+        for id in ended {
+            for _ in 0..DELETE_CHUNKS_PER_STEP {
+                self.propose(Command::DropDeltas(id)).await?;
+                if !self.replica.state().ended_plans().contains(&id) {
+                    break;
+                }
+            }
+        }
+        let held = self.replica.state().held().to_vec();
+        for range in &held {
+            match range.state() {
+                RangeState::Pulling => self.pull(range).await?,
+                RangeState::Serving if range.release_pending => self.release(range).await?,
+                RangeState::Garbage => self.collect(range).await?,
+                RangeState::Serving | RangeState::Frozen => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A group that was down, or joined late, catches up through every configuration
+    /// in order; those that move nothing of its ranges pass at once.
+    async fn follow_configs(&mut self) -> anyhow::Result<()> {
         for _ in 0..MAX_CONFIGS_PER_STEP {
             let (settled, num) = {
                 let state = self.replica.state();
@@ -114,19 +163,10 @@ impl Worker {
             }
             // A configuration that does not exist yet is an error answer: nothing to do.
             let Ok(next) = self.masters.query(Some(num + 1)).await else {
-                return Ok(());
+                break;
             };
             info!(self.logger, "moving to configuration"; "num" => next.num);
             self.propose(Command::Config(next)).await?;
-        }
-        let held = self.replica.state().held().to_vec();
-        for range in &held {
-            match range.state() {
-                RangeState::Pulling => self.pull(range).await?,
-                RangeState::Serving if range.release_pending => self.release(range).await?,
-                RangeState::Garbage => self.collect(range).await?,
-                RangeState::Serving | RangeState::Frozen => {}
-            }
         }
         Ok(())
     }
@@ -159,8 +199,27 @@ impl Worker {
         F: Fn(RangeTransferClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.call_group(0, nodes, call).await
+    }
+
+    /// [`Self::call_any`], trying first the node of group `gid` that answered last
+    /// (0: no preference).
+    async fn call_group<T, F, Fut>(
+        &mut self,
+        gid: u64,
+        nodes: &[Node],
+        call: F,
+    ) -> anyhow::Result<T>
+    where
+        F: Fn(RangeTransferClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut nodes = nodes.to_vec();
+        if let Some(first) = self.preferred.get(&gid) {
+            nodes.sort_by_key(|n| n.addr != *first);
+        }
         let mut last_error = anyhow::anyhow!("the group has no nodes");
-        for node in nodes {
+        for node in &nodes {
             if let Some(faults) = &self.faults {
                 match faults.decide(&node.addr) {
                     Verdict::Send => {}
@@ -178,7 +237,12 @@ impl Worker {
             let client = RangeTransferClient::new(self.channel(&node.addr)?)
                 .max_decoding_message_size(crate::transport::MAX_MESSAGE_BYTES);
             match call(client).await {
-                Ok(reply) => return Ok(reply.into_inner()),
+                Ok(reply) => {
+                    if gid != 0 {
+                        self.preferred.insert(gid, node.addr.clone());
+                    }
+                    return Ok(reply.into_inner());
+                }
                 Err(e) => {
                     last_error =
                         anyhow::anyhow!("node {} at {}: {}", node.id, node.addr, e.message())
@@ -231,6 +295,205 @@ impl Worker {
                 info!(self.logger, "range arrived"; "range" => held.range.as_ref().map(|r| r.to_string()), "from" => held.peer_gid);
                 return Ok(());
             }
+        }
+    }
+
+    /// Drives this group's side of a live move as the destination, for up to
+    /// [`MOVE_STEP`]: copy the range, then install the source's recorded writes in
+    /// rounds until what is left is small, then freeze the source, install the rest
+    /// and ask the shard master for the cutover. Reports progress to the shard master.
+    async fn drive_move(&mut self, m: &MoveState) -> anyhow::Result<()> {
+        let plan = m.plan.clone().unwrap_or_default();
+        let source = {
+            let state = self.replica.state();
+            state
+                .config()
+                .group(plan.source)
+                .map(|g| g.nodes.clone())
+                .unwrap_or_default()
+        };
+        let started = Instant::now();
+        let mut lag = 0;
+        let mut frozen = false;
+        let result = async {
+            loop {
+                let Some(m) = self.current(plan.id) else {
+                    return Ok(()); // the plan ended
+                };
+                if m.ready {
+                    return self.finish_move(&plan).await;
+                }
+                if started.elapsed() >= MOVE_STEP {
+                    return Ok(());
+                }
+                if !m.copy_done {
+                    self.copy_chunk(&plan, &source, &m).await?;
+                    continue;
+                }
+                let (installed, remaining) = self.delta_round(&plan, &source, &m, !frozen).await?;
+                lag = remaining;
+                if !frozen && remaining <= CUTOVER_LAG_BYTES && installed < PULL_CHUNK_BYTES {
+                    // Said first, so the shard master gives a cutover that stalls
+                    // (the range is frozen) its shorter limit.
+                    self.report(&plan, remaining, true).await;
+                    self.freeze(&plan, &source).await?;
+                    frozen = true;
+                }
+            }
+        }
+        .await;
+        self.report(&plan, lag, frozen).await;
+        result
+    }
+
+    /// This group's state of plan `id`, if it still exists.
+    fn current(&self, id: u64) -> Option<MoveState> {
+        self.replica
+            .state()
+            .moves()
+            .iter()
+            .find(|m| m.plan.as_ref().is_some_and(|p| p.id == id))
+            .cloned()
+    }
+
+    async fn copy_chunk(
+        &mut self,
+        plan: &MovePlan,
+        source: &[Node],
+        m: &MoveState,
+    ) -> anyhow::Result<()> {
+        let request = CopyRangeRequest {
+            plan_id: plan.id,
+            cursor: m.copy_cursor.clone(),
+            max_bytes: PULL_CHUNK_BYTES,
+        };
+        let reply = self
+            .call_group(plan.source, source, |mut c| {
+                let request = request.clone();
+                async move { c.copy_range(request).await }
+            })
+            .await
+            .with_context(|| format!("copying from group {}", plan.source))?;
+        if let Some(rate) = &self.rate {
+            let bytes = reply.records.iter().map(|r| r.key.len() + r.value.len());
+            rate.pace(bytes.sum()).await;
+        }
+        self.propose(Command::MoveCopy(MoveChunk {
+            plan_id: plan.id,
+            records: reply.records,
+            last: reply.done,
+        }))
+        .await
+    }
+
+    /// Pulls and installs one chunk of recorded writes: the bytes installed, and
+    /// those recorded at the source and not installed here yet.
+    async fn delta_round(
+        &mut self,
+        plan: &MovePlan,
+        source: &[Node],
+        m: &MoveState,
+        paced: bool,
+    ) -> anyhow::Result<(u32, u64)> {
+        let request = PullDeltasRequest {
+            plan_id: plan.id,
+            cursor: m.delta_cursor.clone(),
+            max_bytes: PULL_CHUNK_BYTES,
+        };
+        let reply = self
+            .call_group(plan.source, source, |mut c| {
+                let request = request.clone();
+                async move { c.pull_deltas(request).await }
+            })
+            .await
+            .with_context(|| format!("pulling writes from group {}", plan.source))?;
+        let bytes: usize = reply.deltas.iter().map(|r| r.value.len()).sum();
+        if bytes > 0 || reply.done {
+            if let Some(rate) = self.rate.as_ref().filter(|_| paced) {
+                rate.pace(bytes).await;
+            }
+            self.propose(Command::MoveDeltas(MoveChunk {
+                plan_id: plan.id,
+                records: reply.deltas,
+                last: reply.done,
+            }))
+            .await?;
+        } else if !paced {
+            // Frozen, and this replica has not applied the freeze yet: it will soon.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let installed = m.delta_bytes + bytes as u64;
+        Ok((
+            u32::try_from(bytes).unwrap_or(u32::MAX),
+            reply.recorded_bytes.saturating_sub(installed),
+        ))
+    }
+
+    /// Asks the source's leader to stop serving the range (through its log).
+    async fn freeze(&mut self, plan: &MovePlan, source: &[Node]) -> anyhow::Result<()> {
+        let request = FreezeMoveRequest { plan_id: plan.id };
+        self.call_group(plan.source, source, |mut c| async move {
+            c.freeze_move(request).await
+        })
+        .await
+        .with_context(|| format!("freezing the range at group {}", plan.source))?;
+        info!(self.logger, "move cutover: source frozen"; "plan" => plan.id, "range" => plan.range.as_ref().map(|r| r.to_string()));
+        Ok(())
+    }
+
+    /// Everything has arrived: the shard master gives the range to this group, which
+    /// moves to that configuration at once.
+    async fn finish_move(&mut self, plan: &MovePlan) -> anyhow::Result<()> {
+        let request = FinishMoveRequest { plan_id: plan.id };
+        let reply = self
+            .masters
+            .call(|mut c| async move { c.finish_move(request).await })
+            .await;
+        let config = match reply {
+            Ok(r) => r.into_inner().config.unwrap_or_default(),
+            // Finished by an earlier leader, or cancelled: the configurations say.
+            Err(e) if e.code() == tonic::Code::NotFound => return Ok(()),
+            Err(e) => anyhow::bail!("finishing move plan {}: {}", plan.id, e.message()),
+        };
+        info!(self.logger, "move cutover: range is ours"; "plan" => plan.id, "config" => config.num);
+        if config.num == self.replica.state().config().num + 1 {
+            self.propose(Command::Config(config)).await?;
+        }
+        // Configurations made meanwhile come before it: follow them now, not at the
+        // next step.
+        self.follow_configs().await
+    }
+
+    /// Tells the shard master how far the move is (best effort: the next step will).
+    async fn report(&mut self, plan: &MovePlan, lag: u64, frozen: bool) {
+        let Some(m) = self.current(plan.id) else {
+            return;
+        };
+        let phase = if frozen || m.ready {
+            MovePhase::MoveCuttingOver
+        } else if m.copy_done {
+            MovePhase::MoveCatchingUp
+        } else {
+            MovePhase::MoveCopying
+        };
+        let request = ReportMoveRequest {
+            progress: Some(MovePlan {
+                id: plan.id,
+                phase: phase as i32,
+                bytes_copied: m.bytes_installed,
+                lag_bytes: lag,
+                ..Default::default()
+            }),
+        };
+        let sent = self
+            .masters
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.report_move(request).await }
+            })
+            .await;
+        if let Err(e) = sent {
+            debug!(self.logger, "move progress not reported"; "error" => e.message());
         }
     }
 

@@ -2,7 +2,7 @@
 //! groups. Handlers validate input, then turn requests into proposals or
 //! linearizable reads of [`KvState`], and results into replies.
 
-use super::state::{only, KvError, KvResult, KvState};
+use super::state::{only, KvError, KvResult, KvState, MoveRead};
 use crate::config::{MAX_BATCH_OPS, MAX_KEY_BYTES};
 use crate::proto::batch_op::Op;
 use crate::proto::batch_result::Result as OpResult;
@@ -12,14 +12,22 @@ use crate::proto::kv_server::Kv;
 use crate::proto::range_transfer_server::RangeTransfer;
 use crate::proto::{
     BatchReply, BatchRequest, BatchResult, ClientWrites, CompareAndSwapReply,
-    CompareAndSwapRequest, DeleteReply, DeleteRequest, GetReply, GetRequest, KeyRange, KvCommand,
-    NodeStatusReply, NodeStatusRequest, PullReply, PullRequest, PutReply, PutRequest, RangeOp,
-    ReleaseReply, ReleaseRequest, ScanReply, ScanRequest,
+    CompareAndSwapRequest, CopyRangeRequest, DeleteReply, DeleteRequest, FreezeMoveReply,
+    FreezeMoveRequest, GetReply, GetRequest, KeyRange, KeyValue, KvCommand, NodeStatusReply,
+    NodeStatusRequest, PullDeltasReply, PullDeltasRequest, PullReply, PullRequest, PutReply,
+    PutRequest, RangeOp, ReleaseReply, ReleaseRequest, ScanReply, ScanRequest,
 };
 use crate::replica::{Replica, ReplicaError, Role};
 use crate::status;
 use prost::Message;
+use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
+
+/// How long a request for a range that has arrived here in a live move waits for the
+/// cutover configuration, rather than being refused (the client would back off).
+const HOLD_FOR_CUTOVER: Duration = Duration::from_millis(150);
+/// How often a held request looks again.
+const HOLD_POLL: Duration = Duration::from_millis(2);
 
 /// Limits on what clients may send.
 #[derive(Debug, Clone, Copy)]
@@ -132,18 +140,45 @@ impl KvService {
         }
     }
 
-    async fn write(&self, command: Command) -> Result<Reply, Status> {
-        self.check_write(&command)?;
-        let encoded = KvCommand {
-            command: Some(command),
+    /// Waits, up to [`HOLD_FOR_CUTOVER`], until this group serves `key` when it is in
+    /// a range that has arrived here and is about to become ours. True if it does.
+    async fn hold_for_cutover(&self, key: &[u8]) -> bool {
+        let until = Instant::now() + HOLD_FOR_CUTOVER;
+        loop {
+            {
+                let state = self.replica.state();
+                if state.serving_range(key).is_ok() {
+                    return true;
+                }
+                if !state.arriving(key) || Instant::now() >= until {
+                    return false;
+                }
+            }
+            tokio::time::sleep(HOLD_POLL).await;
         }
-        .encode_to_vec();
-        let results = self
-            .replica
-            .propose(encoded)
-            .await
-            .map_err(status::from_replica)?;
-        write_reply(only(results))
+    }
+
+    /// Runs `op` for `key`; a wrong-group answer for a range about to become ours is
+    /// held for the cutover and tried once more.
+    async fn held<T, F, Fut>(&self, key: &[u8], op: F) -> Result<T, Status>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        match op().await {
+            Err(e) if is_wrong_group(&e) && self.hold_for_cutover(key).await => op().await,
+            other => other,
+        }
+    }
+
+    async fn write(&self, command: Command) -> Result<Reply, Status> {
+        let key = write_key(&command).to_vec();
+        self.held(&key, || self.write_once(command.clone())).await
+    }
+
+    async fn write_once(&self, command: Command) -> Result<Reply, Status> {
+        self.check_write(&command)?;
+        write_reply(propose_one(&self.replica, command).await?)
     }
 
     /// Reads `keys` after one read barrier: one result per key.
@@ -228,6 +263,43 @@ impl KvService {
     }
 }
 
+/// Runs a live move's read on a blocking thread, without the state lock.
+async fn run_read(read: MoveRead, max_bytes: usize) -> Result<(Vec<KeyValue>, bool), Status> {
+    tokio::task::spawn_blocking(move || read.run(max_bytes))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(internal)
+}
+
+/// Proposes a command with one result and waits for it.
+async fn propose_one(replica: &Replica<KvState>, command: Command) -> Result<KvResult, Status> {
+    let encoded = KvCommand {
+        command: Some(command),
+    }
+    .encode_to_vec();
+    let results = replica
+        .propose(encoded)
+        .await
+        .map_err(status::from_replica)?;
+    Ok(only(results))
+}
+
+fn is_wrong_group(e: &Status) -> bool {
+    matches!(
+        status::detail(e),
+        Some(crate::proto::error_detail::Kind::WrongGroup(_))
+    )
+}
+
+fn write_key(command: &Command) -> &[u8] {
+    match command {
+        Command::Put(r) => &r.key,
+        Command::Delete(r) => &r.key,
+        Command::Cas(r) => &r.key,
+        _ => &[],
+    }
+}
+
 fn unexpected(reply: Reply) -> Status {
     Status::internal(format!("unexpected reply {reply:?}"))
 }
@@ -250,8 +322,13 @@ impl Kv for KvService {
     async fn get(&self, r: Request<GetRequest>) -> Result<Response<GetReply>, Status> {
         let r = r.into_inner();
         check_key("key", &r.key)?;
-        let mut results = self.read_many(std::slice::from_ref(&r.key)).await;
-        Ok(Response::new(results.pop().expect("one result per key")?))
+        let reply = self
+            .held(&r.key, || async {
+                let mut results = self.read_many(std::slice::from_ref(&r.key)).await;
+                results.pop().expect("one result per key")
+            })
+            .await?;
+        Ok(Response::new(reply))
     }
 
     async fn put(&self, r: Request<PutRequest>) -> Result<Response<PutReply>, Status> {
@@ -348,8 +425,46 @@ impl Kv for KvService {
             }
         }
         // The ops are concurrent: reads and writes go ahead side by side.
-        let (read_results, write_results) =
-            tokio::join!(self.read_many(&reads), self.write_many(writes));
+        let (mut read_results, mut write_results) =
+            tokio::join!(self.read_many(&reads), self.write_many(writes.clone()));
+        // Ops refused for a range that is about to become ours wait for the cutover
+        // and go once more.
+        let refused = |errors: Vec<Option<&Status>>, keys: Vec<&[u8]>| -> Vec<usize> {
+            let state = self.replica.state();
+            errors
+                .into_iter()
+                .zip(keys)
+                .enumerate()
+                .filter(|(_, (e, key))| e.is_some_and(is_wrong_group) && state.arriving(key))
+                .map(|(i, _)| i)
+                .collect()
+        };
+        let again_reads = refused(
+            read_results.iter().map(|r| r.as_ref().err()).collect(),
+            reads.iter().map(Vec::as_slice).collect(),
+        );
+        let again_writes = refused(
+            write_results.iter().map(|r| r.as_ref().err()).collect(),
+            writes.iter().map(write_key).collect(),
+        );
+        let first = again_reads.first().map(|i| reads[*i].clone()).or_else(|| {
+            again_writes
+                .first()
+                .map(|i| write_key(&writes[*i]).to_vec())
+        });
+        if let Some(key) = first {
+            if self.hold_for_cutover(&key).await {
+                let keys: Vec<Vec<u8>> = again_reads.iter().map(|i| reads[*i].clone()).collect();
+                let commands = again_writes.iter().map(|i| writes[*i].clone()).collect();
+                let (r, w) = tokio::join!(self.read_many(&keys), self.write_many(commands));
+                for (i, result) in again_reads.into_iter().zip(r) {
+                    read_results[i] = result;
+                }
+                for (i, result) in again_writes.into_iter().zip(w) {
+                    write_results[i] = result;
+                }
+            }
+        }
         for (i, result) in read_at.into_iter().zip(read_results) {
             results[i] = Some(result.map(OpResult::Get));
         }
@@ -378,6 +493,7 @@ impl Kv for KvService {
             gid: state.gid(),
             config_num: state.config().num,
             ranges: state.held().to_vec(),
+            moves: state.moves().to_vec(),
         }))
     }
 }
@@ -391,6 +507,14 @@ pub struct TransferService {
 impl TransferService {
     pub fn new(replica: Replica<KvState>) -> TransferService {
         TransferService { replica }
+    }
+
+    /// Proposes an internal command and waits until it is applied.
+    async fn propose(&self, command: Command) -> Result<(), Status> {
+        propose_one(&self.replica, command)
+            .await?
+            .map_err(kv_error)?;
+        Ok(())
     }
 }
 
@@ -417,21 +541,81 @@ impl RangeTransfer for TransferService {
         if self.replica.status().role != Role::Leader {
             return Err(status::from_replica(self.replica.status().not_leader()));
         }
+        // After a live move the new owner may serve before this group has applied the
+        // configuration that gave the range away: there is nothing to release yet.
+        let applied = self.replica.state().config().num;
+        if applied < r.config_num {
+            return Err(Status::unavailable(format!(
+                "configuration {} not applied yet (at {applied})",
+                r.config_num
+            )));
+        }
         let op = RangeOp {
             config_num: r.config_num,
             range: r.range,
         };
-        let encoded = KvCommand {
-            command: Some(Command::Release(op)),
-        }
-        .encode_to_vec();
         // Releasing an already-released range is a no-op: the answer is the same.
-        let results = self
-            .replica
-            .propose(encoded)
-            .await
-            .map_err(status::from_replica)?;
-        only(results).map_err(kv_error)?;
+        self.propose(Command::Release(op)).await?;
         Ok(Response::new(ReleaseReply {}))
+    }
+
+    /// Any replica that has applied the plan answers: writes after the plan are
+    /// recorded, so a copy from any point after it is made whole by the deltas.
+    async fn copy_range(
+        &self,
+        r: Request<CopyRangeRequest>,
+    ) -> Result<Response<PullReply>, Status> {
+        let r = r.into_inner();
+        let max_bytes = r.max_bytes.clamp(1, MAX_PULL_BYTES) as usize;
+        let read = self
+            .replica
+            .state()
+            .copy(r.plan_id, &r.cursor)
+            .map_err(Status::unavailable)?;
+        let (records, done) = run_read(read, max_bytes).await?;
+        Ok(Response::new(PullReply { records, done }))
+    }
+
+    /// Any replica that has applied the plan answers; only one that has applied the
+    /// freeze can say `done`.
+    async fn pull_deltas(
+        &self,
+        r: Request<PullDeltasRequest>,
+    ) -> Result<Response<PullDeltasReply>, Status> {
+        let r = r.into_inner();
+        let max_bytes = r.max_bytes.clamp(1, MAX_PULL_BYTES) as usize;
+        let read = self
+            .replica
+            .state()
+            .deltas(r.plan_id, &r.cursor)
+            .map_err(Status::unavailable)?;
+        let (frozen, recorded_bytes) = (read.frozen, read.recorded_bytes);
+        let (deltas, all) = run_read(read, max_bytes).await?;
+        Ok(Response::new(PullDeltasReply {
+            deltas,
+            done: all && frozen,
+            recorded_bytes,
+        }))
+    }
+
+    /// Freezes the range through the log (idempotent); answers once applied.
+    async fn freeze_move(
+        &self,
+        r: Request<FreezeMoveRequest>,
+    ) -> Result<Response<FreezeMoveReply>, Status> {
+        let id = r.into_inner().plan_id;
+        if self.replica.status().role != Role::Leader {
+            return Err(status::from_replica(self.replica.status().not_leader()));
+        }
+        if self.replica.state().frozen(id) != Some(true) {
+            self.propose(Command::FreezeMove(id)).await?;
+        }
+        match self.replica.state().frozen(id) {
+            Some(true) => Ok(Response::new(FreezeMoveReply {})),
+            _ => Err(Status::failed_precondition(format!(
+                "group {} is not the source of move plan {id}: it ended, or is not applied yet",
+                self.replica.state().gid()
+            ))),
+        }
     }
 }

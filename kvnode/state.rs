@@ -3,14 +3,24 @@
 //! sessions that make retried writes apply once.
 //!
 //! Stored keys: `d` + user key -> value; `s` + client id -> `ClientSession`;
-//! `mconfig` -> `Config`; `mheld` -> `HeldRanges`. Data keys sort before session keys,
-//! so a range transfer streams a range's data and then the sessions, in key order.
+//! `mconfig` -> `Config`; `mheld` -> `HeldRanges`; `mmoves` -> `MoveStates`;
+//! `r` + plan id + log index + position -> `MoveDelta` (writes recorded at a live
+//! move's source). Data keys sort before session keys, so a range transfer streams a
+//! range's data and then the sessions, in key order.
+//!
+//! Live moves (plans in the configuration): the source serves the range and records
+//! the result of every write to it, in the same apply batch as the write; the
+//! destination installs a copy of the range and then those results, in order, until
+//! the source freezes the range and the last of them arrives. A copy read while
+//! writes go on may mix old and new values, but every write applied after the plan
+//! is recorded, so replaying the results over it in order ends in the source's state.
 
 use crate::proto::kv_command::Command;
 use crate::proto::kv_reply::Reply;
 use crate::proto::{
     ClientSession, CompareAndSwapReply, Config, DeleteReply, HeldRange, HeldRanges, KeyRange,
-    KeyValue, KvCommand, KvReply, PutReply, RangeOp, RangeState, RequestId, SessionEntry,
+    KeyValue, KvCommand, KvReply, MoveChunk, MoveDelta, MoveState, MoveStates, PutReply, RangeOp,
+    RangeState, RequestId, SessionEntry,
 };
 use crate::replica::StateMachine;
 use crate::storage::{ApplyBatch, SmStore};
@@ -21,6 +31,8 @@ const DATA: u8 = b'd';
 const SESSION: u8 = b's';
 const KEY_CONFIG: &[u8] = b"mconfig";
 const KEY_HELD: &[u8] = b"mheld";
+const KEY_MOVES: &[u8] = b"mmoves";
+const DELTA: u8 = b'r';
 /// Replies remembered per client (its writes in flight at once).
 const MAX_SESSION_ENTRIES: usize = 256;
 /// A client silent for this many log entries is forgotten.
@@ -56,6 +68,55 @@ pub fn only(results: Vec<KvResult>) -> KvResult {
 /// One page of a scan: the pairs and where to resume (empty when done).
 pub type ScanPage = (Vec<KeyValue>, Vec<u8>);
 
+/// Storage-key bounds of one stretch of records.
+type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// A read of stored records prepared under the state lock and run without it, so a
+/// chunk of a range's copy does not hold up the writes being applied meanwhile.
+pub struct MoveRead {
+    store: SmStore,
+    segments: Vec<KeyBounds>,
+    /// Deltas: the source had frozen the range when the read was prepared.
+    pub frozen: bool,
+    /// Deltas: the bytes recorded when the read was prepared.
+    pub recorded_bytes: u64,
+}
+
+impl MoveRead {
+    /// The records, in order, up to about `max_bytes`; and whether they are all.
+    pub fn run(&self, max_bytes: usize) -> anyhow::Result<(Vec<KeyValue>, bool)> {
+        let ks = self.store.keyspace();
+        let mut records = Vec::new();
+        let mut bytes = 0;
+        for bounds in &self.segments {
+            for item in ks.range::<Vec<u8>, _>(bounds.clone()) {
+                let (k, v) = item.into_inner()?;
+                bytes += k.len() + v.len();
+                records.push(KeyValue {
+                    key: k.to_vec(),
+                    value: v.to_vec(),
+                });
+                if bytes >= max_bytes {
+                    return Ok((records, false));
+                }
+            }
+        }
+        Ok((records, true))
+    }
+}
+
+/// The bounds of a range's records after `cursor`: its data, then every session.
+fn range_segments(range: &KeyRange, cursor: &[u8]) -> Vec<KeyBounds> {
+    let (data_start, data_end) = data_bounds(range);
+    vec![
+        (after_cursor(data_start, cursor), data_end),
+        (
+            after_cursor(vec![SESSION], cursor),
+            Bound::Excluded(vec![SESSION + 1]),
+        ),
+    ]
+}
+
 fn data_key(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 1);
     k.push(DATA);
@@ -79,6 +140,41 @@ fn data_bounds(range: &KeyRange) -> (Vec<u8>, Bound<Vec<u8>>) {
     (data_key(&range.start), end)
 }
 
+/// Prefix of the deltas recorded for plan `plan`.
+fn delta_prefix(plan: u64) -> Vec<u8> {
+    let mut k = vec![DELTA];
+    k.extend_from_slice(&plan.to_be_bytes());
+    k
+}
+
+/// The key of the `pos`-th delta recorded while applying entry `index`.
+fn delta_key(plan: u64, index: u64, pos: u32) -> Vec<u8> {
+    let mut k = delta_prefix(plan);
+    k.extend_from_slice(&index.to_be_bytes());
+    k.extend_from_slice(&pos.to_be_bytes());
+    k
+}
+
+/// Keys of `prefix` strictly after `cursor` (all of them when it is empty).
+fn after_cursor(lower: Vec<u8>, cursor: &[u8]) -> Bound<Vec<u8>> {
+    if !cursor.is_empty() && cursor >= lower.as_slice() {
+        Bound::Excluded(cursor.to_vec())
+    } else {
+        Bound::Included(lower)
+    }
+}
+
+fn plan_range(m: &MoveState) -> KeyRange {
+    m.plan
+        .as_ref()
+        .and_then(|p| p.range.clone())
+        .unwrap_or_default()
+}
+
+fn plan_id(m: &MoveState) -> u64 {
+    m.plan.as_ref().map_or(0, |p| p.id)
+}
+
 fn same_range(a: &Option<KeyRange>, b: &KeyRange) -> bool {
     a.as_ref() == Some(b)
 }
@@ -89,6 +185,12 @@ pub struct KvState {
     store: Option<SmStore>,
     config: Config,
     held: Vec<HeldRange>,
+    /// Live moves this group is the source or the destination of.
+    moves: Vec<MoveState>,
+    /// Plans that ended whose recorded deltas are still to be deleted (source).
+    ended: Vec<u64>,
+    /// (entry index, deltas recorded so far in it): positions within one entry.
+    delta_pos: (u64, u32),
 }
 
 impl KvState {
@@ -98,6 +200,9 @@ impl KvState {
             store: None,
             config: Config::initial(),
             held: Vec::new(),
+            moves: Vec::new(),
+            ended: Vec::new(),
+            delta_pos: (0, 0),
         }
     }
 
@@ -125,6 +230,42 @@ impl KvState {
         &self.held
     }
 
+    /// The live moves this group takes part in.
+    pub fn moves(&self) -> &[MoveState] {
+        &self.moves
+    }
+
+    /// Plans whose recorded deltas are still to be deleted.
+    pub fn ended_plans(&self) -> &[u64] {
+        &self.ended
+    }
+
+    fn is_source(&self, m: &MoveState) -> bool {
+        m.plan.as_ref().is_some_and(|p| p.source == self.gid)
+    }
+
+    /// The source side of plan `id`.
+    fn outgoing(&self, id: u64) -> Option<usize> {
+        self.moves
+            .iter()
+            .position(|m| plan_id(m) == id && self.is_source(m))
+    }
+
+    /// The destination side of plan `id`.
+    fn incoming(&self, id: u64) -> Option<usize> {
+        self.moves
+            .iter()
+            .position(|m| plan_id(m) == id && !self.is_source(m))
+    }
+
+    /// True if `key` is in a range that has fully arrived here and becomes ours with
+    /// the cutover configuration: a request for it is worth holding for a moment.
+    pub fn arriving(&self, key: &[u8]) -> bool {
+        self.moves
+            .iter()
+            .any(|m| m.ready && !self.is_source(m) && plan_range(m).contains(key))
+    }
+
     /// True when every held range is served and every previous owner has been told to
     /// drop its copy: the group may move to the next configuration.
     pub fn settled(&self) -> bool {
@@ -135,8 +276,13 @@ impl KvState {
 
     /// The served range containing `key`, or the wrong-group error.
     pub fn serving_range(&self, key: &[u8]) -> Result<&KeyRange, KvError> {
+        let frozen = self
+            .moves
+            .iter()
+            .any(|m| m.frozen && plan_range(m).contains(key));
         self.held
             .iter()
+            .filter(|_| !frozen)
             .filter(|h| h.state() == RangeState::Serving)
             .filter_map(|h| h.range.as_ref())
             .find(|r| r.contains(key))
@@ -231,35 +377,62 @@ impl KvState {
                 )
             }));
         }
-        let ks = self.store().keyspace();
-        let after = |lower: Vec<u8>| -> Bound<Vec<u8>> {
-            if !cursor.is_empty() && cursor >= lower.as_slice() {
-                Bound::Excluded(cursor.to_vec())
-            } else {
-                Bound::Included(lower)
-            }
-        };
-        let (data_start, data_end) = data_bounds(range);
-        let segments = [
-            (after(data_start), data_end),
-            (after(vec![SESSION]), Bound::Excluded(vec![SESSION + 1])),
-        ];
-        let mut records = Vec::new();
-        let mut bytes = 0;
-        for (lower, upper) in segments {
-            for item in ks.range::<Vec<u8>, _>((lower, upper)) {
-                let (k, v) = item.into_inner()?;
-                bytes += k.len() + v.len();
-                records.push(KeyValue {
-                    key: k.to_vec(),
-                    value: v.to_vec(),
-                });
-                if bytes >= max_bytes {
-                    return Ok(Ok((records, false)));
-                }
-            }
+        Ok(Ok(self.range_records(range, cursor, max_bytes)?))
+    }
+
+    /// The records of a range after `cursor`: its data, then every client session;
+    /// and whether they are all.
+    fn range_records(
+        &self,
+        range: &KeyRange,
+        cursor: &[u8],
+        max_bytes: usize,
+    ) -> anyhow::Result<(Vec<KeyValue>, bool)> {
+        self.move_read(range_segments(range, cursor)).run(max_bytes)
+    }
+
+    fn move_read(&self, segments: Vec<KeyBounds>) -> MoveRead {
+        MoveRead {
+            store: self.store_handle(),
+            segments,
+            frozen: false,
+            recorded_bytes: 0,
         }
-        Ok(Ok((records, true)))
+    }
+
+    fn no_plan(&self, id: u64) -> String {
+        format!(
+            "group {} is not the source of move plan {id} (configuration {}: not applied yet, or the plan ended)",
+            self.gid, self.config.num
+        )
+    }
+
+    /// Live move: a read of the current records of the range of plan `id` after
+    /// `cursor` (its data, then the client sessions), for the destination's copy.
+    pub fn copy(&self, id: u64, cursor: &[u8]) -> Result<MoveRead, String> {
+        let m = self.outgoing(id).ok_or_else(|| self.no_plan(id))?;
+        Ok(self.move_read(range_segments(&plan_range(&self.moves[m]), cursor)))
+    }
+
+    /// Live move: a read of the deltas recorded for plan `id` after `cursor`.
+    pub fn deltas(&self, id: u64, cursor: &[u8]) -> Result<MoveRead, String> {
+        let m = self.outgoing(id).ok_or_else(|| self.no_plan(id))?;
+        let segments = vec![(
+            after_cursor(delta_prefix(id), cursor),
+            Bound::Excluded(delta_prefix(id + 1)),
+        )];
+        // Taken before the records are read: if frozen now, every delta exists.
+        let m = &self.moves[m];
+        Ok(MoveRead {
+            frozen: m.frozen,
+            recorded_bytes: m.recorded_bytes,
+            ..self.move_read(segments)
+        })
+    }
+
+    /// True if this replica has applied the freeze of plan `id` (`None`: no such plan).
+    pub fn frozen(&self, id: u64) -> Option<bool> {
+        self.outgoing(id).map(|m| self.moves[m].frozen)
     }
 
     fn session(&self, client: u64, batch: &ApplyBatch) -> anyhow::Result<ClientSession> {
@@ -267,6 +440,53 @@ impl KvState {
             Some(raw) => ClientSession::decode(raw.as_slice())?,
             None => ClientSession::default(),
         })
+    }
+
+    fn save_moves(&self, batch: &mut ApplyBatch) {
+        batch.put(
+            KEY_MOVES,
+            MoveStates {
+                moves: self.moves.clone(),
+                ended: self.ended.clone(),
+            }
+            .encode_to_vec(),
+        );
+    }
+
+    /// Records the result of a write to `key` (already staged in `batch`) if the key
+    /// is in a range this group is the source of a live move of.
+    fn record(
+        &mut self,
+        index: u64,
+        key: &[u8],
+        session: Option<(u64, u64, SessionEntry)>,
+        batch: &mut ApplyBatch,
+    ) -> anyhow::Result<()> {
+        let gid = self.gid;
+        let Some(m) = self.moves.iter().position(|m| {
+            m.plan.as_ref().is_some_and(|p| p.source == gid) && plan_range(m).contains(key)
+        }) else {
+            return Ok(());
+        };
+        let pos = if self.delta_pos.0 == index {
+            self.delta_pos.1
+        } else {
+            0
+        };
+        self.delta_pos = (index, pos + 1);
+        let (client_id, first_incomplete, entry) = session.unwrap_or_default();
+        let delta = MoveDelta {
+            key: key.to_vec(),
+            value: batch.get(&data_key(key))?,
+            client_id,
+            first_incomplete,
+            entry: (client_id != 0).then_some(entry),
+        }
+        .encode_to_vec();
+        self.moves[m].recorded_bytes += delta.len() as u64;
+        batch.put(delta_key(plan_id(&self.moves[m]), index, pos), delta);
+        self.save_moves(batch);
+        Ok(())
     }
 
     fn save_held(&self, batch: &mut ApplyBatch) {
@@ -282,7 +502,7 @@ impl KvState {
     /// Applies a client write: checks ownership, answers a retry from the session,
     /// otherwise runs `write` and remembers its reply.
     fn client_write(
-        &self,
+        &mut self,
         index: u64,
         key: &[u8],
         id: Option<RequestId>,
@@ -295,6 +515,7 @@ impl KvState {
         let id = id.unwrap_or_default();
         if id.client_id == 0 {
             let reply = write(batch)?;
+            self.record(index, key, None, batch)?;
             return Ok(Ok(KvReply { reply: Some(reply) }));
         }
         let mut session = self.session(id.client_id, batch)?;
@@ -316,12 +537,15 @@ impl KvState {
         let reply = KvReply {
             reply: Some(write(batch)?),
         };
-        session.entries.push(SessionEntry {
+        let entry = SessionEntry {
             seq: id.seq,
             reply: Some(reply.clone()),
-        });
+        };
+        session.entries.push(entry.clone());
         session.last_index = index;
         batch.put(session_key(id.client_id), session.encode_to_vec());
+        let recorded = (id.client_id, session.first_incomplete, entry);
+        self.record(index, key, Some(recorded), batch)?;
         Ok(Ok(reply))
     }
 
@@ -364,7 +588,7 @@ impl KvState {
                 }))
             }),
             Command::Config(next) => {
-                self.apply_config(next, batch);
+                self.apply_config(next, batch)?;
                 done
             }
             // Only `apply` unpacks client writes, one level deep.
@@ -424,6 +648,41 @@ impl KvState {
                 }
                 done
             }
+            Command::MoveCopy(chunk) => {
+                self.install_copy(index, chunk, batch)?;
+                done
+            }
+            Command::MoveDeltas(chunk) => {
+                self.install_deltas(index, chunk, batch)?;
+                done
+            }
+            Command::FreezeMove(id) => {
+                if let Some(m) = self.outgoing(id) {
+                    self.moves[m].frozen = true;
+                    self.save_moves(batch);
+                }
+                done
+            }
+            Command::DropDeltas(id) => {
+                if !self.ended.contains(&id) {
+                    return done;
+                }
+                let keys: Vec<Vec<u8>> = self
+                    .store()
+                    .keyspace()
+                    .prefix(delta_prefix(id))
+                    .take(DELETE_CHUNK_KEYS)
+                    .map(|item| item.key().map(|k| k.to_vec()))
+                    .collect::<Result<_, _>>()?;
+                if keys.len() < DELETE_CHUNK_KEYS {
+                    self.ended.retain(|e| *e != id);
+                    self.save_moves(batch);
+                }
+                for key in keys {
+                    batch.delete(key);
+                }
+                done
+            }
             Command::DeleteChunk(op) => {
                 let Some(h) = self.find_op(RangeState::Garbage, &op) else {
                     return done;
@@ -447,6 +706,97 @@ impl KvState {
                 done
             }
         }
+    }
+
+    /// Live move, destination: installs copied records of the range (ignored once the
+    /// copy is complete, so a late duplicate cannot undo a delta).
+    fn install_copy(
+        &mut self,
+        index: u64,
+        chunk: MoveChunk,
+        batch: &mut ApplyBatch,
+    ) -> anyhow::Result<()> {
+        let Some(m) = self.incoming(chunk.plan_id) else {
+            return Ok(());
+        };
+        if self.moves[m].copy_done {
+            return Ok(());
+        }
+        let range = plan_range(&self.moves[m]);
+        let mut bytes = 0;
+        let mut cursor = None;
+        for record in chunk.records {
+            bytes += (record.key.len() + record.value.len()) as u64;
+            cursor = Some(record.key.clone());
+            match record.key.first() {
+                Some(&DATA) if range.contains(&record.key[1..]) => {
+                    batch.put(record.key, record.value)
+                }
+                Some(&SESSION) => self.merge_session(index, record, batch)?,
+                _ => {} // not part of this range: ignore rather than corrupt
+            }
+        }
+        let state = &mut self.moves[m];
+        if let Some(cursor) = cursor {
+            state.copy_cursor = cursor;
+        }
+        state.bytes_installed += bytes;
+        state.copy_done = chunk.last;
+        self.save_moves(batch);
+        Ok(())
+    }
+
+    /// Live move, destination: replays the source's recorded write results in order,
+    /// skipping any at or before the cursor (a duplicate proposal).
+    fn install_deltas(
+        &mut self,
+        index: u64,
+        chunk: MoveChunk,
+        batch: &mut ApplyBatch,
+    ) -> anyhow::Result<()> {
+        let Some(m) = self.incoming(chunk.plan_id) else {
+            return Ok(());
+        };
+        if !self.moves[m].copy_done || self.moves[m].ready {
+            return Ok(());
+        }
+        let range = plan_range(&self.moves[m]);
+        let mut cursor = self.moves[m].delta_cursor.clone();
+        let mut bytes = 0;
+        for record in chunk.records {
+            if !cursor.is_empty() && record.key <= cursor {
+                continue;
+            }
+            bytes += record.value.len() as u64;
+            let delta = MoveDelta::decode(record.value.as_slice())?;
+            cursor = record.key;
+            if !range.contains(&delta.key) {
+                continue;
+            }
+            match delta.value {
+                Some(v) => batch.put(data_key(&delta.key), v),
+                None => batch.delete(data_key(&delta.key)),
+            }
+            if let Some(entry) = delta.entry.filter(|_| delta.client_id != 0) {
+                let session = ClientSession {
+                    first_incomplete: delta.first_incomplete,
+                    entries: vec![entry],
+                    last_index: index,
+                };
+                let record = KeyValue {
+                    key: session_key(delta.client_id),
+                    value: session.encode_to_vec(),
+                };
+                self.merge_session(index, record, batch)?;
+            }
+        }
+        let state = &mut self.moves[m];
+        state.delta_cursor = cursor;
+        state.bytes_installed += bytes;
+        state.delta_bytes += bytes;
+        state.ready = chunk.last;
+        self.save_moves(batch);
+        Ok(())
     }
 
     fn find_held(&self, state: RangeState, config_num: u64, range: &KeyRange) -> Option<usize> {
@@ -492,14 +842,101 @@ impl KvState {
     /// Moves to configuration `next` if it is the one after ours and every transfer of
     /// the current one is complete. The held ranges are recomputed from the two
     /// configurations alone, so both sides of a transfer cut identical ranges.
-    fn apply_config(&mut self, next: Config, batch: &mut ApplyBatch) {
+    fn apply_config(&mut self, next: Config, batch: &mut ApplyBatch) -> anyhow::Result<()> {
         if next.num != self.config.num + 1 || !self.settled() {
-            return; // a duplicate or stale proposal
+            return Ok(()); // a duplicate or stale proposal
         }
         self.held = held_ranges(self.gid, &self.config, &next);
+        self.follow_plans(&next, batch)?;
         self.config = next;
         batch.put(KEY_CONFIG, self.config.encode_to_vec());
         self.save_held(batch);
+        self.save_moves(batch);
+        Ok(())
+    }
+
+    /// Starts and ends this group's side of live moves as configuration `next` says,
+    /// after `held` was computed for it.
+    fn follow_plans(&mut self, next: &Config, batch: &mut ApplyBatch) -> anyhow::Result<()> {
+        let gid = self.gid;
+        let (kept, ended): (Vec<MoveState>, Vec<MoveState>) = std::mem::take(&mut self.moves)
+            .into_iter()
+            .partition(|m| next.moves.iter().any(|p| Some(p) == m.plan.as_ref()));
+        self.moves = kept;
+        for m in ended {
+            let plan = m.plan.clone().unwrap_or_default();
+            if plan.source == gid {
+                // Done or cancelled, the recorded deltas are of no more use. A
+                // cancelled plan's range is served again; a done one is FROZEN in
+                // `held` until the new owner releases it.
+                self.ended.push(plan.id);
+                continue;
+            }
+            let range = plan_range(&m);
+            let arrived = self
+                .held
+                .iter_mut()
+                .find(|h| h.state() == RangeState::Pulling && h.range.as_ref() == Some(&range));
+            match arrived {
+                // The cutover: everything is here already, nothing to pull.
+                Some(h) if m.ready => {
+                    h.set_state(RangeState::Serving);
+                    h.release_pending = true;
+                }
+                _ => self.discard_copy(&range, next.num, batch)?,
+            }
+        }
+        for plan in next.moves.iter().filter(|p| !p.queued) {
+            let ours = plan.source == gid || plan.dest == gid;
+            if ours && !self.moves.iter().any(|m| m.plan.as_ref() == Some(plan)) {
+                self.moves.push(MoveState {
+                    plan: Some(plan.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The copy of a cancelled move goes: as GARBAGE, deleted in chunks through the
+    /// log, unless the range is held again already (given to this group directly in
+    /// the same configuration): then at once, before the pull writes over it.
+    fn discard_copy(
+        &mut self,
+        range: &KeyRange,
+        config_num: u64,
+        batch: &mut ApplyBatch,
+    ) -> anyhow::Result<()> {
+        let overlaps = self.held.iter().any(|h| {
+            h.range.as_ref().is_some_and(|r| {
+                (r.end.is_empty() || range.start < r.end)
+                    && (range.end.is_empty() || r.start < range.end)
+            })
+        });
+        if !overlaps {
+            self.held.push(HeldRange {
+                range: Some(range.clone()),
+                state: RangeState::Garbage as i32,
+                config_num,
+                ..Default::default()
+            });
+            self.held.sort_by(|a, b| {
+                a.range
+                    .as_ref()
+                    .map(|r| &r.start)
+                    .cmp(&b.range.as_ref().map(|r| &r.start))
+            });
+            return Ok(());
+        }
+        let (start, end) = data_bounds(range);
+        for item in self
+            .store()
+            .keyspace()
+            .range::<Vec<u8>, _>((Bound::Included(start), end))
+        {
+            batch.delete(item.key()?.to_vec());
+        }
+        Ok(())
     }
 
     fn sweep_sessions(&self, index: u64, batch: &mut ApplyBatch) -> anyhow::Result<()> {
@@ -630,6 +1067,13 @@ impl StateMachine for KvState {
             Some(raw) => HeldRanges::decode(raw.as_slice())?.ranges,
             None => Vec::new(),
         };
+        let moves = match store.get(KEY_MOVES)? {
+            Some(raw) => MoveStates::decode(raw.as_slice())?,
+            None => MoveStates::default(),
+        };
+        self.moves = moves.moves;
+        self.ended = moves.ended;
+        self.delta_pos = (0, 0);
         self.store = Some(store.clone());
         Ok(())
     }
@@ -923,6 +1367,149 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_live_move_copies_replays_recorded_results_and_cuts_over() {
+        let c1 = config(1, &["n"], &[1, 2]);
+        let mut c2 = config(2, &["n"], &[1, 2]);
+        let range = c2.ranges[0].range.clone().unwrap();
+        let plan = crate::proto::MovePlan {
+            id: 2,
+            range: Some(range.clone()),
+            source: 1,
+            dest: 2,
+            ..Default::default()
+        };
+        c2.moves.push(plan.clone());
+        let c3 = config(3, &["n"], &[2, 2]);
+        let (mut source, mut dest) = (Harness::new(1), Harness::new(2));
+        for c in [&c1, &c2] {
+            source.exec(Command::Config(c.clone()));
+            dest.exec(Command::Config(c.clone()));
+        }
+        source.put("apple", b"1", None).unwrap();
+        source.put("berry", b"1", id(9, 1, 1)).unwrap();
+        // The copy reads the first record, then writes go on at the source.
+        let (first, _) = source.state.copy(2, b"").unwrap().run(1).unwrap();
+        source.put("apple", b"2", id(9, 2, 1)).unwrap();
+        source
+            .apply(Command::Delete(DeleteRequest {
+                key: b"berry".to_vec(),
+                id: id(9, 3, 1),
+            }))
+            .unwrap();
+        let cursor = first.last().unwrap().key.clone();
+        let (rest, done) = source.state.copy(2, &cursor).unwrap().run(1 << 20).unwrap();
+        assert!(done);
+        for (records, last) in [(first, false), (rest, true)] {
+            dest.exec(Command::MoveCopy(MoveChunk {
+                plan_id: 2,
+                records,
+                last,
+            }));
+        }
+        // Catch up: everything recorded so far, then the source freezes.
+        let read = source.state.deltas(2, b"").unwrap();
+        let (deltas, _) = read.run(1 << 20).unwrap();
+        assert!(!read.frozen && read.recorded_bytes > 0);
+        assert_eq!(
+            deltas.len(),
+            4,
+            "every write to the range since the plan is recorded"
+        );
+        let cursor = deltas.last().unwrap().key.clone();
+        dest.exec(Command::MoveDeltas(MoveChunk {
+            plan_id: 2,
+            records: deltas.clone(),
+            last: false,
+        }));
+        source.put("cherry", b"1", id(9, 4, 1)).unwrap();
+        source.exec(Command::FreezeMove(2));
+        assert_eq!(
+            source.state.get(b"apple").unwrap(),
+            Err(KvError::WrongGroup { config_num: 2 })
+        );
+        let read = source.state.deltas(2, &cursor).unwrap();
+        let (last, all) = read.run(1 << 20).unwrap();
+        assert!(read.frozen && all);
+        assert_eq!(last.len(), 1);
+        dest.exec(Command::MoveDeltas(MoveChunk {
+            plan_id: 2,
+            records: last,
+            last: true,
+        }));
+        // A duplicate of an earlier round changes nothing.
+        dest.exec(Command::MoveDeltas(MoveChunk {
+            plan_id: 2,
+            records: deltas,
+            last: false,
+        }));
+        assert!(dest.state.arriving(b"apple"));
+        dest.exec(Command::Config(c3.clone()));
+        assert_eq!(dest.get("apple").as_deref(), Some(&b"2"[..]));
+        assert_eq!(dest.get("berry"), None);
+        assert_eq!(dest.get("cherry").as_deref(), Some(&b"1"[..]));
+        let held = dest.state.held()[0].clone();
+        assert_eq!(held.state(), RangeState::Serving);
+        assert!(held.release_pending, "the source is told to drop its copy");
+        // A retry of a write the source answered is answered, not applied again.
+        dest.put("apple", b"2", id(9, 2, 1)).unwrap();
+        dest.put("apple", b"3", id(9, 5, 1)).unwrap();
+        dest.put("apple", b"2", id(9, 2, 1)).unwrap();
+        assert_eq!(dest.get("apple").as_deref(), Some(&b"3"[..]));
+        // The source: FROZEN until released, its recorded deltas deleted.
+        source.exec(Command::Config(c3));
+        assert_eq!(source.state.held()[0].state(), RangeState::Frozen);
+        assert_eq!(source.state.ended_plans(), [2]);
+        source.exec(Command::DropDeltas(2));
+        assert!(source.state.ended_plans().is_empty());
+        assert_eq!(source.store.keyspace().prefix(delta_prefix(2)).count(), 0);
+    }
+
+    #[test]
+    fn a_cancelled_move_serves_again_at_the_source_and_drops_the_copy() {
+        let c1 = config(1, &["n"], &[1, 2]);
+        let mut c2 = config(2, &["n"], &[1, 2]);
+        c2.moves.push(crate::proto::MovePlan {
+            id: 2,
+            range: c2.ranges[0].range.clone(),
+            source: 1,
+            dest: 2,
+            ..Default::default()
+        });
+        let c3 = config(3, &["n"], &[1, 2]);
+        let (mut source, mut dest) = (Harness::new(1), Harness::new(2));
+        for c in [&c1, &c2] {
+            source.exec(Command::Config(c.clone()));
+            dest.exec(Command::Config(c.clone()));
+        }
+        source.put("apple", b"1", None).unwrap();
+        let (records, _) = source.state.copy(2, b"").unwrap().run(1 << 20).unwrap();
+        dest.exec(Command::MoveCopy(MoveChunk {
+            plan_id: 2,
+            records,
+            last: true,
+        }));
+        source.exec(Command::FreezeMove(2));
+        source.exec(Command::Config(c3.clone()));
+        dest.exec(Command::Config(c3));
+        assert_eq!(source.get("apple").as_deref(), Some(&b"1"[..]));
+        source.put("apple", b"2", None).unwrap();
+        let garbage: Vec<_> = dest
+            .state
+            .held()
+            .iter()
+            .filter(|h| h.state() == RangeState::Garbage)
+            .cloned()
+            .collect();
+        assert_eq!(garbage.len(), 1, "{:?}", dest.state.held());
+        dest.exec(Command::DeleteChunk(RangeOp {
+            config_num: 3,
+            range: garbage[0].range.clone(),
+        }));
+        assert!(dest.state.settled());
+        assert_eq!(dest.store.get(&data_key(b"apple")).unwrap(), None);
+    }
+
     fn config(num: u64, bounds: &[&str], owners: &[u64]) -> Config {
         let mut starts: Vec<Vec<u8>> = vec![Vec::new()];
         starts.extend(bounds.iter().map(|b| b.as_bytes().to_vec()));
@@ -950,6 +1537,7 @@ mod tests {
                 })
                 .collect(),
             groups,
+            moves: Vec::new(),
         }
     }
 

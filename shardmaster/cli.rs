@@ -45,6 +45,14 @@ pub struct Args {
     /// A kvnode silent for this long (no heartbeat) is reported DOWN, in ms.
     #[arg(long, default_value_t = 5000)]
     pub down_after_ms: u64,
+    /// Cancel a live move whose destination reports no progress for this long, in ms
+    /// (the source keeps serving the range).
+    #[arg(long, default_value_t = 20_000)]
+    pub move_stall_ms: u64,
+    /// Cancel a live move whose cutover (the source has stopped serving the range)
+    /// has not completed for this long, in ms: the source serves it again.
+    #[arg(long, default_value_t = 3000)]
+    pub move_cutover_stall_ms: u64,
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -87,6 +95,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         MasterState::new(),
         logger.clone(),
     )?;
+    tokio::spawn(shardmaster::run_move_watchdog(
+        node.replica.clone(),
+        Duration::from_millis(args.move_stall_ms),
+        Duration::from_millis(args.move_cutover_stall_ms),
+        logger.clone(),
+    ));
     slog::info!(logger, "shard master replica serving"; "listen" => &listen, "advertise" => &advertise);
     let shutdown = node.shutdown();
     let routes = node.add_services(tonic::service::Routes::new(shardmaster::server(

@@ -106,6 +106,7 @@ mod tests {
                     },
                 ],
             }],
+            moves: Vec::new(),
         }
     }
 

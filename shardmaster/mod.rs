@@ -4,9 +4,11 @@
 mod balance;
 pub mod cli;
 mod liveness;
+mod moves;
 mod service;
 mod state;
 
+pub use moves::run_move_watchdog;
 pub use service::MasterService;
 pub use state::{next_config, MasterState};
 

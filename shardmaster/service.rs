@@ -6,9 +6,10 @@ use super::state::{MasterState, Outcome};
 use crate::proto::master_command::Command;
 use crate::proto::shard_master_server::ShardMaster;
 use crate::proto::{
-    AddNodeRequest, Config, ConfigReply, HeartbeatReply, HeartbeatRequest, JoinRequest,
-    LeaveRequest, MasterCommand, MoveRequest, QueryRequest, RemoveNodeRequest, SplitRequest,
-    StatusReply, StatusRequest,
+    AddNodeRequest, CancelMoveRequest, Config, ConfigReply, FinishMoveRequest, HeartbeatReply,
+    HeartbeatRequest, JoinRequest, LeaveRequest, MasterCommand, MoveRequest, QueryRequest,
+    RemoveNodeRequest, ReportMoveReply, ReportMoveRequest, SplitRequest, StatusReply,
+    StatusRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::status;
@@ -39,16 +40,7 @@ impl MasterService {
     }
 
     async fn execute(&self, command: Command) -> Result<Response<ConfigReply>, Status> {
-        let encoded = MasterCommand {
-            command: Some(command),
-        }
-        .encode_to_vec();
-        let outcome: Outcome = self
-            .replica
-            .propose(encoded)
-            .await
-            .map_err(status::from_replica)?;
-        let num = outcome.map_err(|e| Status::new(Code::from_i32(e.code), e.message))?;
+        let num = propose(&self.replica, command).await?;
         let config = self.local_config(num)?;
         Ok(Response::new(ConfigReply {
             config: Some(config),
@@ -64,6 +56,22 @@ impl MasterService {
     }
 }
 
+/// Proposes `command` and waits for its outcome: the configuration number it produced.
+pub(crate) async fn propose(
+    replica: &Replica<MasterState>,
+    command: Command,
+) -> Result<u64, Status> {
+    let encoded = MasterCommand {
+        command: Some(command),
+    }
+    .encode_to_vec();
+    let outcome: Outcome = replica
+        .propose(encoded)
+        .await
+        .map_err(status::from_replica)?;
+    outcome.map_err(|e| Status::new(Code::from_i32(e.code), e.message))
+}
+
 #[tonic::async_trait]
 impl ShardMaster for MasterService {
     async fn join(&self, r: Request<JoinRequest>) -> Result<Response<ConfigReply>, Status> {
@@ -76,6 +84,33 @@ impl ShardMaster for MasterService {
 
     async fn r#move(&self, r: Request<MoveRequest>) -> Result<Response<ConfigReply>, Status> {
         self.execute(Command::Move(r.into_inner())).await
+    }
+
+    async fn cancel_move(
+        &self,
+        r: Request<CancelMoveRequest>,
+    ) -> Result<Response<ConfigReply>, Status> {
+        self.execute(Command::CancelMove(r.into_inner())).await
+    }
+
+    async fn finish_move(
+        &self,
+        r: Request<FinishMoveRequest>,
+    ) -> Result<Response<ConfigReply>, Status> {
+        self.execute(Command::FinishMove(r.into_inner())).await
+    }
+
+    async fn report_move(
+        &self,
+        r: Request<ReportMoveRequest>,
+    ) -> Result<Response<ReportMoveReply>, Status> {
+        match propose(&self.replica, Command::ReportMove(r.into_inner())).await {
+            Ok(_) => Ok(Response::new(ReportMoveReply { planned: true })),
+            Err(e) if e.code() == Code::NotFound => {
+                Ok(Response::new(ReportMoveReply { planned: false }))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn split(&self, r: Request<SplitRequest>) -> Result<Response<ConfigReply>, Status> {
@@ -138,11 +173,15 @@ impl ShardMaster for MasterService {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
         self.observe_role();
         let replica = self.replica.status().to_proto();
-        let latest = self.replica.state().latest().clone();
+        let (latest, moves) = {
+            let state = self.replica.state();
+            (state.latest().clone(), state.moves())
+        };
         Ok(Response::new(StatusReply {
             replica: Some(replica),
             latest_config_num: latest.num,
             nodes: self.liveness.report(&latest),
+            moves,
         }))
     }
 }

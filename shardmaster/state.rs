@@ -2,16 +2,22 @@
 //! configurations, and the last outcome of each client so a retried command is
 //! answered, not applied twice.
 //!
-//! Stored keys: `c` + num (big-endian) -> `Config`; `s` + client id -> `MasterOutcome`.
+//! Live moves are plans in the configuration (`Config::moves`): a new plan, its
+//! cancellation and its cutover are each a configuration, so every group sees them
+//! at one position of its own log. Their progress, reported by the destinations, is
+//! kept beside the configurations.
+//!
+//! Stored keys: `c` + num (big-endian) -> `Config`; `s` + client id -> `MasterOutcome`;
+//! `p` + plan id -> `MovePlan` (last reported progress).
 
 use super::balance::rebalance;
 use crate::config::MAX_KEY_BYTES;
 use crate::proto::master_command::Command;
 use crate::proto::master_outcome::Result as OutcomeResult;
 use crate::proto::{
-    AddNodeRequest, CommandError, Config, Group, JoinRequest, KeyRange, LeaveRequest,
-    MasterCommand, MasterOutcome, MoveRequest, RangeAssignment, RemoveNodeRequest, RequestId,
-    SplitRequest,
+    AddNodeRequest, CancelMoveRequest, CommandError, Config, FinishMoveRequest, Group, JoinRequest,
+    KeyRange, LeaveRequest, MasterCommand, MasterOutcome, MovePlan, MoveRequest, RangeAssignment,
+    RemoveNodeRequest, RequestId, SplitRequest,
 };
 use crate::replica::StateMachine;
 use crate::storage::{ApplyBatch, SmStore};
@@ -45,6 +51,12 @@ fn session_key(client: u64) -> Vec<u8> {
     k
 }
 
+fn progress_key(plan: u64) -> Vec<u8> {
+    let mut k = b"p".to_vec();
+    k.extend_from_slice(&plan.to_be_bytes());
+    k
+}
+
 /// The shard master's state. Reads take it through the replica's read lock.
 #[derive(Default)]
 pub struct MasterState {
@@ -53,6 +65,8 @@ pub struct MasterState {
     sessions: HashMap<u64, MasterOutcome>,
     /// (log index of last command, client): the expiry order of `sessions`.
     session_order: BTreeSet<(u64, u64)>,
+    /// Plan id -> the destination's last progress report.
+    progress: HashMap<u64, MovePlan>,
 }
 
 impl MasterState {
@@ -66,6 +80,33 @@ impl MasterState {
     /// The newest configuration this replica has applied.
     pub fn latest(&self) -> &Config {
         &self.latest
+    }
+
+    /// The live moves of the latest configuration, with their reported progress.
+    pub fn moves(&self) -> Vec<MovePlan> {
+        self.latest
+            .moves
+            .iter()
+            .map(|plan| match self.progress.get(&plan.id) {
+                Some(p) => MovePlan {
+                    phase: p.phase,
+                    bytes_copied: p.bytes_copied,
+                    lag_bytes: p.lag_bytes,
+                    ..plan.clone()
+                },
+                None => plan.clone(),
+            })
+            .collect()
+    }
+
+    /// Records a destination's progress report; false if the plan no longer exists.
+    fn report(&mut self, progress: MovePlan, batch: &mut ApplyBatch) -> bool {
+        if !self.latest.moves.iter().any(|p| p.id == progress.id) {
+            return false;
+        }
+        batch.put(progress_key(progress.id), progress.encode_to_vec());
+        self.progress.insert(progress.id, progress);
+        true
     }
 
     /// Configuration `num`, if it exists on this replica.
@@ -131,9 +172,28 @@ impl StateMachine for MasterState {
                 }
             }
         }
+        if let Command::ReportMove(r) = command {
+            let planned = self.report(r.progress.unwrap_or_default(), batch);
+            return if planned {
+                Ok(self.latest.num)
+            } else {
+                Err(refuse(Code::NotFound, "no such move plan"))
+            };
+        }
         let result = match next_config(&self.latest, command) {
             Ok(Some(next)) => {
                 batch.put(config_key(next.num), next.encode_to_vec());
+                // Progress of plans that ended (done or cancelled) is forgotten.
+                let ended: Vec<u64> = self
+                    .progress
+                    .keys()
+                    .filter(|id| !next.moves.iter().any(|p| p.id == **id))
+                    .copied()
+                    .collect();
+                for id in ended {
+                    self.progress.remove(&id);
+                    batch.delete(progress_key(id));
+                }
                 self.latest = next;
                 Ok(self.latest.num)
             }
@@ -169,6 +229,11 @@ impl StateMachine for MasterState {
             self.session_order.insert((outcome.index, client));
             self.sessions.insert(client, outcome);
         }
+        self.progress.clear();
+        for item in keyspace.prefix(b"p") {
+            let plan = MovePlan::decode(&*item.into_inner()?.1)?;
+            self.progress.insert(plan.id, plan);
+        }
         self.store = Some(store.clone());
         Ok(())
     }
@@ -182,6 +247,8 @@ fn request_id(command: &Command) -> RequestId {
         Command::Split(r) => &r.id,
         Command::AddNode(r) => &r.id,
         Command::RemoveNode(r) => &r.id,
+        Command::CancelMove(r) => &r.id,
+        Command::FinishMove(_) | Command::ReportMove(_) => &None,
     };
     id.unwrap_or_default()
 }
@@ -198,8 +265,67 @@ pub fn next_config(current: &Config, command: Command) -> Result<Option<Config>,
         Command::Split(r) => split(&mut next, r)?,
         Command::AddNode(r) => add_node(&mut next, r)?,
         Command::RemoveNode(r) => remove_node(&mut next, r)?,
+        Command::CancelMove(r) => cancel_move(&mut next, r)?,
+        Command::FinishMove(r) => finish_move(&mut next, r)?,
+        // Progress changes no configuration (MasterState::apply handles it).
+        Command::ReportMove(_) => false,
     };
-    Ok(changed.then_some(next))
+    // A plan whose range was split, given away or whose groups left is void: its
+    // source still holds the range, so nothing is lost.
+    let planned = next.moves.clone();
+    let ranges = next.ranges.clone();
+    let gids: HashSet<u64> = next.groups.iter().map(|g| g.gid).collect();
+    next.moves.retain(|plan| {
+        gids.contains(&plan.dest)
+            && ranges
+                .iter()
+                .any(|r| r.range == plan.range && r.gid == plan.source)
+    });
+    activate_queued(&mut next);
+    Ok((changed || next.moves != planned).then_some(next))
+}
+
+/// The plan moving the range that contains `key` (or plan `id`, when not 0).
+fn plan_index(config: &Config, key: &[u8], id: u64) -> Option<usize> {
+    config.moves.iter().position(|p| {
+        if id != 0 {
+            p.id == id
+        } else {
+            p.range.as_ref().is_some_and(|r| r.contains(key))
+        }
+    })
+}
+
+fn cancel_move(next: &mut Config, request: CancelMoveRequest) -> Result<bool, CommandError> {
+    if request.plan_id == 0 {
+        check_key(&request.key)?;
+    }
+    let Some(i) = plan_index(next, &request.key, request.plan_id) else {
+        return Err(refuse(Code::NotFound, "no move of that range is under way"));
+    };
+    next.moves.remove(i);
+    Ok(true)
+}
+
+/// The cutover: the destination has the whole range and the source has frozen it.
+fn finish_move(next: &mut Config, request: FinishMoveRequest) -> Result<bool, CommandError> {
+    if request.plan_id == 0 {
+        return Err(refuse(Code::InvalidArgument, "plan_id: must not be 0"));
+    }
+    let Some(i) = plan_index(next, &[], request.plan_id) else {
+        return Err(refuse(
+            Code::NotFound,
+            format!("move plan {} no longer exists", request.plan_id),
+        ));
+    };
+    let plan = next.moves.remove(i);
+    let r = next
+        .ranges
+        .iter_mut()
+        .find(|r| r.range == plan.range)
+        .ok_or_else(|| refuse(Code::Internal, "a plan's range is not in its configuration"))?;
+    r.gid = plan.dest;
+    Ok(true)
 }
 
 /// Addresses in use by any node of any group.
@@ -257,6 +383,28 @@ fn rebalance_config(config: &mut Config) {
     }
 }
 
+/// A plan's id: unique, as configuration numbers only grow.
+fn plan_id(config_num: u64, range_index: usize) -> u64 {
+    (config_num << 16) | range_index as u64
+}
+
+/// Starts queued plans whose source and destination take part in no other move, in
+/// order: each group moves one range at a time, so many cutovers never stall it.
+fn activate_queued(next: &mut Config) {
+    let mut busy: HashSet<u64> = next
+        .moves
+        .iter()
+        .filter(|p| !p.queued)
+        .flat_map(|p| [p.source, p.dest])
+        .collect();
+    for plan in next.moves.iter_mut().filter(|p| p.queued) {
+        if !busy.contains(&plan.source) && !busy.contains(&plan.dest) {
+            plan.queued = false;
+            busy.extend([plan.source, plan.dest]);
+        }
+    }
+}
+
 fn join(next: &mut Config, request: JoinRequest) -> Result<bool, CommandError> {
     if request.groups.is_empty() {
         return Err(refuse(Code::InvalidArgument, "join names no groups"));
@@ -272,9 +420,30 @@ fn join(next: &mut Config, request: JoinRequest) -> Result<bool, CommandError> {
         }
         validate_group(group, &mut taken)?;
     }
+    let live: HashSet<u64> = next.groups.iter().map(|g| g.gid).collect();
     next.groups.extend(request.groups);
     next.groups.sort_by_key(|g| g.gid);
-    rebalance_config(next);
+    let mut target = next.clone();
+    rebalance_config(&mut target);
+    for (i, (range, goal)) in next.ranges.iter_mut().zip(target.ranges).enumerate() {
+        let moving = next.moves.iter().any(|p| p.range == range.range);
+        if range.gid == goal.gid || moving {
+            continue;
+        }
+        // A range nobody owned has no data to move.
+        if request.immediate || !live.contains(&range.gid) {
+            range.gid = goal.gid;
+            continue;
+        }
+        next.moves.push(MovePlan {
+            id: plan_id(next.num, i),
+            range: range.range.clone(),
+            source: range.gid,
+            dest: goal.gid,
+            queued: true,
+            ..Default::default()
+        });
+    }
     Ok(true)
 }
 
@@ -324,10 +493,41 @@ fn move_range(next: &mut Config, request: MoveRequest) -> Result<bool, CommandEr
         ));
     }
     let i = next.range_index(&request.key);
-    if next.ranges[i].gid == request.gid {
-        return Ok(false);
+    let owner = next.ranges[i].gid;
+    let mut cancelled = false;
+    if let Some(p) = plan_index(next, &request.key, 0) {
+        let plan = &next.moves[p];
+        if request.immediate {
+            next.moves.remove(p);
+            cancelled = true;
+        } else if plan.dest == request.gid {
+            return Ok(false);
+        } else {
+            return Err(refuse(
+                Code::FailedPrecondition,
+                format!(
+                    "range {} is already moving to group {}; cancel that move first",
+                    plan.range.clone().unwrap_or_default(),
+                    plan.dest
+                ),
+            ));
+        }
     }
-    next.ranges[i].gid = request.gid;
+    if owner == request.gid {
+        return Ok(cancelled);
+    }
+    // A range nobody owns has no data to copy.
+    if request.immediate || owner == 0 {
+        next.ranges[i].gid = request.gid;
+        return Ok(true);
+    }
+    next.moves.push(MovePlan {
+        id: plan_id(next.num, i),
+        range: next.ranges[i].range.clone(),
+        source: owner,
+        dest: request.gid,
+        ..Default::default()
+    });
     Ok(true)
 }
 
@@ -336,6 +536,12 @@ fn split(next: &mut Config, request: SplitRequest) -> Result<bool, CommandError>
     let i = next.range_index(&request.key);
     let owner = next.ranges[i].gid;
     let range = next.ranges[i].range.clone().unwrap_or_else(KeyRange::full);
+    if plan_index(next, &request.key, 0).is_some() {
+        return Err(refuse(
+            Code::FailedPrecondition,
+            format!("range {range} is moving; split it after the move (or cancel it)"),
+        ));
+    }
     if range.start == request.key {
         return Err(refuse(
             Code::AlreadyExists,
@@ -438,7 +644,11 @@ mod tests {
     }
 
     fn join_cmd(groups: Vec<Group>) -> Command {
-        Command::Join(JoinRequest { groups, id: None })
+        Command::Join(JoinRequest {
+            groups,
+            id: None,
+            immediate: true,
+        })
     }
 
     fn apply(config: &Config, command: Command) -> Config {
@@ -479,6 +689,7 @@ mod tests {
             Command::Move(MoveRequest {
                 key: b"apple".to_vec(),
                 gid: 2,
+                immediate: true,
                 id: None,
             }),
         );
@@ -547,6 +758,7 @@ mod tests {
                 Command::Move(MoveRequest {
                     key: b"a".to_vec(),
                     gid: 9,
+                    immediate: true,
                     id: None,
                 }),
                 Code::NotFound,
@@ -632,6 +844,133 @@ mod tests {
     }
 
     #[test]
+    fn a_live_move_is_a_plan_until_finished_or_cancelled() {
+        let c1 = apply(&Config::initial(), join_cmd(vec![group(1, &[1])]));
+        let c2 = split_at(&c1, "n");
+        let c3 = apply(&c2, join_cmd(vec![group(2, &[1]), group(3, &[1])]));
+        let (range, src) = c3.owner(b"a");
+        let (range, src) = (range.clone(), src);
+        let others: Vec<u64> = [1, 2, 3].into_iter().filter(|g| *g != src).collect();
+        let (dst, other) = (others[0], others[1]);
+        let live = |key: &[u8], gid| {
+            Command::Move(MoveRequest {
+                key: key.to_vec(),
+                gid,
+                id: None,
+                immediate: false,
+            })
+        };
+        let c4 = apply(&c3, live(b"a", dst));
+        assert_eq!(c4.owner(b"a").1, src, "a plan changes no owner");
+        assert_eq!(c4.moves.len(), 1);
+        let plan = c4.moves[0].clone();
+        let index = c4.range_index(b"a");
+        assert_eq!(
+            (plan.id, plan.source, plan.dest),
+            (plan_id(4, index), src, dst)
+        );
+        assert_eq!(plan.range.as_ref(), Some(&range));
+        // The same move again changes nothing; another destination, a split of the
+        // range, and finishing a plan that does not exist are refused.
+        assert_eq!(next_config(&c4, live(b"a", dst)).unwrap(), None);
+        assert_eq!(
+            code(next_config(&c4, live(b"a", other))),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(next_config(
+                &c4,
+                Command::Split(SplitRequest {
+                    key: b"b".to_vec(),
+                    id: None
+                })
+            )),
+            Code::FailedPrecondition
+        );
+        let finish = |id| Command::FinishMove(FinishMoveRequest { plan_id: id });
+        assert_eq!(code(next_config(&c4, finish(99))), Code::NotFound);
+        // Finished: the owner changes and the plan goes.
+        let c5 = apply(&c4, finish(plan.id));
+        assert_eq!(c5.owner(b"a").1, dst);
+        assert!(c5.moves.is_empty());
+        // Cancelled: the owner stays; cancelling again finds nothing.
+        let cancel = |key: &[u8]| {
+            Command::CancelMove(CancelMoveRequest {
+                key: key.to_vec(),
+                ..Default::default()
+            })
+        };
+        let c5 = apply(&c4, cancel(b"c"));
+        assert_eq!(c5.owner(b"a").1, src);
+        assert!(c5.moves.is_empty());
+        assert_eq!(code(next_config(&c5, cancel(b"c"))), Code::NotFound);
+        assert_eq!(code(next_config(&c5, finish(plan.id))), Code::NotFound);
+        // The destination leaving voids the plan (the source still has the range).
+        let c5 = apply(
+            &c4,
+            Command::Leave(LeaveRequest {
+                gids: vec![dst],
+                id: None,
+            }),
+        );
+        assert!(c5.moves.is_empty());
+        // An immediate move replaces the plan.
+        let mut immediate = live(b"a", other);
+        if let Command::Move(r) = &mut immediate {
+            r.immediate = true;
+        }
+        let c5 = apply(&c4, immediate);
+        assert_eq!(c5.owner(b"a").1, other);
+        assert!(c5.moves.is_empty());
+    }
+
+    #[test]
+    fn a_live_join_moves_one_range_per_group_at_a_time() {
+        let mut c = apply(&Config::initial(), join_cmd(vec![group(1, &[1])]));
+        for key in ["g", "n", "t"] {
+            c = split_at(&c, key);
+        }
+        let joined = apply(
+            &c,
+            Command::Join(JoinRequest {
+                groups: vec![group(2, &[1])],
+                id: None,
+                immediate: false,
+            }),
+        );
+        assert!(
+            joined.ranges.iter().all(|r| r.gid == 1),
+            "nothing moved yet"
+        );
+        assert_eq!(joined.moves.len(), 2, "{:?}", joined.moves);
+        let active: Vec<&MovePlan> = joined.moves.iter().filter(|p| !p.queued).collect();
+        assert_eq!(active.len(), 1, "one move per group at a time");
+        let first = active[0].id;
+        let next = apply(
+            &joined,
+            Command::FinishMove(FinishMoveRequest { plan_id: first }),
+        );
+        assert_eq!(next.moves.len(), 1);
+        assert!(!next.moves[0].queued, "the next move starts when one ends");
+        let done = apply(
+            &next,
+            Command::FinishMove(FinishMoveRequest {
+                plan_id: next.moves[0].id,
+            }),
+        );
+        assert!(done.moves.is_empty());
+        assert_eq!(range_counts(&done), [(1, 2), (2, 2)].into());
+    }
+
+    fn range_counts(c: &Config) -> std::collections::BTreeMap<u64, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for r in &c.ranges {
+            *counts.entry(r.gid).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
     fn move_to_the_current_owner_changes_nothing() {
         let c1 = apply(&Config::initial(), join_cmd(vec![group(1, &[1])]));
         let same = next_config(
@@ -639,6 +978,7 @@ mod tests {
             Command::Move(MoveRequest {
                 key: b"a".to_vec(),
                 gid: 1,
+                immediate: true,
                 id: None,
             }),
         );

@@ -43,6 +43,7 @@ impl Config {
                 gid: 0,
             }],
             groups: Vec::new(),
+            moves: Vec::new(),
         }
     }
 
@@ -88,6 +89,7 @@ mod tests {
             num: 1,
             ranges,
             groups: Vec::new(),
+            moves: Vec::new(),
         }
     }
 

@@ -336,6 +336,7 @@ async fn retried_command_is_applied_once() {
     let client_id = 0x5eed_0000_0000_0001;
     let join = Command::Join(JoinRequest {
         groups: vec![fake_group(1, 3)],
+        immediate: true,
         id: Some(RequestId {
             client_id,
             seq: 1,

@@ -13,8 +13,9 @@ use shardkv::client::master::MasterClient;
 use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
-    Config, ConfigReply, Group, JoinRequest, LeaveRequest, MoveRequest, Node, NodeStatusReply,
-    NodeStatusRequest, RangeState, RequestId, SplitRequest,
+    CancelMoveRequest, Config, ConfigReply, Group, JoinRequest, LeaveRequest, MovePlan,
+    MoveRequest, Node, NodeStatusReply, NodeStatusRequest, RangeState, RequestId, SplitRequest,
+    StatusRequest,
 };
 use std::future::Future;
 use std::process::ExitCode;
@@ -72,7 +73,15 @@ pub struct MoveArgs {
     /// A key in the range to move.
     key: String,
     /// The group to give the range to.
-    gid: u64,
+    #[arg(required_unless_present = "cancel")]
+    gid: Option<u64>,
+    /// Cancel the live move of the range instead (its source keeps serving it).
+    #[arg(long, conflicts_with_all = ["gid", "immediate"])]
+    cancel: bool,
+    /// Give the range away in one configuration instead of a live move: it answers
+    /// nothing until the new owner has pulled all of it.
+    #[arg(long)]
+    immediate: bool,
     /// Return once the new owner has all of the range's data and serves it (shows
     /// progress; up to --timeout, default 600 s).
     #[arg(long)]
@@ -94,6 +103,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
             let request = JoinRequest {
                 groups: vec![Group { gid: a.gid, nodes }],
                 id,
+                immediate: false,
             };
             let config = execute(ctx, &master, |mut c| {
                 let r = request.clone();
@@ -103,19 +113,50 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
             report(ctx, &config, &format!("group {} joined", a.gid))?;
         }
         Command::Leave(a) => return leave(ctx, &master, a).await,
+        Command::Move(a) if a.cancel => {
+            let request = CancelMoveRequest {
+                key: a.key.clone().into_bytes(),
+                id,
+                reason: "shardctl move --cancel".into(),
+                ..Default::default()
+            };
+            let config = execute(ctx, &master, |mut c| {
+                let r = request.clone();
+                async move { c.cancel_move(r).await }
+            })
+            .await?;
+            let (range, owner) = config.owner(a.key.as_bytes());
+            let what = format!("move of {range} cancelled; group {owner} keeps serving it");
+            report(ctx, &config, &what)?;
+        }
         Command::Move(a) => {
+            let gid = a.gid.context("a group to move the range to")?;
             let request = MoveRequest {
                 key: a.key.clone().into_bytes(),
-                gid: a.gid,
+                gid,
                 id,
+                immediate: a.immediate,
             };
             let config = execute(ctx, &master, |mut c| {
                 let r = request.clone();
                 async move { c.r#move(r).await }
             })
             .await?;
-            let (range, _) = config.owner(a.key.as_bytes());
-            let what = format!("range {range} now belongs to group {}", a.gid);
+            let (range, owner) = config.owner(a.key.as_bytes());
+            let (range, owner) = (range.clone(), owner);
+            let plan = config
+                .moves
+                .iter()
+                .find(|p| p.range.as_ref() == Some(&range))
+                .cloned();
+            let what = match &plan {
+                Some(p) => format!(
+                    "range {range} is moving from group {owner} to group {gid} (plan {}); \
+                     group {owner} serves it until the cutover",
+                    p.id
+                ),
+                None => format!("range {range} now belongs to group {gid}"),
+            };
             if !a.wait {
                 report(ctx, &config, &what)?;
                 return Ok(ExitCode::SUCCESS);
@@ -123,12 +164,24 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
             if ctx.output() == Output::Table {
                 outln!("{what} in configuration {}", config.num);
             }
+            let wait = ctx.timeout_or(DEFAULT_DATA_WAIT);
+            let started = Instant::now();
+            let config = match plan {
+                Some(p) => wait_for_plan(&master, &p, wait).await?,
+                None => config,
+            };
+            anyhow::ensure!(
+                config.owner(a.key.as_bytes()).1 == gid,
+                "the move of {range} was cancelled (see the shard master's log); group {owner} \
+                 keeps serving it"
+            );
             let nodes = config
-                .group(a.gid)
+                .group(gid)
                 .map(|g| g.nodes.clone())
                 .unwrap_or_default();
-            let wait = ctx.timeout_or(DEFAULT_DATA_WAIT);
-            let took = wait_until_served(a.key.as_bytes(), &nodes, config.num, wait).await?;
+            let wait = wait.saturating_sub(started.elapsed());
+            let took = started.elapsed()
+                + wait_until_served(a.key.as_bytes(), &nodes, config.num, wait).await?;
             match ctx.output() {
                 Output::Json => print_json(&serde_json::json!({
                     "message": what,
@@ -137,7 +190,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
                 }))?,
                 Output::Table => outln!(
                     "group {} serves the range with all of its data ({:.1} s)",
-                    a.gid,
+                    gid,
                     took.as_secs_f64()
                 ),
             }
@@ -408,6 +461,46 @@ async fn node_status(channel: &Channel) -> Result<NodeStatusReply, Status> {
         .node_status(NodeStatusRequest {})
         .await?;
     Ok(reply.into_inner())
+}
+
+/// Shows a live move's phase, bytes copied and catch-up lag until its plan ends;
+/// returns the configuration that ended it (the owner says whether it was done or
+/// cancelled).
+async fn wait_for_plan(
+    master: &MasterClient,
+    plan: &MovePlan,
+    wait: Duration,
+) -> anyhow::Result<Config> {
+    let started = Instant::now();
+    let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {msg}",
+    )?);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    loop {
+        let status = master
+            .call(|mut c| async move { Ok(c.status(StatusRequest {}).await?.into_inner()) })
+            .await;
+        if let Ok(status) = status {
+            match status.moves.iter().find(|p| p.id == plan.id) {
+                Some(p) => bar.set_message(output::move_progress_text(p)),
+                None => {
+                    bar.finish_and_clear();
+                    return master
+                        .query(None)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{}", e.message()));
+                }
+            }
+        }
+        if started.elapsed() >= wait {
+            bar.abandon();
+            anyhow::bail!(
+                "the move is still under way after {wait:?}; watch it with `shardctl status` \
+                 or cancel it with `shardctl move --cancel`"
+            );
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
 }
 
 /// Polls the nodes of a range's new owner until one of them (a committed state) has

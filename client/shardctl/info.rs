@@ -128,6 +128,22 @@ struct StatusJson {
     #[serde(skip_serializing_if = "Option::is_none")]
     config: Option<u64>,
     groups: Vec<GroupStatusJson>,
+    moves: Vec<MoveJson>,
+}
+
+/// A live move as the shard master's leader last heard of it.
+#[derive(Serialize)]
+struct MoveJson {
+    plan: u64,
+    range: String,
+    source: u64,
+    dest: u64,
+    phase: &'static str,
+    bytes_copied: u64,
+    lag_bytes: u64,
+    /// The line shown in the table.
+    #[serde(skip)]
+    text: String,
 }
 
 fn master_json(addr: &str, reply: &Result<StatusReply, String>) -> MasterJson {
@@ -232,11 +248,33 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
                 .map_err(|e| output::call_error_text(&e))
         }))
         .await;
-    // Liveness from heartbeats is known to the leader only.
-    let health: HashMap<(u64, u64), NodeHealth> = masters
+    // Liveness from heartbeats, and move progress, are known to the leader only.
+    let leader = masters
         .iter()
         .filter_map(|r| r.as_ref().ok())
-        .find(|r| r.replica.as_ref().is_some_and(|x| x.role == "leader"))
+        .find(|r| r.replica.as_ref().is_some_and(|x| x.role == "leader"));
+    let moves: Vec<MoveJson> = leader
+        .map(|r| {
+            r.moves
+                .iter()
+                .map(|p| MoveJson {
+                    plan: p.id,
+                    range: range_text(p.range.as_ref()),
+                    source: p.source,
+                    dest: p.dest,
+                    phase: if p.queued {
+                        "queued"
+                    } else {
+                        output::phase_text(p.phase())
+                    },
+                    bytes_copied: p.bytes_copied,
+                    lag_bytes: p.lag_bytes,
+                    text: output::move_progress_text(p),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let health: HashMap<(u64, u64), NodeHealth> = leader
         .map(|r| {
             r.nodes
                 .iter()
@@ -296,6 +334,7 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
         masters,
         config: config.as_ref().ok().map(|c| c.num),
         groups,
+        moves,
     };
     match ctx.output() {
         Output::Json => print_json(&report)?,
@@ -328,6 +367,13 @@ fn print_status(report: &StatusJson) -> anyhow::Result<()> {
         }
     }
     t.print()?;
+    if !report.moves.is_empty() {
+        outln!();
+        outln!("MOVES");
+        for m in &report.moves {
+            outln!("plan {}: {}", m.plan, m.text);
+        }
+    }
     let Some(num) = report.config else {
         return Ok(());
     };

@@ -2,7 +2,7 @@
 
 use clap::ValueEnum;
 use serde::Serialize;
-use shardkv::proto::{Config, KeyRange, RangeState};
+use shardkv::proto::{Config, KeyRange, MovePhase, MovePlan, RangeState};
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -117,6 +117,31 @@ pub fn state_text(state: RangeState) -> &'static str {
         RangeState::Frozen => "FROZEN",
         RangeState::Garbage => "GARBAGE",
     }
+}
+
+pub fn phase_text(phase: MovePhase) -> &'static str {
+    match phase {
+        MovePhase::MoveCopying => "copying",
+        MovePhase::MoveCatchingUp => "catching up",
+        MovePhase::MoveCuttingOver => "cutting over",
+    }
+}
+
+/// One line on a live move: where it goes, its phase, bytes copied and lag.
+pub fn move_progress_text(p: &MovePlan) -> String {
+    format!(
+        "{} group {} -> {}: {}, {:.1} MiB copied, {} KiB behind",
+        p.range.clone().unwrap_or_default(),
+        p.source,
+        p.dest,
+        if p.queued {
+            "queued"
+        } else {
+            phase_text(p.phase())
+        },
+        p.bytes_copied as f64 / (1 << 20) as f64,
+        p.lag_bytes / 1024
+    )
 }
 
 #[derive(Serialize)]

@@ -62,7 +62,10 @@ pub fn start_faulty(mut options: KvOptions) -> KvCluster {
     let masters = MasterCluster::start_with(MasterOptions {
         replicas: options.masters,
         tick_ms: options.tick_ms,
-        extra_args: vec![FAULT_FLAG.to_string()],
+        extra_args: [FAULT_FLAG.to_string()]
+            .into_iter()
+            .chain(options.master_args.iter().cloned())
+            .collect(),
         ..Default::default()
     });
     options.extra_args.push(FAULT_FLAG.to_string());

@@ -931,9 +931,25 @@ impl MasterClient {
         ))
     }
 
+    /// Joins `groups`, giving them their ranges in the next configuration
+    /// (`JoinRequest::immediate`).
     pub async fn join(&mut self, groups: Vec<Group>) -> Result<Config, Status> {
-        self.execute(Command::Join(JoinRequest { groups, id: None }))
-            .await
+        self.execute(Command::Join(JoinRequest {
+            groups,
+            id: None,
+            immediate: true,
+        }))
+        .await
+    }
+
+    /// Joins `groups`; their ranges arrive by live moves, one per group at a time.
+    pub async fn join_live(&mut self, groups: Vec<Group>) -> Result<Config, Status> {
+        self.execute(Command::Join(JoinRequest {
+            groups,
+            id: None,
+            immediate: false,
+        }))
+        .await
     }
 
     pub async fn leave(&mut self, gids: Vec<u64>) -> Result<Config, Status> {
@@ -941,11 +957,24 @@ impl MasterClient {
             .await
     }
 
+    /// Gives the range away in the next configuration (`MoveRequest::immediate`).
     pub async fn move_range(&mut self, key: &[u8], gid: u64) -> Result<Config, Status> {
         self.execute(Command::Move(MoveRequest {
             key: key.to_vec(),
             gid,
             id: None,
+            immediate: true,
+        }))
+        .await
+    }
+
+    /// Starts a live move: a plan; the source serves until the cutover.
+    pub async fn move_live(&mut self, key: &[u8], gid: u64) -> Result<Config, Status> {
+        self.execute(Command::Move(MoveRequest {
+            key: key.to_vec(),
+            gid,
+            id: None,
+            immediate: false,
         }))
         .await
     }
@@ -1018,6 +1047,9 @@ async fn send_command(
         Command::Split(r) => client.split(r).await,
         Command::AddNode(r) => client.add_node(r).await,
         Command::RemoveNode(r) => client.remove_node(r).await,
+        Command::CancelMove(r) => client.cancel_move(r).await,
+        Command::FinishMove(r) => client.finish_move(r).await,
+        Command::ReportMove(_) => return Err(Status::unimplemented("not a config change")),
     }?;
     reply
         .into_inner()
@@ -1034,6 +1066,8 @@ pub fn set_request_id(command: &mut Command, id: RequestId) {
         Command::Split(r) => &mut r.id,
         Command::AddNode(r) => &mut r.id,
         Command::RemoveNode(r) => &mut r.id,
+        Command::CancelMove(r) => &mut r.id,
+        Command::FinishMove(_) | Command::ReportMove(_) => return,
     };
     *slot = Some(id);
 }
@@ -1161,6 +1195,8 @@ pub struct KvOptions {
     /// Run each server (masters too) in its own network namespace of this
     /// [`netns::Net`].
     pub net: Option<Arc<netns::Net>>,
+    /// Appended to every shard master's command line.
+    pub master_args: Vec<String>,
 }
 
 impl Default for KvOptions {
@@ -1176,6 +1212,7 @@ impl Default for KvOptions {
             log_level: "info".into(),
             extra_args: Vec::new(),
             net: None,
+            master_args: Vec::new(),
         }
     }
 }
@@ -1250,6 +1287,7 @@ impl KvCluster {
             replicas: options.masters,
             tick_ms: options.tick_ms,
             net: options.net.clone(),
+            extra_args: options.master_args.clone(),
             ..Default::default()
         });
         let mut cluster = KvCluster {
@@ -1629,6 +1667,10 @@ impl KvCluster {
                     return false;
                 }
             };
+            if !config.moves.is_empty() {
+                *last_view.lock().unwrap() = format!("live moves under way: {:?}", config.moves);
+                return false;
+            }
             for g in &config.groups {
                 if let Err(v) = self.group_serving_view(g.gid, &config).await {
                     *last_view.lock().unwrap() = format!("group {}: {v}", g.gid);
