@@ -15,14 +15,36 @@ pub fn backoff() -> ExponentialBuilder {
 }
 
 /// True for errors that another attempt (possibly at another replica) may not hit:
-/// no leader, unreachable server, timeout.
+/// no leader, unreachable server, timeout, a connection that broke mid-call.
 pub fn is_transient(status: &Status) -> bool {
-    matches!(
-        status.code(),
+    match status.code() {
         Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Aborted
-            | Code::Cancelled
-            | Code::Unknown
-    )
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::Cancelled
+        | Code::Unknown => true,
+        // tonic reports an HTTP/2 connection that failed under a call (a server
+        // shutting down, a reset) as INTERNAL with this prefix; the server never
+        // answered, so another attempt may succeed (writes carry their request id).
+        Code::Internal => status.message().starts_with(H2_FAILURE),
+        _ => false,
+    }
+}
+
+/// How tonic's message for a failed HTTP/2 connection begins.
+const H2_FAILURE: &str = "h2 protocol error";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broken_connections_are_retried_and_server_errors_are_not() {
+        assert!(is_transient(&Status::internal(format!(
+            "{H2_FAILURE}: http2 error"
+        ))));
+        assert!(!is_transient(&Status::internal("storage failed")));
+        assert!(!is_transient(&Status::invalid_argument("key")));
+        assert!(is_transient(&Status::unavailable("no leader")));
+    }
 }
