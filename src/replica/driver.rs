@@ -57,9 +57,9 @@ struct Driver<S: StateMachine> {
     /// The transferee campaigns with votes that ignore leases whenever the message
     /// arrives, even after the transfer was given up here (etcd issue 12704).
     no_lease_term: u64,
-    /// When this replica started: it grants no vote for an election timeout after
-    /// ([`Driver::refuses_votes`]).
-    started: Instant,
+    /// Ticks since this replica started: it grants no vote for an election timeout
+    /// of them ([`Driver::refuses_votes`]).
+    ticks_since_start: usize,
     /// The lease as callers see it ([`Driver::usable_lease`]), so they can read without
     /// a round trip to this thread.
     lease_view: Arc<LeaseView>,
@@ -145,7 +145,7 @@ pub fn start<S: StateMachine>(
         read_batch: Vec::new(),
         lease: None,
         no_lease_term: 0,
-        started: Instant::now(),
+        ticks_since_start: 0,
         lease_view: lease_view.clone(),
         staged_snapshot: None,
         applied: applied_state.index,
@@ -188,6 +188,7 @@ impl<S: StateMachine> Driver<S> {
             tokio::select! {
                 _ = ticker.tick() => {
                     self.node.tick();
+                    self.ticks_since_start = self.ticks_since_start.saturating_add(1);
                     self.injected_clock_jump();
                     self.expire_abandoned_reads();
                 }
@@ -370,12 +371,13 @@ impl<S: StateMachine> Driver<S> {
     /// A restarted replica forgets which leader it heard from last, so raft-rs would
     /// grant votes at once; a leader's lease counts on every follower that confirmed
     /// it refusing votes for an election timeout. So grant none for an election
-    /// timeout after starting (TiKV issue 15035).
+    /// timeout of its own ticks after starting (TiKV issue 15035), counted as raft-rs
+    /// counts that of a follower that knows its leader.
     fn refuses_votes(&self, msg: &Message) -> bool {
         matches!(
             msg.get_msg_type(),
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
-        ) && self.started.elapsed() < self.options.tick * self.options.election_ticks as u32
+        ) && self.ticks_since_start < self.options.election_ticks
     }
 
     /// Ends the lease at once, for callers too: before anything that lets another
