@@ -5,8 +5,11 @@
 
 mod common;
 
+use base64::Engine as _;
 use common::user::{bin, run_within, shardctl, Ran};
 use common::{free_ports, KvCluster, KvOptions};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 /// Time limit of one shardctl run that should succeed or fail on its own.
@@ -76,6 +79,47 @@ fn a_down_cluster_fails_every_command_quickly_with_exit_2_and_says_why() {
 }
 
 #[test]
+fn refused_or_malformed_master_addresses_fail_at_once_and_say_so() {
+    let closed: Vec<String> = free_ports(3)
+        .into_iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let masters = closed.join(",");
+    // No --timeout: the default deadline (10 s) must not be waited out when every
+    // shard master refuses the connection.
+    for args in [
+        &["get", "k"][..],
+        &["put", "k", "v"],
+        &["query"],
+        &["scan"],
+        &["leave", "--gid", "1"],
+    ] {
+        let ran = shardctl(&masters, args, RUN_LIMIT);
+        let what = format!("shardctl {}", args.join(" "));
+        assert_error(&what, &ran, &["connection refused at", &closed[2]]);
+        assert!(
+            ran.elapsed < Duration::from_secs(5),
+            "{what} took {:?} to notice that nothing listens",
+            ran.elapsed
+        );
+    }
+    // A malformed address is refused before any connection, from the flag or the
+    // environment.
+    let ran = shardctl("garbage", &["get", "k"], RUN_LIMIT);
+    assert_error("--masters garbage", &ran, &["\"garbage\"", "HOST:PORT"]);
+    let mut c = std::process::Command::new(bin("shardctl"));
+    c.env("SHARDKV_MASTERS", "127.0.0.1:7001,nonsense")
+        .args(["get", "k"]);
+    let ran = run_within(&mut c, RUN_LIMIT);
+    assert_error(
+        "SHARDKV_MASTERS with nonsense",
+        &ran,
+        &["\"nonsense\"", "HOST:PORT"],
+    );
+    assert!(ran.elapsed < Duration::from_secs(5), "{}", ran.describe());
+}
+
+#[test]
 fn bad_arguments_exit_2_with_a_usage_message_before_any_network_call() {
     // The masters are closed ports: these must fail on the arguments, not the network.
     let masters = format!("127.0.0.1:{}", free_ports(1)[0]);
@@ -89,6 +133,11 @@ fn bad_arguments_exit_2_with_a_usage_message_before_any_network_call() {
         (&["query", "notanumber"], &["invalid value", "notanumber"]),
         (&["leave", "--gid", "x"], &["invalid value"]),
         (&["cas", "k", "--value", "v"], &["required"]),
+        (&["scan", "--limit", "0"], &["--limit", "at least 1"]),
+        (
+            &["get", "k", "--raw", "--value-file", "x"],
+            &["cannot be used with"],
+        ),
         (
             &["join", "--gid", "3", "--node", "127.0.0.1:1"],
             &["--node"],
@@ -108,6 +157,12 @@ fn bad_arguments_exit_2_with_a_usage_message_before_any_network_call() {
         .args(["--masters", ",", "query"]);
     let ran = run_within(&mut c, RUN_LIMIT);
     assert_error("empty --masters", &ran, &["no shard master address"]);
+    // Masters given through the environment are not shown as a required option.
+    let mut c = std::process::Command::new(bin("shardctl"));
+    c.env("SHARDKV_MASTERS", &masters).arg("get");
+    let ran = run_within(&mut c, RUN_LIMIT);
+    assert_error("get without a key", &ran, &["Usage: shardctl get <KEY>"]);
+    assert!(!ran.stderr.contains("--masters"), "{}", ran.describe());
     // --help is not an error.
     let ran = shardctl(&masters, &["--help"], RUN_LIMIT);
     assert_code("--help", &ran, 0);
@@ -172,6 +227,85 @@ async fn refused_requests_exit_non_zero_and_json_output_parses() {
     assert_eq!(s["masters"].as_array().map(Vec::len), Some(1), "{s}");
     assert_eq!(s["groups"][0]["nodes"][0]["role"], "leader", "{s}");
     json(&["scan"], 0);
+}
+
+/// `shardctl --masters MASTERS ARGS` with arguments that may not be UTF-8.
+fn shardctl_bytes(masters: &str, args: &[&[u8]]) -> Ran {
+    let mut c = std::process::Command::new(bin("shardctl"));
+    c.env_remove("SHARDKV_MASTERS")
+        .arg("--masters")
+        .arg(masters)
+        .args(args.iter().map(|a| OsStr::from_bytes(a)));
+    run_within(&mut c, RUN_LIMIT)
+}
+
+#[tokio::test]
+async fn binary_keys_and_values_round_trip_byte_for_byte() {
+    let (_cluster, masters) = small_cluster().await;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let value: &[u8] = b"\xff\xfe\x00line 1\nline 2\n";
+    let input = tmp.path().join("bin.val");
+    std::fs::write(&input, value).expect("write");
+    let path = |p: &std::path::Path| p.as_os_str().as_bytes().to_vec();
+
+    // A key that is not UTF-8, from the command line.
+    let key: &[u8] = b"\xff\xfekey";
+    let ran = shardctl_bytes(&masters, &[b"put", key, b"v1"]);
+    assert_code("put of a non-UTF-8 key", &ran, 0);
+    let ran = shardctl_bytes(&masters, &[b"get", key]);
+    assert_code("get of a non-UTF-8 key", &ran, 0);
+    assert_eq!(ran.stdout, "v1\n");
+
+    // A binary value: put from a file, read back exactly three ways.
+    let ran = shardctl_bytes(
+        &masters,
+        &[b"put", b"binval", b"--value-file", &path(&input)],
+    );
+    assert_code("put --value-file", &ran, 0);
+    let output = tmp.path().join("out.val");
+    let ran = shardctl_bytes(
+        &masters,
+        &[b"get", b"binval", b"--value-file", &path(&output)],
+    );
+    assert_code("get --value-file", &ran, 0);
+    assert_eq!(std::fs::read(&output).expect("read"), value);
+    let raw = tmp.path().join("raw.val");
+    let mut c = std::process::Command::new("sh");
+    c.arg("-c")
+        .arg(format!(
+            "{} --masters {masters} get --raw binval > {}",
+            bin("shardctl").display(),
+            raw.display()
+        ))
+        .env_remove("SHARDKV_MASTERS");
+    let ran = run_within(&mut c, RUN_LIMIT);
+    assert_code("get --raw", &ran, 0);
+    assert_eq!(std::fs::read(&raw).expect("read"), value, "get --raw");
+    let ran = shardctl(&masters, &["--output", "json", "get", "binval"], RUN_LIMIT);
+    let doc: serde_json::Value = serde_json::from_str(&ran.stdout).expect("JSON");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(doc["value_base64"].as_str().expect("value_base64"))
+        .expect("base64");
+    assert_eq!(decoded, value, "{doc}");
+
+    // For a person: one line, every byte visible.
+    let ran = shardctl(&masters, &["get", "binval"], RUN_LIMIT);
+    assert_code("get", &ran, 0);
+    assert_eq!(ran.stdout, "\\xff\\xfe\\x00line 1\\nline 2\\n\n");
+    assert!(ran.stderr.contains("--raw"), "{}", ran.describe());
+    let ran = shardctl(&masters, &["scan"], RUN_LIMIT);
+    assert_code("scan", &ran, 0);
+    assert_eq!(
+        ran.stdout.lines().collect::<Vec<_>>(),
+        [
+            "binval\t\\xff\\xfe\\x00line 1\\nline 2\\n",
+            "\\xff\\xfekey\tv1"
+        ]
+    );
+    let ran = shardctl(&masters, &["--output", "json", "scan"], RUN_LIMIT);
+    let pairs: serde_json::Value = serde_json::from_str(&ran.stdout).expect("JSON");
+    assert_eq!(pairs[1]["key_base64"], "//5rZXk=", "{pairs}");
+    assert_eq!(pairs[1]["value"], "v1", "{pairs}");
 }
 
 #[tokio::test]
