@@ -364,3 +364,41 @@ async fn move_with_wait_returns_once_the_new_owner_serves_the_data() {
     let ran = run(&["--timeout", "5", "move", "k000", "99", "--wait"]);
     assert_error("move --wait to an unknown gid", &ran, &["99"]);
 }
+
+#[tokio::test]
+async fn bench_runs_exactly_ops_and_leaves_no_keys_unless_asked() {
+    let (_cluster, masters) = small_cluster().await;
+    let run = |args: &[&str]| shardctl(&masters, args, RUN_LIMIT);
+    let bench = |extra: &[&str]| {
+        let mut args = vec![
+            "--output",
+            "json",
+            "bench",
+            "--workload",
+            "write-only",
+            "--ops",
+            "200",
+            "--concurrency",
+            "8",
+            "--keys",
+            "1000",
+            "--warmup",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let ran = run(&args);
+        assert_code("bench", &ran, 0);
+        let report: serde_json::Value = serde_json::from_str(&ran.stdout).expect("JSON");
+        assert_eq!(report["total_ops"], 200, "{report}");
+        ran
+    };
+    assert_code("put", &run(&["put", "mine", "v"]), 0);
+    let ran = bench(&[]);
+    assert!(ran.stderr.contains("--keep"), "{}", ran.describe());
+    // Only the user's key is left.
+    assert_eq!(run(&["scan"]).stdout, "mine\tv\n");
+    // --keep keeps them.
+    bench(&["--keep"]);
+    let pairs = run(&["scan"]).stdout.lines().count();
+    assert!(pairs > 100, "{pairs} pairs after bench --keep");
+}
