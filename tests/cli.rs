@@ -402,3 +402,118 @@ async fn bench_runs_exactly_ops_and_leaves_no_keys_unless_asked() {
     let pairs = run(&["scan"]).stdout.lines().count();
     assert!(pairs > 100, "{pairs} pairs after bench --keep");
 }
+
+/// A kvnode of `gid`/`id` on `addr` with `args`, logging into `dir`.
+fn kvnode(dir: &std::path::Path, name: &str, args: &[&str]) -> common::Proc {
+    common::Proc::spawn(
+        name,
+        bin("kvnode"),
+        args.iter().map(|s| s.to_string()).collect(),
+        dir.join(format!("{name}.log")),
+    )
+}
+
+#[tokio::test]
+async fn a_removed_node_exits_0_and_peers_is_needed_only_the_first_time() {
+    let (_cluster, masters) = small_cluster().await;
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let run = |args: &[&str]| shardctl(&masters, args, RUN_LIMIT);
+    let data = |name: &str| tmp.path().join(name).display().to_string();
+
+    // `node remove` of a node added as the README shows: it stops, and exits 0.
+    let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let mut joiner = kvnode(
+        tmp.path(),
+        "g1-n4",
+        &[
+            "--gid",
+            "1",
+            "--id",
+            "4",
+            "--join",
+            "--listen",
+            &addr,
+            "--masters",
+            &masters,
+            "--data-dir",
+            &data("g1-n4"),
+        ],
+    );
+    let ran = run(&["node", "add", "--gid", "1", "--id", "4", "--addr", &addr]);
+    assert_code("node add", &ran, 0);
+    let ran = run(&["node", "remove", "--gid", "1", "--id", "4"]);
+    assert_code("node remove", &ran, 0);
+    let mut exited = None;
+    common::user::poll_until(Duration::from_secs(30), || {
+        exited = joiner.exited();
+        exited.is_some()
+    });
+    let status =
+        exited.unwrap_or_else(|| panic!("the removed node still runs:\n{}", joiner.log_tail(20)));
+    assert!(
+        status.success(),
+        "{status:?}; log:\n{}",
+        joiner.log_tail(20)
+    );
+    assert!(
+        joiner.log().contains("removed from its group"),
+        "{}",
+        joiner.log_tail(20)
+    );
+
+    // A new node of a new group: --peers the first time, then --listen is enough.
+    let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let dir = data("g2-n1");
+    let mut first = vec![
+        "--gid",
+        "2",
+        "--id",
+        "1",
+        "--masters",
+        &masters,
+        "--data-dir",
+        &dir,
+    ];
+    let without_peers = first.clone();
+    let ran = run_within(
+        std::process::Command::new(bin("kvnode")).args(&without_peers),
+        RUN_LIMIT,
+    );
+    assert_code("kvnode on a new directory without --peers", &ran, 1);
+    assert!(
+        ran.stderr.contains("--peers is needed the first time"),
+        "{}",
+        ran.describe()
+    );
+    let peers = format!("1={addr}");
+    first.extend_from_slice(&["--peers", &peers]);
+    let mut node = kvnode(tmp.path(), "g2-n1", &first);
+    // Leading its one-node group: bootstrapped from --peers.
+    let leads = || async {
+        let Ok(mut kv) =
+            shardkv::proto::kv_client::KvClient::connect(format!("http://{addr}")).await
+        else {
+            return false;
+        };
+        kv.node_status(shardkv::proto::NodeStatusRequest {})
+            .await
+            .is_ok_and(|s| s.into_inner().replica.is_some_and(|r| r.role == "leader"))
+    };
+    common::expect_within(
+        Duration::from_secs(30),
+        "the new node to lead its group",
+        leads,
+    )
+    .await;
+    node.kill9();
+    let mut again = without_peers.clone();
+    again.extend_from_slice(&["--listen", &addr]);
+    node.set_args(again.iter().map(|s| s.to_string()).collect());
+    node.start();
+    common::expect_within(
+        Duration::from_secs(30),
+        "the node to start again without --peers",
+        leads,
+    )
+    .await;
+}
