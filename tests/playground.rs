@@ -281,3 +281,105 @@ fn a_taken_port_or_a_bad_layout_is_refused_before_anything_starts() {
     assert_eq!(ran.code, Some(2), "{}", ran.describe());
     assert!(ran.stderr.contains("--kv-port"), "{}", ran.describe());
 }
+
+/// The pid in the last line of `text` that starts with `prefix` and ends with `pid N`.
+fn pid_after(text: &str, prefix: &str) -> Option<u32> {
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with(prefix))?
+        .rsplit_once("pid ")?
+        .1
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// True once the kernel has forgotten `pid`: exited and reaped (a zombie still has
+/// its /proc entry).
+fn reaped(pid: u32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn the_playground_reports_reaps_and_restarts_its_processes() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let ports = PortBlock::pick();
+    let dir = tmp.path().join("playground");
+    let mut pg = Playground::start_with(tmp.path(), &dir, ports, &["--auto-restart"]);
+    pg.wait_up(UP_WAIT);
+
+    // kill -9 of a node: reported with its exit status, reaped, restarted by itself.
+    let victim = pg.proc("g1-n2").clone();
+    assert!(signal(victim.pid, "KILL"));
+    let reported = format!("g1-n2 (pid {}) exited: signal: 9", victim.pid);
+    assert!(
+        poll_until(Duration::from_secs(30), || pg.stderr().contains(&reported)),
+        "no {reported:?} in the playground's stderr:\n{}",
+        pg.stderr()
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || reaped(victim.pid)),
+        "pid {} was not reaped (a zombie)",
+        victim.pid
+    );
+    let mut restarted = None;
+    poll_until(Duration::from_secs(30), || {
+        restarted = pid_after(&pg.stderr(), "g1-n2 restarted:");
+        restarted.is_some()
+    });
+    let restarted = restarted.unwrap_or_else(|| panic!("g1-n2 not restarted:\n{}", pg.stderr()));
+    assert!(pid_alive(restarted));
+    assert!(group_members(pg.pid()).contains(&restarted));
+
+    // A restart asked for from another terminal, of a process that runs.
+    let restart = |name: &str| {
+        let mut c = std::process::Command::new(common::user::bin("shardctl"));
+        c.args(["playground", "restart", name, "--dir"]).arg(&dir);
+        run_within(&mut c, Duration::from_secs(60))
+    };
+    let old = pg.proc("g2-n1").pid;
+    let ran = restart("g2-n1");
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    let new = pid_after(&ran.stdout, "g2-n1 restarted:")
+        .unwrap_or_else(|| panic!("no new pid: {}", ran.describe()));
+    assert!(
+        poll_until(Duration::from_secs(10), || reaped(old)),
+        "{old} not reaped"
+    );
+    assert!(pid_alive(new));
+    put_get_eventually(&ports.router_addr(), "zebra", "after-restarts");
+    let ran = restart("g9-n9");
+    assert_eq!(ran.code, Some(2), "{}", ran.describe());
+    assert!(
+        ran.stderr.contains("no process \"g9-n9\""),
+        "{}",
+        ran.describe()
+    );
+
+    // A second playground on the same folder is refused while this one runs.
+    let mut c = std::process::Command::new(common::user::bin("shardctl"));
+    c.current_dir(tmp.path())
+        .arg("playground")
+        .arg("--dir")
+        .arg(&dir)
+        .args(PortBlock::pick().playground_args());
+    let ran = run_within(&mut c, Duration::from_secs(60));
+    assert_eq!(ran.code, Some(2), "{}", ran.describe());
+    assert!(
+        ran.stderr.contains("another playground is running"),
+        "{}",
+        ran.describe()
+    );
+
+    // Ctrl-C stops every process, the restarted ones too.
+    assert!(pg.child().signal("INT"));
+    let status = pg.child().wait_exit(STOP_WAIT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let left = wait_pids_gone(&[restarted, new], Duration::from_secs(10));
+    assert!(
+        left.is_empty(),
+        "restarted processes left running: {left:?}"
+    );
+    assert!(group_members(pg.pid()).is_empty());
+}

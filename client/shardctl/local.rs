@@ -5,7 +5,7 @@
 
 use crate::Ctx;
 use clap::Subcommand;
-use shardkv::client::playground::{self, PlaygroundOptions};
+use shardkv::client::playground::{self, PlaygroundArgs};
 use shardkv::client::router::{self, RouterOptions};
 use shardkv::{kvnode, server, shardmaster};
 use std::process::ExitCode;
@@ -13,8 +13,9 @@ use std::process::ExitCode;
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Start a whole local cluster (3 shard masters, 2 groups of 3 kvnodes, the HTTP
-    /// router on 127.0.0.1:7070) as separate processes; Ctrl-C stops it.
-    Playground(PlaygroundOptions),
+    /// router on 127.0.0.1:7070) as separate processes; Ctrl-C stops it. `shardctl
+    /// playground restart NAME` restarts one of its processes.
+    Playground(PlaygroundArgs),
     /// Serve the HTTP gateway: PUT/GET/DELETE /keys/{key} with plain-text bodies.
     Router(RouterOptions),
 }
@@ -56,7 +57,7 @@ pub async fn serve_if_asked() -> Option<anyhow::Result<()>> {
 
 pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Playground(options) => playground::run(options).await?,
+        Command::Playground(args) => playground::main(args).await?,
         Command::Router(options) => {
             let logger = server::logger("info", "router".into());
             router::run(
