@@ -121,6 +121,39 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
         );
     }
 
+    // Status shows each group's ranges as `query` does (a node merges adjacent
+    // ranges it holds; the playground's pre-split must stay visible).
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut full = vec!["--output", "json"];
+        full.extend_from_slice(args);
+        let ran = shardctl(&ports.masters(), &full, Duration::from_secs(60));
+        serde_json::from_str(&ran.stdout).unwrap_or_else(|e| panic!("{e}: {}", ran.describe()))
+    };
+    let query = json(&["query"]);
+    let status = json(&["status"]);
+    for group in status["groups"].as_array().expect("groups") {
+        let leader = group["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["role"] == "leader")
+            .unwrap_or_else(|| panic!("no leader: {status}"));
+        let held: Vec<(&serde_json::Value, &serde_json::Value)> = leader["ranges"]
+            .as_array()
+            .expect("ranges")
+            .iter()
+            .map(|r| (&r["start"], &r["end"]))
+            .collect();
+        let owned: Vec<(&serde_json::Value, &serde_json::Value)> = query["ranges"]
+            .as_array()
+            .expect("ranges")
+            .iter()
+            .filter(|r| r["gid"] == group["gid"])
+            .map(|r| (&r["start"], &r["end"]))
+            .collect();
+        assert_eq!(held, owned, "group {}: status vs query", group["gid"]);
+    }
+
     let router = ports.router_addr();
     put_get_eventually(&router, "apple", "value-for-apple");
     put_get_eventually(&router, "zebra", "value-for-zebra");
@@ -136,11 +169,44 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
         "no leader of group 1 in shardctl status"
     );
     let victim = pg.proc_at(&leader.expect("found")).clone();
+    // And a shard master replica that does not lead (its leader keeps the heartbeats).
+    let masters_status = json(&["status"]);
+    let follower = masters_status["masters"]
+        .as_array()
+        .expect("masters")
+        .iter()
+        .find(|m| m["role"] == "follower")
+        .and_then(|m| m["addr"].as_str())
+        .unwrap_or_else(|| panic!("no follower among the masters: {masters_status}"))
+        .to_owned();
+    let master_victim = pg.proc_at(&follower).clone();
     assert!(signal(victim.pid, "KILL"), "kill -9 {}", victim.pid);
+    assert!(signal(master_victim.pid, "KILL"));
     assert!(
-        wait_pids_gone(&[victim.pid], Duration::from_secs(10)).is_empty(),
+        wait_pids_gone(&[victim.pid, master_victim.pid], Duration::from_secs(10)).is_empty(),
         "{} survived kill -9",
         victim.name
+    );
+    // Right after the kill the shard master still has a recent heartbeat: status
+    // says what each column means; the down master keeps its id.
+    let ran = shardctl(&masters, &["status"], Duration::from_secs(60));
+    let row = |addr: &str| {
+        ran.stdout
+            .lines()
+            .find(|l| l.contains(addr))
+            .unwrap_or_else(|| panic!("{addr} not in status:\n{}", ran.stdout))
+            .to_owned()
+    };
+    let node_row = row(&victim.addr);
+    assert!(node_row.contains("DOWN"), "{node_row}");
+    if node_row.contains(" UP ") {
+        assert!(ran.stdout.contains("last heartbeat"), "{}", ran.stdout);
+    }
+    let id = master_victim.name.trim_start_matches("master");
+    let master_row = row(&master_victim.addr);
+    assert!(
+        master_row.starts_with(&format!("{id} ")) && master_row.contains("DOWN"),
+        "{master_row}"
     );
     // The rest keeps working: group 1 elects a new leader, group 2 never noticed.
     put_get_eventually(&router, "apple", "value-for-apple-2");
@@ -155,7 +221,11 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
     assert!(row.contains("DOWN"), "killed node not shown DOWN: {row}");
 
     // Ctrl-C: the playground stops every process it started, and exits 0.
-    let pids: Vec<u32> = pg.pids().into_iter().filter(|&p| p != victim.pid).collect();
+    let pids: Vec<u32> = pg
+        .pids()
+        .into_iter()
+        .filter(|&p| p != victim.pid && p != master_victim.pid)
+        .collect();
     assert!(pg.child().signal("INT"), "SIGINT to the playground");
     let status = pg.child().wait_exit(STOP_WAIT);
     assert!(

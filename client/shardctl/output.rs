@@ -152,6 +152,37 @@ impl Table {
     }
 }
 
+/// `a ∩ b`, or `None` when they do not overlap (an empty end is +infinity).
+fn intersection(a: &KeyRange, b: &KeyRange) -> Option<KeyRange> {
+    let start = a.start.clone().max(b.start.clone());
+    let end = match (a.end.is_empty(), b.end.is_empty()) {
+        (true, _) => b.end.clone(),
+        (_, true) => a.end.clone(),
+        _ => a.end.clone().min(b.end.clone()),
+    };
+    (end.is_empty() || start < end).then_some(KeyRange { start, end })
+}
+
+/// `held` cut at the boundaries of `config`'s ranges. A node merges adjacent ranges
+/// it holds in the same state; cut this way, what it holds reads as the ranges
+/// `query` shows.
+pub fn split_at_config(held: &KeyRange, config: &Config) -> Vec<KeyRange> {
+    config
+        .ranges
+        .iter()
+        .filter_map(|r| r.range.as_ref())
+        .filter_map(|r| intersection(held, r))
+        .collect()
+}
+
+/// How many of `ranges` overlap any of `held`.
+pub fn ranges_still_held(ranges: &[KeyRange], held: &[KeyRange]) -> usize {
+    ranges
+        .iter()
+        .filter(|r| held.iter().any(|h| intersection(r, h).is_some()))
+        .count()
+}
+
 /// A key range as `["start", "end")`, `+inf` for an open end.
 pub fn range_text(range: Option<&KeyRange>) -> String {
     range.map(|r| r.to_string()).unwrap_or_else(|| "?".into())
@@ -273,6 +304,39 @@ pub fn print_config_table(config: &Config) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn range(start: &str, end: &str) -> KeyRange {
+        KeyRange {
+            start: start.into(),
+            end: end.into(),
+        }
+    }
+
+    #[test]
+    fn held_ranges_are_cut_at_the_configurations_boundaries() {
+        let mut config = Config::initial();
+        config.ranges = ["", "g", "n", "t"]
+            .windows(2)
+            .map(|w| (w[0], w[1]))
+            .chain([("t", "")])
+            .map(|(s, e)| shardkv::proto::RangeAssignment {
+                range: Some(range(s, e)),
+                gid: 1,
+            })
+            .collect();
+        assert_eq!(
+            split_at_config(&range("", "n"), &config),
+            [range("", "g"), range("g", "n")]
+        );
+        assert_eq!(
+            split_at_config(&range("h", ""), &config),
+            [range("h", "n"), range("n", "t"), range("t", "")]
+        );
+        let owned = [range("", "g"), range("g", "n")];
+        assert_eq!(ranges_still_held(&owned, &[range("", "n")]), 2);
+        assert_eq!(ranges_still_held(&owned, &[range("g", "n")]), 1);
+        assert_eq!(ranges_still_held(&owned, &[range("n", "t")]), 0);
+    }
 
     #[test]
     fn escaped_text_shows_every_byte_and_is_one_line() {
