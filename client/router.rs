@@ -53,16 +53,14 @@ struct Gateway {
 }
 
 impl Gateway {
-    /// The client, or the 503 to answer while the cluster has not been reached.
-    fn client(&self) -> Result<&Client, Response> {
-        self.client.get().ok_or_else(|| {
-            let why = self.not_ready.lock().expect("not_ready lock").clone();
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the router cannot reach the cluster yet: {why}\n"),
-            )
-                .into_response()
-        })
+    /// The answer while the cluster has not been reached: 503 and why.
+    fn not_ready(&self) -> Response {
+        let why = self.not_ready.lock().expect("not_ready lock").clone();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the router cannot reach the cluster yet: {why}\n"),
+        )
+            .into_response()
     }
 
     /// Connects to the cluster, retrying until it answers.
@@ -119,9 +117,8 @@ impl Gateway {
 }
 
 async fn get_key(State(gw): State<Arc<Gateway>>, Path(key): Path<String>) -> Response {
-    let client = match gw.client() {
-        Ok(c) => c,
-        Err(unavailable) => return unavailable,
+    let Some(client) = gw.client.get() else {
+        return gw.not_ready();
     };
     match client.get(key.as_bytes()).await {
         Ok(Some(value)) => {
@@ -146,9 +143,8 @@ async fn put_key(
         Ok(b) => b,
         Err(rejection) => return gw.body_error(&headers, rejection),
     };
-    let client = match gw.client() {
-        Ok(c) => c,
-        Err(unavailable) => return unavailable,
+    let Some(client) = gw.client.get() else {
+        return gw.not_ready();
     };
     match client.put(key.as_bytes(), &body).await {
         Ok(()) => {
@@ -160,9 +156,8 @@ async fn put_key(
 }
 
 async fn delete_key(State(gw): State<Arc<Gateway>>, Path(key): Path<String>) -> Response {
-    let client = match gw.client() {
-        Ok(c) => c,
-        Err(unavailable) => return unavailable,
+    let Some(client) = gw.client.get() else {
+        return gw.not_ready();
     };
     match client.delete(key.as_bytes()).await {
         Ok(true) => {

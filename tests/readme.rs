@@ -388,7 +388,9 @@ fn the_walkthrough_works_command_by_command() {
             killed_name = Some(proc.name.clone());
         }
         if cmd.contains("LEADER_NAME") {
-            let name = killed_name.as_deref().expect("LEADER_NAME after LEADER_PID");
+            let name = killed_name
+                .as_deref()
+                .expect("LEADER_NAME after LEADER_PID");
             cmd = cmd.replace("LEADER_NAME", name);
         }
         if cmd.contains("shardkv.v1.Kv/Put") || cmd.contains("shardkv.v1.Kv/Get") {
