@@ -45,14 +45,20 @@ async fn small_cluster() -> (KvCluster, String) {
     (cluster, masters)
 }
 
-#[test]
-fn a_down_cluster_fails_every_command_quickly_with_exit_2_and_says_why() {
-    // Ports nobody listens on: the shard master is "down".
-    let closed: Vec<String> = free_ports(2)
+/// `n` loopback addresses nobody listens on, and them as a --masters list.
+fn closed_ports(n: usize) -> (Vec<String>, String) {
+    let closed: Vec<String> = free_ports(n)
         .into_iter()
         .map(|p| format!("127.0.0.1:{p}"))
         .collect();
     let masters = closed.join(",");
+    (closed, masters)
+}
+
+#[test]
+fn a_down_cluster_fails_every_command_quickly_with_exit_2_and_says_why() {
+    // Ports nobody listens on: the shard master is "down".
+    let (closed, masters) = closed_ports(2);
     for args in [
         &["get", "k"][..],
         &["put", "k", "v"],
@@ -80,11 +86,7 @@ fn a_down_cluster_fails_every_command_quickly_with_exit_2_and_says_why() {
 
 #[test]
 fn refused_or_malformed_master_addresses_fail_at_once_and_say_so() {
-    let closed: Vec<String> = free_ports(3)
-        .into_iter()
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect();
-    let masters = closed.join(",");
+    let (closed, masters) = closed_ports(3);
     // No --timeout: the default deadline (10 s) must not be waited out when every
     // shard master refuses the connection.
     for args in [

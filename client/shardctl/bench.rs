@@ -441,27 +441,19 @@ async fn delete_keys(
         .with_message("deleting the keys the run wrote (--keep keeps them)");
     bar.set_style(ProgressStyle::with_template("{msg} {bar:40} {pos}/{len}")?);
     let total = keys.len();
-    let queue = Arc::new(std::sync::Mutex::new(keys));
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (client, queue, bar) = (client.clone(), queue.clone(), bar.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let Some(key) = queue.lock().expect("queue lock").pop() else {
-                    return anyhow::Ok(());
-                };
-                client
-                    .delete(&key)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("deleting the benchmark's keys: {e}"))?;
-                bar.inc(1);
-            }
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    bar.finish_and_clear();
+    let keys = Arc::new(keys);
+    let client = client.clone();
+    each_index(total as u64, concurrency, &bar, move |_, i| {
+        let (client, keys) = (client.clone(), keys.clone());
+        async move {
+            client
+                .delete(&keys[i as usize])
+                .await
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("deleting the benchmark's keys: {e}"))
+        }
+    })
+    .await?;
     eprintln!("deleted the {total} keys this run wrote (--keep keeps them)");
     Ok(())
 }
@@ -477,22 +469,48 @@ async fn preload(
     bar.set_style(ProgressStyle::with_template(
         "{msg} {bar:40} {pos}/{len} ({eta})",
     )?);
+    let (clients, picker, value) = (
+        Arc::new(clients.to_vec()),
+        picker.clone(),
+        Arc::new(value.to_vec()),
+    );
+    each_index(args.keys, args.concurrency, &bar, move |task, i| {
+        let client = clients[task % clients.len()].clone();
+        let (key, value) = (picker.key(i), value.clone());
+        async move {
+            client
+                .run(Op::Put, &key, &value)
+                .await
+                .map_err(|kind| anyhow::anyhow!("preloading failed: {kind}"))
+        }
+    })
+    .await
+}
+
+/// Runs `op(task, i)` for every `i` in `0..count` on `concurrency` tasks, advancing
+/// `bar` for each; stops at the first error.
+async fn each_index<F, Fut>(
+    count: u64,
+    concurrency: usize,
+    bar: &ProgressBar,
+    op: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let next = Arc::new(AtomicU64::new(0));
+    let op = Arc::new(op);
     let mut tasks = Vec::new();
-    for t in 0..args.concurrency {
-        let client = clients[t % clients.len()].clone();
-        let (next, bar, value, keys) = (next.clone(), bar.clone(), value.to_vec(), args.keys);
-        let picker = picker.clone();
+    for task in 0..concurrency {
+        let (next, bar, op) = (next.clone(), bar.clone(), op.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= keys {
-                    return Ok::<(), anyhow::Error>(());
+                if i >= count {
+                    return anyhow::Ok(());
                 }
-                client
-                    .run(Op::Put, &picker.key(i), &value)
-                    .await
-                    .map_err(|kind| anyhow::anyhow!("preloading failed: {kind}"))?;
+                op(task, i).await?;
                 bar.inc(1);
             }
         }));
