@@ -141,6 +141,10 @@ fn bad_arguments_exit_2_with_a_usage_message_before_any_network_call() {
             &["cannot be used with"],
         ),
         (
+            &["--output", "json", "get", "k", "--raw"],
+            &["cannot be used together"],
+        ),
+        (
             &["join", "--gid", "3", "--node", "127.0.0.1:1"],
             &["--node"],
         ),

@@ -112,8 +112,15 @@ fn bytes(arg: &OsStr) -> &[u8] {
 }
 
 pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
-    let client = ctx.client().await?;
     let json = ctx.output() == Output::Json;
+    if let Command::Get(a) = &command {
+        anyhow::ensure!(
+            !(json && a.raw),
+            "--raw and --output json cannot be used together: JSON carries the value \
+             (base64 when it is not UTF-8)"
+        );
+    }
+    let client = ctx.client().await?;
     match command {
         Command::Get(a) => {
             let key = bytes(&a.key);
