@@ -409,12 +409,18 @@ async fn bench_runs_exactly_ops_and_leaves_no_keys_unless_asked() {
     assert!(pairs > 100, "{pairs} pairs after bench --keep");
 }
 
-/// A kvnode of `gid`/`id` on `addr` with `args`, logging into `dir`.
+/// A kvnode with `args`, logging into `dir/NAME.log`, at the test clusters' Raft
+/// tick (every member of a group must run the same).
 fn kvnode(dir: &std::path::Path, name: &str, args: &[&str]) -> common::Proc {
+    let tick = KvOptions::default().tick_ms.to_string();
     common::Proc::spawn(
         name,
         bin("kvnode"),
-        args.iter().map(|s| s.to_string()).collect(),
+        args.iter()
+            .copied()
+            .chain(["--tick-ms", &tick])
+            .map(str::to_owned)
+            .collect(),
         dir.join(format!("{name}.log")),
     )
 }
@@ -512,8 +518,9 @@ async fn a_removed_node_exits_0_and_peers_is_needed_only_the_first_time() {
     )
     .await;
     node.kill9();
+    let tick = KvOptions::default().tick_ms.to_string();
     let mut again = without_peers.clone();
-    again.extend_from_slice(&["--listen", &addr]);
+    again.extend_from_slice(&["--listen", &addr, "--tick-ms", &tick]);
     node.set_args(again.iter().map(|s| s.to_string()).collect());
     node.start();
     common::expect_within(
