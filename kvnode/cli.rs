@@ -73,19 +73,8 @@ pub struct Args {
 
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    check_peers(&args)?;
     anyhow::ensure!(args.gid != 0, "--gid 0 is reserved");
-    if args.peers.is_none() && !args.join {
-        anyhow::ensure!(
-            !is_new_dir(&args.data_dir),
-            "--peers is needed the first time a data directory is used ({} is new): \
-             give the group's members as ID=HOST:PORT,..., or --join to join an existing group",
-            args.data_dir.display()
-        );
-        anyhow::ensure!(
-            args.listen.is_some(),
-            "give this node's address with --listen HOST:PORT (or --peers, as the first time)"
-        );
-    }
     let (peers, listen) = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen)?;
     let logger = server::logger(&args.log_level, format!("kv-{}-{}", args.gid, args.id));
     let masters = Arc::new(MasterClient::new(&args.masters, Duration::from_secs(2))?);
@@ -146,6 +135,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     node.exit_status()
+}
+
+/// --peers may be left out once the data directory holds the membership; then
+/// --listen says where this node listens.
+fn check_peers(args: &Args) -> anyhow::Result<()> {
+    if args.peers.is_some() || args.join {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        !is_new_dir(&args.data_dir),
+        "--peers is needed the first time a data directory is used ({} is new): \
+         give the group's members as ID=HOST:PORT,..., or --join to join an existing group",
+        args.data_dir.display()
+    );
+    anyhow::ensure!(
+        args.listen.is_some(),
+        "give this node's address with --listen HOST:PORT (or --peers, as the first time)"
+    );
+    Ok(())
 }
 
 /// True if `dir` does not exist or is empty: a node that has never run there.
