@@ -13,13 +13,13 @@ label=$2
 dir=$(mktemp -d -t "shardkv-ab-$label-XXXX")
 cd "$dir"
 start_playground "$bin"
-"$bin/shardctl" bench --workload write-only --keys 100000 --preload \
+"$bin/shardctl" bench --keep --workload write-only --keys 100000 --preload \
   --concurrency 64 --clients 4 --duration 1 --warmup 0 >/dev/null
 sleep 10 # let the engine settle after the preload
 for run in "write-only 1" "write-only 16" "write-only 64" "write-only 256" "read-only 1" "read-only 64"; do
   read -r workload c <<<"$run"
   clients=$((c < 4 ? c : 4))
-  "$bin/shardctl" --output json bench --workload "$workload" --keys 100000 \
+  "$bin/shardctl" --output json bench --keep --workload "$workload" --keys 100000 \
     --concurrency "$c" --clients "$clients" --duration 10 --warmup 2 |
     python3 -c "import json,sys; r=json.load(sys.stdin); o=r['operations'][0]; print('$label', r['workload'], r['concurrency'], round(r['ops_per_sec']), o['p50_ms'], o['p99_ms'])"
 done

@@ -22,7 +22,7 @@ run_bench() {
   local target=$1 extra=()
   shift
   if [ "$target" = etcd ]; then extra=(--etcd "$ETCD"); fi
-  "$SHARDCTL" --output json bench "${extra[@]}" "$@" | tr -d '\n'
+  "$SHARDCTL" --output json bench --keep "${extra[@]}" "$@" | tr -d '\n'
 }
 : >"$OUT"
 for target in "${targets[@]}"; do

@@ -17,7 +17,7 @@ dir=$(mktemp -d -t shardkv-move-XXXX)
 cd "$dir"
 start_playground "$bin" "rm -rf $dir"
 # The playground splits at g, n and t: load [g, n) through the prefix "h".
-"$bin/shardctl" bench --workload write-only --prefixes h --keys "$keys" \
+"$bin/shardctl" bench --keep --workload write-only --prefixes h --keys "$keys" \
   --value-size "$value_size" --preload --concurrency 32 --clients 4 --duration 0.1 --warmup 0 \
   >/dev/null
 owner=$("$bin/shardctl" --output json query |
@@ -26,7 +26,7 @@ dest=$((owner == 1 ? 2 : 1))
 echo "loaded ${size_mb} MB ($keys keys of $value_size bytes) into [g, n) of group $owner; data dirs:"
 du -sh "$dir"/playground/* 2>/dev/null | sed 's/^/  /' || true
 # Reads and writes (100-byte values) to every other range for as long as the move takes.
-"$bin/shardctl" --output json bench --workload mixed --prefixes a,b,c,d,e,f,o,p,q,r,s,u,v,w,x,y,z \
+"$bin/shardctl" --output json bench --keep --workload mixed --prefixes a,b,c,d,e,f,o,p,q,r,s,u,v,w,x,y,z \
   --keys 100000 --concurrency 16 --clients 4 --duration 3600 --warmup 0 >other.json &
 load=$!
 # Reads and writes to the moving range, on keys of their own (prefix "hz").

@@ -8,7 +8,7 @@ use crate::proto::{Config, QueryRequest};
 use crate::status;
 use backon::Retryable;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
@@ -20,6 +20,12 @@ pub struct MasterClient {
     /// The replica tried first: the last known leader.
     preferred: AtomicUsize,
     deadline: Duration,
+    /// Set once any replica has answered. Until then, a round in which every replica
+    /// refuses the connection ends the call at once: nothing listens at those
+    /// addresses (a typo, or a cluster that is not running), and waiting out the
+    /// deadline would only hide that. Afterwards refusals are retried: replicas that
+    /// were reached before are restarting.
+    reached: AtomicBool,
 }
 
 impl MasterClient {
@@ -29,6 +35,7 @@ impl MasterClient {
         let channels = addrs
             .iter()
             .map(|a| {
+                check_addr(a)?;
                 Ok(Endpoint::from_shared(format!("http://{a}"))?
                     .connect_timeout(Duration::from_secs(1))
                     .timeout(Duration::from_secs(5))
@@ -40,6 +47,7 @@ impl MasterClient {
             channels,
             preferred: AtomicUsize::new(0),
             deadline,
+            reached: AtomicBool::new(false),
         })
     }
 
@@ -50,16 +58,39 @@ impl MasterClient {
         F: Fn(ShardMasterClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        // Replicas that refused the connection in this call, one bit each.
+        let refused = AtomicU64::new(0);
+        let everyone = if self.channels.len() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.channels.len()) - 1
+        };
+        let all_refused =
+            || !self.reached.load(Ordering::Relaxed) && refused.load(Ordering::Relaxed) == everyone;
         let attempt = || async {
             let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
             let result = call(ShardMasterClient::new(self.channels[i].clone())).await;
+            match &result {
+                Err(e) if connection_refused(e) => {
+                    refused.fetch_or(1 << (i % 64), Ordering::Relaxed);
+                }
+                // A transport failure or a timeout: not an answer.
+                Err(e) if is_transient(e) && status::detail(e).is_none() => {}
+                Err(_) | Ok(_) => self.reached.store(true, Ordering::Relaxed),
+            }
             if let Err(e) = &result {
                 self.redirect(i, e);
             }
             result
         };
-        let retried = attempt.retry(backoff()).when(is_transient);
+        let retried = attempt
+            .retry(backoff())
+            .when(|e| is_transient(e) && !all_refused());
         match tokio::time::timeout(self.deadline, retried).await {
+            Ok(Err(_)) if all_refused() => Err(Status::unavailable(format!(
+                "connection refused at {} (is the shard master running there?)",
+                self.addrs.join(", ")
+            ))),
             Ok(result) => result,
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "no shard master replica of {} answered within {:?}",
@@ -85,5 +116,74 @@ impl MasterClient {
     pub async fn query(&self, num: Option<u64>) -> Result<Config, Status> {
         self.call(|mut c| async move { Ok(c.query(QueryRequest { num }).await?.into_inner()) })
             .await
+    }
+}
+
+/// Checks that `addr` is HOST:PORT (a host name or IP address, a colon, a port
+/// number), so a malformed address is refused at once instead of failing to
+/// connect until a deadline.
+pub fn check_addr(addr: &str) -> anyhow::Result<()> {
+    let malformed =
+        || anyhow::anyhow!("{addr:?} is not an address: expected HOST:PORT, e.g. 127.0.0.1:7001");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(malformed)?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
+    let host_ok = !host.is_empty()
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok()
+            || host.split('.').all(|l| {
+                !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            }));
+    if port_ok && host_ok {
+        Ok(())
+    } else {
+        Err(malformed())
+    }
+}
+
+/// True if the call failed because the server's address refused the TCP connection.
+fn connection_refused(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_must_be_host_colon_port() {
+        for ok in [
+            "127.0.0.1:7001",
+            "localhost:1",
+            "db-1.example.com:7001",
+            "[::1]:7001",
+        ] {
+            assert!(check_addr(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "garbage",
+            "127.0.0.1",
+            ":7001",
+            "host:",
+            "host:port",
+            "host:0",
+            "a b:1",
+            "http://h:1",
+        ] {
+            let e = check_addr(bad).unwrap_err().to_string();
+            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
+        }
     }
 }

@@ -1,16 +1,25 @@
 //! `shardctl playground`: a whole local cluster as separate OS processes — shard
 //! masters, kv groups and the HTTP router — with logs and data under one folder.
 //! Any process can be killed by its pid; Ctrl-C stops them all.
+//!
+//! The playground supervises its processes: it reaps each one that exits and says
+//! so with its exit status, restarts it when asked (`shardctl playground restart
+//! NAME`, over a Unix socket in the playground's folder) or by itself with
+//! `--auto-restart`, and on Ctrl-C stops every process it runs, restarted ones too.
 
 use crate::client::master::MasterClient;
 use crate::proto::kv_client::KvClient;
 use crate::proto::{Group, JoinRequest, Node, NodeStatusRequest, RangeState, SplitRequest};
 use anyhow::Context;
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
 
 /// Layout and size of the playground cluster.
 #[derive(clap::Args, Debug, Clone)]
@@ -43,14 +52,179 @@ pub struct PlaygroundOptions {
     /// How long to wait for the cluster to become healthy, in seconds.
     #[arg(long, default_value_t = 60)]
     pub startup_timeout: u64,
+    /// Restart a process that dies (killed or crashed) after a second. One that
+    /// stops on purpose (exit status 0, e.g. a node removed from its group) stays
+    /// stopped; one that fails again right after each restart is given up on.
+    #[arg(long)]
+    pub auto_restart: bool,
 }
 
-/// One started process.
+/// `shardctl playground [OPTIONS] [restart NAME]`.
+#[derive(clap::Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct PlaygroundArgs {
+    #[command(subcommand)]
+    pub action: Option<Action>,
+    #[command(flatten)]
+    pub options: PlaygroundOptions,
+}
+
+/// Requests to a running playground.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Action {
+    /// Restart one process of the playground running in --dir (stopping it first if
+    /// it runs), e.g. `shardctl playground restart g1-n2`.
+    Restart {
+        /// The process, as named in the playground's table (master1, g1-n2, router).
+        name: String,
+        /// The folder of the running playground.
+        #[arg(long, default_value = "playground")]
+        dir: PathBuf,
+    },
+}
+
+/// Runs `shardctl playground ...`: the playground itself, or a request to one.
+pub async fn main(args: PlaygroundArgs) -> anyhow::Result<()> {
+    match args.action {
+        None => run(args.options).await,
+        Some(Action::Restart { name, dir }) => {
+            let reply = request(&dir, &format!("restart {name}")).await?;
+            println!("{reply}");
+            Ok(())
+        }
+    }
+}
+
+/// How to start a process, again if need be.
+struct Launch {
+    program: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl Launch {
+    fn from(command: &Command) -> Launch {
+        let std = command.as_std();
+        Launch {
+            program: std.get_program().into(),
+            args: std.get_args().map(OsString::from).collect(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new(&self.program);
+        c.args(&self.args);
+        c
+    }
+
+    /// The command line as a person would type it.
+    fn line(&self) -> String {
+        std::iter::once(self.program.as_os_str())
+            .chain(self.args.iter().map(OsString::as_os_str))
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// One process of the playground.
 struct Proc {
     name: String,
     addr: String,
     log: PathBuf,
-    child: Child,
+    launch: Launch,
+    /// The current (or last) instance.
+    pid: u32,
+    started: Instant,
+    /// The current instance's exit status, once it has exited (and been reaped).
+    exit: watch::Receiver<Option<ExitStatus>>,
+    /// Set while the playground itself stops the process: its exit is expected.
+    stopping: bool,
+    /// Restarts in a row after which it failed again within [`FAILED_AT_START`].
+    quick_failures: u32,
+}
+
+/// A process that exits within this time of being started failed to start.
+const FAILED_AT_START: Duration = Duration::from_secs(10);
+/// `--auto-restart` gives up on a process that failed to start this many times in a row.
+const MAX_QUICK_FAILURES: u32 = 3;
+/// How long a process gets to stop after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// The control socket's file in the playground's folder.
+const SOCKET: &str = "playground.sock";
+
+/// An instance of a process has exited (and was reaped).
+struct Exited {
+    index: usize,
+    pid: u32,
+    status: ExitStatus,
+}
+
+impl Proc {
+    fn running(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+
+    /// Starts a new instance; its exit is reported on `exits`.
+    fn start(&mut self, index: usize, exits: &mpsc::UnboundedSender<Exited>) -> anyhow::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("cannot open {}", self.log.display()))?;
+        // The command line, for the curious: restart with `shardctl playground restart`.
+        writeln!(file, "# started: {}", self.launch.line())?;
+        let mut child = self
+            .launch
+            .command()
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.name))?;
+        let pid = child.id().context("the process has no pid")?;
+        let (tx, rx) = watch::channel(None);
+        let exits = exits.clone();
+        // Waiting reaps the process as soon as it exits: no zombies.
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                let _ = tx.send(Some(status));
+                let _ = exits.send(Exited { index, pid, status });
+            }
+        });
+        self.pid = pid;
+        self.exit = rx;
+        self.started = Instant::now();
+        self.stopping = false;
+        Ok(())
+    }
+
+    /// Sends SIGTERM to the running instance.
+    fn terminate(&mut self) {
+        if self.running() {
+            self.stopping = true;
+            signal(self.pid, "TERM");
+        }
+    }
+
+    /// Waits for the instance to exit after [`Proc::terminate`]; kills it after the grace time.
+    async fn wait_stopped(&mut self) {
+        let mut exit = self.exit.clone();
+        let exited = exit.wait_for(Option::is_some);
+        if tokio::time::timeout(STOP_GRACE, exited).await.is_err() && self.running() {
+            signal(self.pid, "KILL");
+            let _ = exit.wait_for(Option::is_some).await;
+        }
+    }
+}
+
+/// Sends `sig` to `pid` with kill(1) (the playground only signals its own children,
+/// whose pids cannot be reused before it has reaped them).
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([format!("-{sig}"), pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Ports between the first nodes of two consecutive groups.
@@ -186,55 +360,202 @@ fn server_command(server: &str) -> anyhow::Result<Command> {
     })
 }
 
-fn spawn(mut command: Command, name: String, addr: String, dir: &Path) -> anyhow::Result<Proc> {
-    let log = dir.join("logs").join(format!("{name}.log"));
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
-    // The command line, so a killed process can be restarted by hand.
-    let std = command.as_std();
-    let line: Vec<String> = std::iter::once(std.get_program())
-        .chain(std.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    writeln!(file, "# started: {}", line.join(" "))?;
-    let child = command
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {name}"))?;
-    Ok(Proc {
-        name,
-        addr,
-        log,
-        child,
-    })
+/// The processes of the playground and what it does when one exits.
+struct Supervisor {
+    procs: Vec<Proc>,
+    exits_tx: mpsc::UnboundedSender<Exited>,
+    exits: mpsc::UnboundedReceiver<Exited>,
+    auto_restart: bool,
+}
+
+impl Supervisor {
+    fn new(auto_restart: bool) -> Supervisor {
+        let (exits_tx, exits) = mpsc::unbounded_channel();
+        Supervisor {
+            procs: Vec::new(),
+            exits_tx,
+            exits,
+            auto_restart,
+        }
+    }
+
+    /// Starts `command` as the process `name`, logging into `dir/logs/NAME.log`.
+    fn spawn(
+        &mut self,
+        command: Command,
+        name: String,
+        addr: String,
+        dir: &Path,
+    ) -> anyhow::Result<()> {
+        let (_, exit) = watch::channel(None);
+        let mut proc = Proc {
+            log: dir.join("logs").join(format!("{name}.log")),
+            name,
+            addr,
+            launch: Launch::from(&command),
+            pid: 0,
+            started: Instant::now(),
+            exit,
+            stopping: false,
+            quick_failures: 0,
+        };
+        proc.start(self.procs.len(), &self.exits_tx)?;
+        self.procs.push(proc);
+        Ok(())
+    }
+
+    /// Says that a process exited (unless the playground stopped it) and, with
+    /// --auto-restart, restarts it.
+    async fn exited(&mut self, e: Exited) {
+        let auto_restart = self.auto_restart;
+        let p = &mut self.procs[e.index];
+        if p.pid != e.pid || p.stopping {
+            return;
+        }
+        let quick = p.started.elapsed() < FAILED_AT_START;
+        eprintln!(
+            "{} (pid {}) exited: {}; its log: {}",
+            p.name,
+            e.pid,
+            e.status,
+            p.log.display()
+        );
+        if !auto_restart {
+            eprintln!("restart it with `shardctl playground restart {}`", p.name);
+            return;
+        }
+        if e.status.success() {
+            eprintln!("{} stopped on purpose: not restarting it", p.name);
+            return;
+        }
+        p.quick_failures = if quick { p.quick_failures + 1 } else { 0 };
+        if p.quick_failures >= MAX_QUICK_FAILURES {
+            eprintln!(
+                "{} failed {} times right after starting: not restarting it again (see its log)",
+                p.name, p.quick_failures
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match self.restart(e.index).await {
+            Ok(reply) => eprintln!("{reply}"),
+            Err(err) => eprintln!("{err:#}"),
+        }
+    }
+
+    /// Stops process `index` if it runs, then starts it again.
+    async fn restart(&mut self, index: usize) -> anyhow::Result<String> {
+        let p = &mut self.procs[index];
+        p.terminate();
+        p.wait_stopped().await;
+        p.start(index, &self.exits_tx)?;
+        Ok(format!("{} restarted: pid {}", p.name, p.pid))
+    }
+
+    /// Handles one request from `shardctl playground restart`.
+    async fn serve(&mut self, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        let mut read = BufReader::new(read);
+        let request = read.read_line(&mut line);
+        if tokio::time::timeout(Duration::from_secs(5), request)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let reply = match line.trim().split_once(' ') {
+            Some(("restart", name)) => match self.procs.iter().position(|p| p.name == name) {
+                Some(index) => self.restart(index).await.map_err(|e| format!("{e:#}")),
+                None => Err(format!(
+                    "no process {name:?} in this playground; its processes: {}",
+                    self.procs
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            },
+            _ => Err(format!("unknown request {:?}", line.trim())),
+        };
+        let text = match reply {
+            Ok(ok) => {
+                eprintln!("{ok} (asked with `shardctl playground restart`)");
+                format!("ok {ok}\n")
+            }
+            Err(e) => format!("error {e}\n"),
+        };
+        let _ = write.write_all(text.as_bytes()).await;
+    }
+
+    /// Asks every process to stop (SIGTERM), then kills what is still running.
+    async fn stop(&mut self) {
+        for p in &mut self.procs {
+            p.terminate();
+        }
+        for p in &mut self.procs {
+            p.wait_stopped().await;
+        }
+    }
+}
+
+/// Sends `request` to the playground running in `dir`; its answer, or the error it gave.
+async fn request(dir: &Path, request: &str) -> anyhow::Result<String> {
+    let path = dir.join(SOCKET);
+    let stream = UnixStream::connect(&path).await.with_context(|| {
+        format!(
+            "no playground is running in {} (cannot connect to {})",
+            dir.display(),
+            path.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    write.write_all(format!("{request}\n").as_bytes()).await?;
+    let mut reply = String::new();
+    BufReader::new(read).read_line(&mut reply).await?;
+    match reply.trim_end().split_once(' ') {
+        Some(("ok", text)) => Ok(text.to_owned()),
+        Some(("error", text)) => anyhow::bail!("{text}"),
+        _ => anyhow::bail!("the playground gave no answer"),
+    }
+}
+
+/// Listens on the control socket in `dir`, refusing to if another playground
+/// answers there.
+async fn control_socket(dir: &Path) -> anyhow::Result<UnixListener> {
+    let path = dir.join(SOCKET);
+    if UnixStream::connect(&path).await.is_ok() {
+        anyhow::bail!(
+            "another playground is running in {}: stop it first (Ctrl-C in its terminal)",
+            dir.display()
+        );
+    }
+    // Left by a playground that was killed.
+    let _ = std::fs::remove_file(&path);
+    UnixListener::bind(&path).with_context(|| format!("cannot listen on {}", path.display()))
 }
 
 /// Runs the playground until Ctrl-C (SIGINT) or SIGTERM, then stops every process it
 /// started.
 pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
     let layout = Layout::new(&opts)?;
+    std::fs::create_dir_all(opts.dir.join("logs"))?;
+    std::fs::create_dir_all(opts.dir.join("data"))?;
+    let dir = opts.dir.canonicalize()?;
+    let control = control_socket(&dir).await?;
     layout.check_free()?;
     // Before the first child starts: a signal that came while starting would otherwise
     // kill this process with its default action and leave the children running.
     let mut stop_requested = StopSignals::install()?;
-    std::fs::create_dir_all(opts.dir.join("logs"))?;
-    std::fs::create_dir_all(opts.dir.join("data"))?;
-    let dir = opts.dir.canonicalize()?;
     let masters: Vec<String> = (1..=opts.replicas).map(|i| layout.master_addr(i)).collect();
     let master_peers = (1..=opts.replicas)
         .map(|i| format!("{i}={}", layout.master_addr(i)))
         .collect::<Vec<_>>()
         .join(",");
-    let mut procs = Vec::new();
+    let mut procs = Supervisor::new(opts.auto_restart);
     let started = start_all(&opts, &layout, &masters, &master_peers, &dir, &mut procs);
     if let Err(e) = started {
-        stop(&mut procs).await;
+        procs.stop().await;
         return Err(e);
     }
 
@@ -243,22 +564,29 @@ pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
         r = bootstrap(&opts, &layout, &masters, deadline) => r,
         _ = stop_requested.recv() => {
             eprintln!("interrupted while starting: stopping every process of the playground...");
-            stop(&mut procs).await;
+            procs.stop().await;
             anyhow::bail!("interrupted before the playground was up");
         }
     };
     if let Err(e) = result {
-        stop(&mut procs).await;
+        procs.stop().await;
         let logs = dir.join("logs");
         return Err(e.context(format!(
             "the playground did not start; logs are in {}",
             logs.display()
         )));
     }
-    print_summary(&procs, &dir, &masters, &layout);
-    stop_requested.recv().await;
+    print_summary(&procs.procs, &dir, &masters, &layout);
+    loop {
+        tokio::select! {
+            _ = stop_requested.recv() => break,
+            Some(exited) = procs.exits.recv() => procs.exited(exited).await,
+            Ok((stream, _)) = control.accept() => procs.serve(stream).await,
+        }
+    }
     eprintln!("stopping every process of the playground...");
-    stop(&mut procs).await;
+    procs.stop().await;
+    let _ = std::fs::remove_file(dir.join(SOCKET));
     eprintln!("the playground has stopped");
     Ok(())
 }
@@ -304,7 +632,7 @@ fn start_all(
     masters: &[String],
     master_peers: &str,
     dir: &Path,
-    procs: &mut Vec<Proc>,
+    procs: &mut Supervisor,
 ) -> anyhow::Result<()> {
     for i in 1..=opts.replicas {
         let mut c = server_command("shardmaster")?;
@@ -316,7 +644,7 @@ fn start_all(
             "--data-dir",
         ])
         .arg(dir.join("data").join(format!("master{i}")));
-        procs.push(spawn(c, format!("master{i}"), layout.master_addr(i), dir)?);
+        procs.spawn(c, format!("master{i}"), layout.master_addr(i), dir)?;
     }
     for gid in 1..=opts.groups {
         let peers = (1..=opts.nodes_per_group)
@@ -329,12 +657,7 @@ fn start_all(
                 .args(["--peers", &peers, "--masters", &masters.join(",")])
                 .arg("--data-dir")
                 .arg(dir.join("data").join(format!("g{gid}-n{id}")));
-            procs.push(spawn(
-                c,
-                format!("g{gid}-n{id}"),
-                layout.kv_addr(gid, id),
-                dir,
-            )?);
+            procs.spawn(c, format!("g{gid}-n{id}"), layout.kv_addr(gid, id), dir)?;
         }
     }
     let mut router = Command::new(std::env::current_exe()?);
@@ -345,7 +668,7 @@ fn start_all(
         "--listen",
         &opts.router,
     ]);
-    procs.push(spawn(router, "router".into(), opts.router.clone(), dir)?);
+    procs.spawn(router, "router".into(), opts.router.clone(), dir)?;
     Ok(())
 }
 
@@ -461,7 +784,7 @@ fn print_summary(procs: &[Proc], dir: &Path, masters: &[String], layout: &Layout
             "{:<10} {:<18} {:>8}  {}",
             p.name,
             p.addr,
-            p.child.id().map(|id| id.to_string()).unwrap_or_default(),
+            p.pid,
             p.log.display()
         );
     }
@@ -477,26 +800,11 @@ fn print_summary(procs: &[Proc], dir: &Path, masters: &[String], layout: &Layout
     println!("  export SHARDKV_MASTERS={}", masters.join(","));
     println!("  shardctl status");
     println!();
-    println!("Kill any process with `kill -9 PID`; Ctrl-C stops them all.");
-}
-
-/// Asks every process to stop (SIGTERM), then kills what is still running.
-async fn stop(procs: &mut [Proc]) {
-    for p in procs.iter() {
-        if let Some(pid) = p.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-    }
-    for p in procs.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(5), p.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = p.child.kill().await;
-        }
-    }
+    println!("Kill any process with `kill -9 PID`; the playground says when one exits.");
+    println!(
+        "Restart one with `shardctl playground restart NAME --dir {}`; Ctrl-C stops them all.",
+        dir.display()
+    );
 }
 
 #[cfg(test)]

@@ -22,9 +22,10 @@ pub struct Args {
     /// This node's id within its group: one of the ids in --peers.
     #[arg(long)]
     pub id: u64,
-    /// The group's members as ID=HOST:PORT,... (used when the data directory is new;
-    /// afterwards membership lives in the data directory).
-    #[arg(long, required_unless_present = "join")]
+    /// The group's members as ID=HOST:PORT,... Needed only the first time the data
+    /// directory is used; afterwards membership lives in the data directory, and
+    /// --listen gives this node's address.
+    #[arg(long)]
     pub peers: Option<String>,
     /// Start as a new, empty member of an existing group, which the group's leader adds
     /// (`shardctl node add`). Needs --listen.
@@ -88,6 +89,7 @@ pub struct Args {
 
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    check_peers(&args)?;
     anyhow::ensure!(args.gid != 0, "--gid 0 is reserved");
     let node::Addresses {
         peers,
@@ -152,5 +154,35 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         names.push(crate::faults::SERVICE_NAME);
     }
     server::serve(listener, routes, &names, shutdown).await?;
+    if node.replica.status().removed {
+        // Planned (`shardctl node remove`): not an error.
+        slog::info!(logger, "this node was removed from its group and has stopped; its data directory cannot be used again";
+            "gid" => args.gid, "id" => args.id);
+        return Ok(());
+    }
     node.exit_status()
+}
+
+/// --peers may be left out once the data directory holds the membership; then
+/// --listen says where this node listens.
+fn check_peers(args: &Args) -> anyhow::Result<()> {
+    if args.peers.is_some() || args.join {
+        return Ok(());
+    }
+    anyhow::ensure!(
+        !is_new_dir(&args.data_dir),
+        "--peers is needed the first time a data directory is used ({} is new): \
+         give the group's members as ID=HOST:PORT,..., or --join to join an existing group",
+        args.data_dir.display()
+    );
+    anyhow::ensure!(
+        args.listen.is_some(),
+        "give this node's address with --listen HOST:PORT (or --peers, as the first time)"
+    );
+    Ok(())
+}
+
+/// True if `dir` does not exist or is empty: a node that has never run there.
+fn is_new_dir(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut entries| entries.next().is_none())
 }

@@ -121,6 +121,39 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
         );
     }
 
+    // Status shows each group's ranges as `query` does (a node merges adjacent
+    // ranges it holds; the playground's pre-split must stay visible).
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut full = vec!["--output", "json"];
+        full.extend_from_slice(args);
+        let ran = shardctl(&ports.masters(), &full, Duration::from_secs(60));
+        serde_json::from_str(&ran.stdout).unwrap_or_else(|e| panic!("{e}: {}", ran.describe()))
+    };
+    let query = json(&["query"]);
+    let status = json(&["status"]);
+    for group in status["groups"].as_array().expect("groups") {
+        let leader = group["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["role"] == "leader")
+            .unwrap_or_else(|| panic!("no leader: {status}"));
+        let held: Vec<(&serde_json::Value, &serde_json::Value)> = leader["ranges"]
+            .as_array()
+            .expect("ranges")
+            .iter()
+            .map(|r| (&r["start"], &r["end"]))
+            .collect();
+        let owned: Vec<(&serde_json::Value, &serde_json::Value)> = query["ranges"]
+            .as_array()
+            .expect("ranges")
+            .iter()
+            .filter(|r| r["gid"] == group["gid"])
+            .map(|r| (&r["start"], &r["end"]))
+            .collect();
+        assert_eq!(held, owned, "group {}: status vs query", group["gid"]);
+    }
+
     let router = ports.router_addr();
     put_get_eventually(&router, "apple", "value-for-apple");
     put_get_eventually(&router, "zebra", "value-for-zebra");
@@ -136,11 +169,44 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
         "no leader of group 1 in shardctl status"
     );
     let victim = pg.proc_at(&leader.expect("found")).clone();
+    // And a shard master replica that does not lead (its leader keeps the heartbeats).
+    let masters_status = json(&["status"]);
+    let follower = masters_status["masters"]
+        .as_array()
+        .expect("masters")
+        .iter()
+        .find(|m| m["role"] == "follower")
+        .and_then(|m| m["addr"].as_str())
+        .unwrap_or_else(|| panic!("no follower among the masters: {masters_status}"))
+        .to_owned();
+    let master_victim = pg.proc_at(&follower).clone();
     assert!(signal(victim.pid, "KILL"), "kill -9 {}", victim.pid);
+    assert!(signal(master_victim.pid, "KILL"));
     assert!(
-        wait_pids_gone(&[victim.pid], Duration::from_secs(10)).is_empty(),
+        wait_pids_gone(&[victim.pid, master_victim.pid], Duration::from_secs(10)).is_empty(),
         "{} survived kill -9",
         victim.name
+    );
+    // Right after the kill the shard master still has a recent heartbeat: status
+    // says what each column means; the down master keeps its id.
+    let ran = shardctl(&masters, &["status"], Duration::from_secs(60));
+    let row = |addr: &str| {
+        ran.stdout
+            .lines()
+            .find(|l| l.contains(addr))
+            .unwrap_or_else(|| panic!("{addr} not in status:\n{}", ran.stdout))
+            .to_owned()
+    };
+    let node_row = row(&victim.addr);
+    assert!(node_row.contains("DOWN"), "{node_row}");
+    if node_row.contains(" UP ") {
+        assert!(ran.stdout.contains("last heartbeat"), "{}", ran.stdout);
+    }
+    let id = master_victim.name.trim_start_matches("master");
+    let master_row = row(&master_victim.addr);
+    assert!(
+        master_row.starts_with(&format!("{id} ")) && master_row.contains("DOWN"),
+        "{master_row}"
     );
     // The rest keeps working: group 1 elects a new leader, group 2 never noticed.
     put_get_eventually(&router, "apple", "value-for-apple-2");
@@ -155,7 +221,11 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
     assert!(row.contains("DOWN"), "killed node not shown DOWN: {row}");
 
     // Ctrl-C: the playground stops every process it started, and exits 0.
-    let pids: Vec<u32> = pg.pids().into_iter().filter(|&p| p != victim.pid).collect();
+    let pids: Vec<u32> = pg
+        .pids()
+        .into_iter()
+        .filter(|&p| p != victim.pid && p != master_victim.pid)
+        .collect();
     assert!(pg.child().signal("INT"), "SIGINT to the playground");
     let status = pg.child().wait_exit(STOP_WAIT);
     assert!(
@@ -280,4 +350,106 @@ fn a_taken_port_or_a_bad_layout_is_refused_before_anything_starts() {
     let ran = run_within(&mut c, Duration::from_secs(60));
     assert_eq!(ran.code, Some(2), "{}", ran.describe());
     assert!(ran.stderr.contains("--kv-port"), "{}", ran.describe());
+}
+
+/// The pid in the last line of `text` that starts with `prefix` and ends with `pid N`.
+fn pid_after(text: &str, prefix: &str) -> Option<u32> {
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with(prefix))?
+        .rsplit_once("pid ")?
+        .1
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// True once the kernel has forgotten `pid`: exited and reaped (a zombie still has
+/// its /proc entry).
+fn reaped(pid: u32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn the_playground_reports_reaps_and_restarts_its_processes() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let ports = PortBlock::pick();
+    let dir = tmp.path().join("playground");
+    let mut pg = Playground::start_with(tmp.path(), &dir, ports, &["--auto-restart"]);
+    pg.wait_up(UP_WAIT);
+
+    // kill -9 of a node: reported with its exit status, reaped, restarted by itself.
+    let victim = pg.proc("g1-n2").clone();
+    assert!(signal(victim.pid, "KILL"));
+    let reported = format!("g1-n2 (pid {}) exited: signal: 9", victim.pid);
+    assert!(
+        poll_until(Duration::from_secs(30), || pg.stderr().contains(&reported)),
+        "no {reported:?} in the playground's stderr:\n{}",
+        pg.stderr()
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || reaped(victim.pid)),
+        "pid {} was not reaped (a zombie)",
+        victim.pid
+    );
+    let mut restarted = None;
+    poll_until(Duration::from_secs(30), || {
+        restarted = pid_after(&pg.stderr(), "g1-n2 restarted:");
+        restarted.is_some()
+    });
+    let restarted = restarted.unwrap_or_else(|| panic!("g1-n2 not restarted:\n{}", pg.stderr()));
+    assert!(pid_alive(restarted));
+    assert!(group_members(pg.pid()).contains(&restarted));
+
+    // A restart asked for from another terminal, of a process that runs.
+    let restart = |name: &str| {
+        let mut c = std::process::Command::new(common::user::bin("shardctl"));
+        c.args(["playground", "restart", name, "--dir"]).arg(&dir);
+        run_within(&mut c, Duration::from_secs(60))
+    };
+    let old = pg.proc("g2-n1").pid;
+    let ran = restart("g2-n1");
+    assert_eq!(ran.code, Some(0), "{}", ran.describe());
+    let new = pid_after(&ran.stdout, "g2-n1 restarted:")
+        .unwrap_or_else(|| panic!("no new pid: {}", ran.describe()));
+    assert!(
+        poll_until(Duration::from_secs(10), || reaped(old)),
+        "{old} not reaped"
+    );
+    assert!(pid_alive(new));
+    put_get_eventually(&ports.router_addr(), "zebra", "after-restarts");
+    let ran = restart("g9-n9");
+    assert_eq!(ran.code, Some(2), "{}", ran.describe());
+    assert!(
+        ran.stderr.contains("no process \"g9-n9\""),
+        "{}",
+        ran.describe()
+    );
+
+    // A second playground on the same folder is refused while this one runs.
+    let mut c = std::process::Command::new(common::user::bin("shardctl"));
+    c.current_dir(tmp.path())
+        .arg("playground")
+        .arg("--dir")
+        .arg(&dir)
+        .args(PortBlock::pick().playground_args());
+    let ran = run_within(&mut c, Duration::from_secs(60));
+    assert_eq!(ran.code, Some(2), "{}", ran.describe());
+    assert!(
+        ran.stderr.contains("another playground is running"),
+        "{}",
+        ran.describe()
+    );
+
+    // Ctrl-C stops every process, the restarted ones too.
+    assert!(pg.child().signal("INT"));
+    let status = pg.child().wait_exit(STOP_WAIT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let left = wait_pids_gone(&[restarted, new], Duration::from_secs(10));
+    assert!(
+        left.is_empty(),
+        "restarted processes left running: {left:?}"
+    );
+    assert!(group_members(pg.pid()).is_empty());
 }

@@ -149,13 +149,88 @@ async fn bad_requests_get_4xx_with_a_reason() {
     s.expect("DELETE", &long, b"", 400, "longer than 4096");
     let max = format!("/keys/{}", "k".repeat(4096));
     s.expect("PUT", &max, b"v", 200, "OK");
-    // Value over --max-body-bytes.
-    let r = s.req("PUT", "/keys/big", &[b'x'; 1001]);
-    assert_eq!(r.status, 413, "{}", r.text());
+    // Value over --max-body-bytes: the limit, in the words the CLI uses.
+    s.expect(
+        "PUT",
+        "/keys/big",
+        &[b'x'; 1001],
+        413,
+        "value: is 1001 bytes, larger than 1000 bytes",
+    );
     s.expect("GET", "/keys/big", b"", 404, "key not found");
     s.expect("PUT", "/keys/big", &[b'x'; 1000], 200, "OK");
     // Other paths and methods.
     s.expect("GET", "/nothing", b"", 404, "");
     let r = s.req("POST", "/keys/apple", b"v");
     assert_eq!(r.status, 405, "{}", r.text());
+}
+
+#[tokio::test]
+async fn keys_with_slashes_are_the_rest_of_the_path() {
+    let s = setup(&[]).await;
+    s.expect("PUT", "/keys/a/b/c", b"nested", 200, "OK");
+    s.expect("GET", "/keys/a/b/c", b"", 200, "nested");
+    // %2F is the same key.
+    s.expect("GET", "/keys/a%2Fb%2Fc", b"", 200, "nested");
+    s.expect("GET", "/keys/a/b", b"", 404, "key not found");
+    let client = shardkv::client::Client::connect(s.cluster.masters().addrs())
+        .await
+        .expect("connect");
+    assert_eq!(
+        client.get(b"a/b/c").await.expect("get"),
+        Some(b"nested".to_vec())
+    );
+    // A key `shardctl bench` writes.
+    s.expect("PUT", "/keys/z/bench/000000000042", b"v", 200, "OK");
+    s.expect("DELETE", "/keys/a/b/c", b"", 200, "OK");
+    s.expect("GET", "/keys/a/b/c", b"", 404, "key not found");
+}
+
+#[test]
+fn without_a_reachable_cluster_it_listens_at_once_and_answers_503_with_the_reason() {
+    let closed = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let router = Proc::spawn(
+        "router",
+        bin("shardctl"),
+        vec![
+            "--masters".to_owned(),
+            closed.clone(),
+            "router".into(),
+            "--listen".into(),
+            addr.clone(),
+        ],
+        tmp.path().join("router.log"),
+    );
+    let started = std::time::Instant::now();
+    // The first answers may come before the first connection attempt has failed.
+    let mut answer = None;
+    poll_until(Duration::from_secs(30), || {
+        answer = http("GET", &addr, "/keys/apple", b"", Duration::from_secs(5)).ok();
+        answer
+            .as_ref()
+            .is_some_and(|a| a.text().contains("refused"))
+    });
+    let answer =
+        answer.unwrap_or_else(|| panic!("router not answering; log:\n{}", router.log_tail(40)));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the router took {:?} to answer",
+        started.elapsed()
+    );
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    for needle in [
+        "cannot reach the cluster",
+        "connection refused",
+        closed.as_str(),
+    ] {
+        assert!(
+            answer.text().contains(needle),
+            "{needle:?} not in {:?}",
+            answer.text()
+        );
+    }
+    let r = http("PUT", &addr, "/keys/apple", b"v", HTTP_LIMIT).expect("PUT");
+    assert_eq!(r.status, 503, "{}", r.text());
 }

@@ -13,7 +13,7 @@ use shardkv::client::master::MasterClient;
 use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
-    CancelMoveRequest, Config, ConfigReply, Group, JoinRequest, LeaveRequest, MovePlan,
+    CancelMoveRequest, Config, ConfigReply, Group, JoinRequest, KeyRange, LeaveRequest, MovePlan,
     MoveRequest, Node, NodeStatusReply, NodeStatusRequest, RangeState, RequestId, SplitRequest,
     StatusRequest,
 };
@@ -316,7 +316,14 @@ async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result
         outln!("{message}");
     }
     let wait = ctx.timeout_or(DEFAULT_DATA_WAIT);
-    let outcome = wait_until_empty(a.gid, &nodes, config.num, wait).await?;
+    // Progress counts the ranges the group owned, as `query` showed them.
+    let owned: Vec<KeyRange> = before
+        .ranges
+        .iter()
+        .filter(|r| r.gid == a.gid)
+        .filter_map(|r| r.range.clone())
+        .collect();
+    let outcome = wait_until_empty(a.gid, &nodes, &owned, config.num, wait).await?;
     match ctx.output() {
         Output::Json => print_json(&serde_json::json!({
             "message": message,
@@ -337,9 +344,9 @@ async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result
 /// What one node of a leaving group reported.
 enum NodeView {
     Down(String),
-    /// Ranges still held (0 once it has applied the leave and dropped them all), the
-    /// configuration the node has applied, and the states of the held ranges.
-    Holding(usize, u64, String),
+    /// Ranges still held (none once it has applied the leave and dropped them all),
+    /// the configuration the node has applied, and the states of the held ranges.
+    Holding(Vec<KeyRange>, u64, String),
 }
 
 struct Drained {
@@ -352,12 +359,13 @@ struct Drained {
 async fn wait_until_empty(
     gid: u64,
     nodes: &[Node],
+    owned: &[KeyRange],
     leave_num: u64,
     wait: Duration,
 ) -> anyhow::Result<Drained> {
     let started = Instant::now();
     let channels = node_channels(nodes)?;
-    let bar = ProgressBar::new(0);
+    let bar = ProgressBar::new(owned.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:20} {pos}/{len} ranges released  {msg}",
@@ -365,7 +373,6 @@ async fn wait_until_empty(
         .expect("valid template")
         .progress_chars("=> "),
     );
-    let mut most = 0usize;
     let mut first = true;
     loop {
         let views = join_all(channels.iter().map(|c| async move {
@@ -378,7 +385,8 @@ async fn wait_until_empty(
                         .collect();
                     states.sort_unstable();
                     states.dedup();
-                    NodeView::Holding(r.ranges.len(), r.config_num, states.join("/"))
+                    let held = r.ranges.iter().filter_map(|h| h.range.clone()).collect();
+                    NodeView::Holding(held, r.config_num, states.join("/"))
                 }
                 Err(e) => NodeView::Down(output::call_error_text(&e)),
             }
@@ -398,19 +406,18 @@ async fn wait_until_empty(
                         output::unreachable_label(e)
                     ));
                 }
-                NodeView::Holding(0, num, _) if *num >= leave_num => {
+                NodeView::Holding(held, num, _) if held.is_empty() && *num >= leave_num => {
                     empty += 1;
                     parts.push(format!("node {}: empty", node.id));
                 }
-                NodeView::Holding(n, _, states) => {
-                    left = left.max(*n);
+                NodeView::Holding(held, _, states) => {
+                    let n = output::ranges_still_held(owned, held);
+                    left = left.max(n);
                     parts.push(format!("node {}: {n} {states}", node.id));
                 }
             }
         }
-        most = most.max(left);
-        bar.set_length(most as u64);
-        bar.set_position((most - left) as u64);
+        bar.set_position((owned.len() - left) as u64);
         bar.set_message(parts.join(", "));
         if first {
             first = false;
@@ -427,9 +434,10 @@ async fn wait_until_empty(
                 .zip(&views)
                 .map(|(n, v)| match v {
                     NodeView::Down(e) => format!("node {} ({}) unreachable: {e}", n.id, n.addr),
-                    NodeView::Holding(k, num, states) => format!(
-                        "node {} holds {k} range(s) ({states}) at configuration {num}",
-                        n.id
+                    NodeView::Holding(held, num, states) => format!(
+                        "node {} holds {} range(s) ({states}) at configuration {num}",
+                        n.id,
+                        held.len()
                     ),
                 })
                 .collect::<Vec<_>>()

@@ -101,6 +101,41 @@ pub struct BenchArgs {
     /// client instance i connects to member i mod N.
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
+    /// Keep the keys the run wrote. Without it they are deleted after the report,
+    /// so a benchmark leaves the cluster's key space as it found it (with --etcd they
+    /// are always kept).
+    #[arg(long)]
+    keep: bool,
+}
+
+/// The keys (by index) a run has written, so they can be deleted afterwards.
+struct Written {
+    bits: Vec<AtomicU64>,
+}
+
+impl Written {
+    fn new(keys: u64) -> Written {
+        Written {
+            bits: (0..keys.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn mark(&self, i: u64) {
+        self.bits[(i / 64) as usize].fetch_or(1 << (i % 64), Ordering::Relaxed);
+    }
+
+    fn indexes(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (w, word) in self.bits.iter().enumerate() {
+            let word = word.load(Ordering::Relaxed);
+            out.extend(
+                (0..64)
+                    .filter(|b| word & (1 << b) != 0)
+                    .map(|b| w as u64 * 64 + b),
+            );
+        }
+        out
+    }
 }
 
 /// Where the load goes: shardkv through its client library, or etcd.
@@ -295,8 +330,10 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
         clients.push(Target::connect(ctx, &args, i).await?);
     }
     let value = vec![b'v'; args.value_size];
+    let written = Arc::new(Written::new(args.keys));
     if args.preload {
         preload(&clients, &args, &picker, &value).await?;
+        (0..args.keys).for_each(|i| written.mark(i));
     }
     let counted = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -310,13 +347,16 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
         let read_ratio = args.workload.read_ratio();
         let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_add(t as u64));
         let ops_limit = args.ops;
+        let written = written.clone();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
             while !stop.load(Ordering::Relaxed) {
-                let k = picker.key(picker.pick(&mut rng));
+                let i = picker.pick(&mut rng);
+                let k = picker.key(i);
                 let op = if rng.random_bool(read_ratio) {
                     Op::Get
                 } else {
+                    written.mark(i);
                     Op::Put
                 };
                 let started = Instant::now();
@@ -324,11 +364,16 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
                 if !measuring.load(Ordering::Relaxed) {
                     continue;
                 }
+                // With --ops, operations that finish after the limit was reached
+                // (they were in flight on other tasks) are not counted.
+                let done = counted.fetch_add(1, Ordering::Relaxed) + 1;
+                if ops_limit.is_some_and(|limit| done > limit) {
+                    break;
+                }
                 match result {
                     Ok(()) => tally.record(op, started.elapsed()),
                     Err(kind) => *tally.errors.entry(kind).or_default() += 1,
                 }
-                let done = counted.fetch_add(1, Ordering::Relaxed) + 1;
                 if ops_limit.is_some_and(|limit| done >= limit) {
                     stop.store(true, Ordering::Relaxed);
                 }
@@ -350,7 +395,7 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         let done = counted.load(Ordering::Relaxed);
         match args.ops {
-            Some(_) => bar.set_position(done),
+            Some(ops) => bar.set_position(done.min(ops)),
             None => {
                 bar.set_position(started.elapsed().as_millis() as u64);
                 if started.elapsed() >= limit {
@@ -371,7 +416,46 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
         Output::Json => print_json(&report)?,
         Output::Table => print_report(&report)?,
     }
+    if args.keep || !args.etcd.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Target::Shardkv(client) = &clients[0] else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let keys: Vec<Vec<u8>> = written
+        .indexes()
+        .into_iter()
+        .map(|i| picker.key(i))
+        .collect();
+    delete_keys(client, keys, args.concurrency).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes the keys a run wrote, `concurrency` at a time, and says so on stderr.
+async fn delete_keys(
+    client: &Client,
+    keys: Vec<Vec<u8>>,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let bar = ProgressBar::new(keys.len() as u64)
+        .with_message("deleting the keys the run wrote (--keep keeps them)");
+    bar.set_style(ProgressStyle::with_template("{msg} {bar:40} {pos}/{len}")?);
+    let total = keys.len();
+    let keys = Arc::new(keys);
+    let client = client.clone();
+    each_index(total as u64, concurrency, &bar, move |_, i| {
+        let (client, keys) = (client.clone(), keys.clone());
+        async move {
+            client
+                .delete(&keys[i as usize])
+                .await
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("deleting the benchmark's keys: {e}"))
+        }
+    })
+    .await?;
+    eprintln!("deleted the {total} keys this run wrote (--keep keeps them)");
+    Ok(())
 }
 
 /// Writes every key once, `concurrency` at a time.
@@ -385,22 +469,48 @@ async fn preload(
     bar.set_style(ProgressStyle::with_template(
         "{msg} {bar:40} {pos}/{len} ({eta})",
     )?);
+    let (clients, picker, value) = (
+        Arc::new(clients.to_vec()),
+        picker.clone(),
+        Arc::new(value.to_vec()),
+    );
+    each_index(args.keys, args.concurrency, &bar, move |task, i| {
+        let client = clients[task % clients.len()].clone();
+        let (key, value) = (picker.key(i), value.clone());
+        async move {
+            client
+                .run(Op::Put, &key, &value)
+                .await
+                .map_err(|kind| anyhow::anyhow!("preloading failed: {kind}"))
+        }
+    })
+    .await
+}
+
+/// Runs `op(task, i)` for every `i` in `0..count` on `concurrency` tasks, advancing
+/// `bar` for each; stops at the first error.
+async fn each_index<F, Fut>(
+    count: u64,
+    concurrency: usize,
+    bar: &ProgressBar,
+    op: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
     let next = Arc::new(AtomicU64::new(0));
+    let op = Arc::new(op);
     let mut tasks = Vec::new();
-    for t in 0..args.concurrency {
-        let client = clients[t % clients.len()].clone();
-        let (next, bar, value, keys) = (next.clone(), bar.clone(), value.to_vec(), args.keys);
-        let picker = picker.clone();
+    for task in 0..concurrency {
+        let (next, bar, op) = (next.clone(), bar.clone(), op.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= keys {
-                    return Ok::<(), anyhow::Error>(());
+                if i >= count {
+                    return anyhow::Ok(());
                 }
-                client
-                    .run(Op::Put, &picker.key(i), &value)
-                    .await
-                    .map_err(|kind| anyhow::anyhow!("preloading failed: {kind}"))?;
+                op(task, i).await?;
                 bar.inc(1);
             }
         }));

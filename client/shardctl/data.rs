@@ -1,11 +1,18 @@
 //! Data commands: read and write keys through the client library.
 
-use crate::output::{print_json, text, Output};
+//!
+//! Keys and values are bytes. Arguments are taken byte for byte as the shell passes
+//! them (`shardctl get $'\xff'` works); output is exact where a program reads it
+//! (`get --raw`, `get --value-file`, JSON with base64 for bytes that are not UTF-8)
+//! and escaped where a person reads it (tables: `\n`, `\xff`).
+
+use crate::output::{escaped, insert_bytes, print_json, Output};
 use crate::Ctx;
 use anyhow::Context;
 use clap::{ArgGroup, Args, Subcommand};
-use serde::Serialize;
+use std::ffi::{OsStr, OsString};
 use std::io::{IsTerminal, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -17,7 +24,9 @@ pub enum Command {
     Put(PutArgs),
     /// Delete KEY (says whether it existed).
     Delete(DeleteArgs),
-    /// Print the pairs with keys in [START, END) in key order.
+    /// Print the pairs with keys in [START, END) in key order, one per line: key, a
+    /// tab, the value, with newlines, tabs, backslashes and bytes that are not UTF-8
+    /// escaped (\n, \t, \\, \xff); `--output json` gives the exact bytes.
     Scan(ScanArgs),
     /// Compare and swap: change KEY only if it has the expected value (exit status 1
     /// if it did not).
@@ -26,17 +35,24 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct GetArgs {
-    /// The key (UTF-8).
-    key: String,
+    /// The key (any bytes the shell passes, e.g. $'\xff\x00k').
+    key: OsString,
+    /// Write the value's bytes to stdout exactly as stored, with no newline added
+    /// (like `etcdctl get --print-value-only` and `redis-cli --raw`).
+    #[arg(long, conflicts_with = "value_file")]
+    raw: bool,
+    /// Write the value to this file, byte for byte, instead of printing it.
+    #[arg(long, value_name = "PATH")]
+    value_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
 pub struct PutArgs {
-    /// The key (UTF-8).
-    key: String,
-    /// The value (UTF-8).
+    /// The key (any bytes the shell passes).
+    key: OsString,
+    /// The value (any bytes the shell passes).
     #[arg(required_unless_present = "value_file", conflicts_with = "value_file")]
-    value: Option<String>,
+    value: Option<OsString>,
     /// Read the value from this file ("-" for stdin), byte for byte.
     #[arg(long, value_name = "PATH")]
     value_file: Option<PathBuf>,
@@ -44,20 +60,20 @@ pub struct PutArgs {
 
 #[derive(Args, Debug)]
 pub struct DeleteArgs {
-    /// The key (UTF-8).
-    key: String,
+    /// The key (any bytes the shell passes).
+    key: OsString,
 }
 
 #[derive(Args, Debug)]
 pub struct ScanArgs {
     /// First key (inclusive); default: the beginning of the key space.
     #[arg(default_value = "")]
-    start: String,
+    start: OsString,
     /// End key (exclusive); default: the end of the key space.
     #[arg(default_value = "")]
-    end: String,
-    /// At most this many pairs (default: all of them).
-    #[arg(long, value_name = "N")]
+    end: OsString,
+    /// At most this many pairs, at least 1 (leave it out for all of them).
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
     limit: Option<usize>,
 }
 
@@ -65,78 +81,102 @@ pub struct ScanArgs {
 #[command(group(ArgGroup::new("expect").required(true).args(["expected", "expect_absent"])))]
 #[command(group(ArgGroup::new("new").required(true).args(["value", "delete"])))]
 pub struct CasArgs {
-    /// The key (UTF-8).
-    key: String,
+    /// The key (any bytes the shell passes).
+    key: OsString,
     /// The value the key must have.
     #[arg(long, value_name = "V")]
-    expected: Option<String>,
+    expected: Option<OsString>,
     /// The key must not exist.
     #[arg(long)]
     expect_absent: bool,
     /// The value to set.
     #[arg(long, value_name = "V")]
-    value: Option<String>,
+    value: Option<OsString>,
     /// Delete the key instead.
     #[arg(long)]
     delete: bool,
 }
 
-#[derive(Serialize)]
-struct ValueJson {
-    key: String,
-    found: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    value: Option<String>,
+/// `--limit`: a positive count (0 is refused rather than read as "no limit").
+fn parse_limit(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (leave --limit out for every pair)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number")),
+    }
 }
 
-#[derive(Serialize)]
-struct PairJson {
-    key: String,
-    value: String,
+/// The bytes of a command-line argument, as the shell passed them.
+fn bytes(arg: &OsStr) -> &[u8] {
+    arg.as_bytes()
 }
 
 pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
-    let client = ctx.client().await?;
     let json = ctx.output() == Output::Json;
+    if let Command::Get(a) = &command {
+        anyhow::ensure!(
+            !(json && a.raw),
+            "--raw and --output json cannot be used together: JSON carries the value \
+             (base64 when it is not UTF-8)"
+        );
+    }
+    let client = ctx.client().await?;
     match command {
         Command::Get(a) => {
-            let value = client.get(a.key.as_bytes()).await?;
+            let key = bytes(&a.key);
+            let value = client.get(key).await?;
             if json {
-                print_json(&ValueJson {
-                    key: a.key.clone(),
-                    found: value.is_some(),
-                    value: value.as_deref().map(text),
-                })?;
-            }
-            match value {
-                Some(v) => {
-                    if !json {
-                        outln!("{}", text(&v));
-                    }
+                let mut doc = serde_json::Map::new();
+                insert_bytes(&mut doc, "key", key);
+                doc.insert("found".into(), value.is_some().into());
+                if let Some(v) = &value {
+                    insert_bytes(&mut doc, "value", v);
                 }
-                None => {
-                    eprintln!("not found: {:?}", a.key);
-                    return Ok(ExitCode::from(1));
+                print_json(&doc)?;
+            }
+            let Some(v) = value else {
+                eprintln!("not found: {}", escaped(key));
+                return Ok(ExitCode::from(1));
+            };
+            if let Some(path) = &a.value_file {
+                std::fs::write(path, &v)
+                    .with_context(|| format!("--value-file {}: cannot write", path.display()))?;
+            } else if a.raw {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&v)?;
+                out.flush()?;
+            } else if !json {
+                outln!("{}", escaped(&v));
+                if std::str::from_utf8(&v).is_err() {
+                    eprintln!("(the value is not UTF-8: shown escaped; --raw prints its bytes)");
                 }
             }
         }
         Command::Put(a) => {
+            let key = bytes(&a.key);
             let value = match (&a.value, &a.value_file) {
-                (Some(v), _) => v.clone().into_bytes(),
+                (Some(v), _) => bytes(v).to_vec(),
                 (None, Some(path)) => read_value(path)?,
                 (None, None) => unreachable!("clap requires one"),
             };
-            client.put(a.key.as_bytes(), &value).await?;
+            client.put(key, &value).await?;
             if json {
-                print_json(&serde_json::json!({ "key": a.key, "ok": true }))?;
+                let mut doc = serde_json::Map::new();
+                insert_bytes(&mut doc, "key", key);
+                doc.insert("ok".into(), true.into());
+                print_json(&doc)?;
             } else {
                 outln!("OK");
             }
         }
         Command::Delete(a) => {
-            let existed = client.delete(a.key.as_bytes()).await?;
+            let key = bytes(&a.key);
+            let existed = client.delete(key).await?;
             if json {
-                print_json(&serde_json::json!({ "key": a.key, "existed": existed }))?;
+                let mut doc = serde_json::Map::new();
+                insert_bytes(&mut doc, "key", key);
+                doc.insert("existed".into(), existed.into());
+                print_json(&doc)?;
             } else if existed {
                 outln!("deleted");
             } else {
@@ -145,21 +185,25 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Scan(a) => scan(&client, a, json).await?,
         Command::Cas(a) => {
-            let expected = a.expected.as_ref().map(|s| s.as_bytes());
-            let new = a.value.as_ref().map(|s| s.as_bytes());
-            let outcome = client
-                .compare_and_swap(a.key.as_bytes(), expected, new)
-                .await?;
+            let key = bytes(&a.key);
+            let expected = a.expected.as_deref().map(bytes);
+            let new = a.value.as_deref().map(bytes);
+            let outcome = client.compare_and_swap(key, expected, new).await?;
             if json {
-                print_json(&serde_json::json!({
-                    "key": a.key,
-                    "swapped": outcome.swapped,
-                    "current": outcome.current.as_deref().map(text),
-                }))?;
+                let mut doc = serde_json::Map::new();
+                insert_bytes(&mut doc, "key", key);
+                doc.insert("swapped".into(), outcome.swapped.into());
+                match &outcome.current {
+                    Some(v) => insert_bytes(&mut doc, "current", v),
+                    None => {
+                        doc.insert("current".into(), serde_json::Value::Null);
+                    }
+                }
+                print_json(&doc)?;
             } else {
                 let now = match &outcome.current {
-                    Some(v) => format!("{:?} is {:?}", a.key, text(v)),
-                    None => format!("{:?} does not exist", a.key),
+                    Some(v) => format!("\"{}\" is \"{}\"", escaped(key), escaped(v)),
+                    None => format!("\"{}\" does not exist", escaped(key)),
                 };
                 if outcome.swapped {
                     outln!("swapped: {now}");
@@ -188,7 +232,8 @@ fn read_value(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
 
 /// Prints the pairs page by page as they arrive (memory stays bounded).
 async fn scan(client: &shardkv::client::Client, a: ScanArgs, json: bool) -> anyhow::Result<()> {
-    let mut scanner = client.scan_pages(a.start.as_bytes(), a.end.as_bytes(), a.limit.unwrap_or(0));
+    // 0 means "no limit" to the library.
+    let mut scanner = client.scan_pages(bytes(&a.start), bytes(&a.end), a.limit.unwrap_or(0));
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut count = 0usize;
@@ -200,13 +245,12 @@ async fn scan(client: &shardkv::client::Client, a: ScanArgs, json: bool) -> anyh
             for (k, v) in page {
                 if json {
                     let sep = if count == 0 { "\n  " } else { ",\n  " };
-                    let pair = PairJson {
-                        key: text(&k),
-                        value: text(&v),
-                    };
+                    let mut pair = serde_json::Map::new();
+                    insert_bytes(&mut pair, "key", &k);
+                    insert_bytes(&mut pair, "value", &v);
                     write!(out, "{sep}{}", serde_json::to_string(&pair)?)?;
                 } else {
-                    writeln!(out, "{}\t{}", text(&k), text(&v))?;
+                    writeln!(out, "{}\t{}", escaped(&k), escaped(&v))?;
                 }
                 count += 1;
             }

@@ -10,7 +10,8 @@ use serde::Serialize;
 use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
-    Config, Liveness, NodeHealth, NodeStatusReply, NodeStatusRequest, StatusReply, StatusRequest,
+    Config, KeyRange, Liveness, NodeHealth, NodeStatusReply, NodeStatusRequest, StatusReply,
+    StatusRequest,
 };
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -174,6 +175,34 @@ fn master_json(addr: &str, reply: &Result<StatusReply, String>) -> MasterJson {
     }
 }
 
+/// The id of the one shard master replica that did not answer, when that is
+/// certain: the replicas that answered know every member's id, not its address, so
+/// with one replica down its id is the one member missing among them.
+fn down_master_id(replies: &[Result<StatusReply, String>]) -> Option<u64> {
+    let up: Vec<&StatusReply> = replies.iter().filter_map(|r| r.as_ref().ok()).collect();
+    if replies.len() - up.len() != 1 {
+        return None;
+    }
+    let answered: Vec<u64> = up
+        .iter()
+        .filter_map(|r| r.replica.as_ref())
+        .map(|r| r.id)
+        .collect();
+    let members = up
+        .iter()
+        .filter_map(|r| r.replica.as_ref())
+        .find(|r| r.role == "leader")?;
+    let mut missing = members
+        .voters
+        .iter()
+        .chain(&members.learners)
+        .filter(|id| !answered.contains(id));
+    match (missing.next(), missing.next()) {
+        (Some(id), None) => Some(*id),
+        _ => None,
+    }
+}
+
 /// The leader's heartbeat view of a node, in words.
 fn liveness_text(health: Option<&NodeHealth>) -> String {
     match health {
@@ -191,6 +220,7 @@ fn node_json(
     addr: &str,
     reply: &Result<NodeStatusReply, String>,
     master_sees: String,
+    config: &Config,
 ) -> NodeJson {
     match reply {
         Ok(s) => {
@@ -208,11 +238,16 @@ fn node_json(
                 ranges: s
                     .ranges
                     .iter()
-                    .map(|h| HeldJson {
-                        range: RangeJson::from(h.range.as_ref()),
-                        state: state_text(h.state()),
-                        config: h.config_num,
-                        peer_gid: (h.peer_gid != 0).then_some(h.peer_gid),
+                    .flat_map(|h| {
+                        let held = h.range.clone().unwrap_or_else(KeyRange::full);
+                        output::split_at_config(&held, config)
+                            .into_iter()
+                            .map(move |piece| HeldJson {
+                                range: RangeJson::from(Some(&piece)),
+                                state: state_text(h.state()),
+                                config: h.config_num,
+                                peer_gid: (h.peer_gid != 0).then_some(h.peer_gid),
+                            })
                     })
                     .collect(),
             }
@@ -282,11 +317,18 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
                 .collect()
         })
         .unwrap_or_default();
+    let down_id = down_master_id(&masters);
     let masters: Vec<MasterJson> = ctx
         .masters
         .iter()
         .zip(&masters)
-        .map(|(a, r)| master_json(a, r))
+        .map(|(a, r)| {
+            let mut m = master_json(a, r);
+            if !m.up {
+                m.id = down_id;
+            }
+            m
+        })
         .collect();
     let config: Result<Config, _> = if masters.iter().any(|m| m.up) {
         ctx.master()?
@@ -324,7 +366,7 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
                     .zip(&replies)
                     .map(|(n, r)| {
                         let seen = liveness_text(health.get(&(g.gid, n.id)));
-                        node_json(n.id, &n.addr, r, seen)
+                        node_json(n.id, &n.addr, r, seen, config)
                     })
                     .collect(),
             });
@@ -363,7 +405,8 @@ fn print_status(report: &StatusJson) -> anyhow::Result<()> {
             ]);
         } else {
             let label = output::unreachable_label(m.error.as_deref().unwrap_or_default());
-            t.row(vec!["-".into(), m.addr.clone(), label.into()]);
+            let id = m.id.map_or_else(|| "?".into(), |id| id.to_string());
+            t.row(vec![id, m.addr.clone(), label.into()]);
         }
     }
     t.print()?;
@@ -394,8 +437,10 @@ fn print_status(report: &StatusJson) -> anyhow::Result<()> {
             "CONFIG",
             "RANGES",
         ]);
+        let mut views_differ = false;
         for n in &g.nodes {
             if !n.up {
+                views_differ |= n.master_sees.starts_with("UP");
                 let label = output::unreachable_label(n.error.as_deref().unwrap_or_default());
                 t.row(vec![
                     n.id.to_string(),
@@ -439,6 +484,13 @@ fn print_status(report: &StatusJson) -> anyhow::Result<()> {
             }
         }
         t.print()?;
+        if views_differ {
+            outln!(
+                "note: ROLE DOWN: shardctl cannot reach the node now. MASTER SEES: the shard \
+                 master's last heartbeat from it; the master reports a node DOWN only after \
+                 --down-after-ms (5 s by default) without one."
+            );
+        }
     }
     Ok(())
 }

@@ -4,20 +4,18 @@
 //! binaries were not built (`cargo run --bin shardctl` builds only shardctl).
 
 use crate::Ctx;
-use backon::Retryable;
 use clap::Subcommand;
-use shardkv::client::playground::{self, PlaygroundOptions};
-use shardkv::client::retry::backoff;
+use shardkv::client::playground::{self, PlaygroundArgs};
 use shardkv::client::router::{self, RouterOptions};
 use shardkv::{kvnode, server, shardmaster};
 use std::process::ExitCode;
-use std::time::Duration;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Start a whole local cluster (3 shard masters, 2 groups of 3 kvnodes, the HTTP
-    /// router on 127.0.0.1:7070) as separate processes; Ctrl-C stops it.
-    Playground(PlaygroundOptions),
+    /// router on 127.0.0.1:7070) as separate processes; Ctrl-C stops it. `shardctl
+    /// playground restart NAME` restarts one of its processes.
+    Playground(PlaygroundArgs),
     /// Serve the HTTP gateway: PUT/GET/DELETE /keys/{key} with plain-text bodies.
     Router(RouterOptions),
 }
@@ -39,9 +37,15 @@ struct ServeKvnode {
 /// kvnode's `--masters`) must not meet shardctl's global ones.
 pub async fn serve_if_asked() -> Option<anyhow::Result<()>> {
     use clap::Parser;
-    let mut args: Vec<String> = std::env::args().collect();
-    let which = args.get(1)?.clone();
-    args.remove(1);
+    // Not `env::args`: it panics on arguments that are not UTF-8 (a binary key).
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let which = args.get(1)?.to_str()?.to_owned();
+    match which.as_str() {
+        "serve-shardmaster" | "serve-kvnode" => {
+            args.remove(1);
+        }
+        _ => return None,
+    }
     match which.as_str() {
         "serve-shardmaster" => {
             Some(shardmaster::cli::run(ServeShardmaster::parse_from(args).args).await)
@@ -53,16 +57,16 @@ pub async fn serve_if_asked() -> Option<anyhow::Result<()>> {
 
 pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Playground(options) => playground::run(options).await?,
+        Command::Playground(args) => playground::main(args).await?,
         Command::Router(options) => {
             let logger = server::logger("info", "router".into());
-            // The router may start before the cluster answers: keep trying.
-            let connect = || ctx.client();
-            let client = connect
-                .retry(backoff().with_max_delay(Duration::from_secs(2)))
-                .notify(|e, _| slog::warn!(logger, "waiting for the cluster"; "error" => %e))
-                .await?;
-            router::run(client, options, logger).await?
+            router::run(
+                ctx.masters().to_vec(),
+                ctx.client_options(),
+                options,
+                logger,
+            )
+            .await?
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -32,6 +32,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tonic::{Code, Status};
 
+/// The shard masters of a default playground.
+const DEFAULT_MASTERS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
+
 /// Deadline of one request when --timeout is not given.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -53,16 +56,17 @@ struct Cli {
 /// Options every subcommand takes.
 #[derive(Args, Debug, Clone)]
 struct Global {
-    /// Shard master replicas as HOST:PORT,...
+    /// Shard master replicas as HOST:PORT,... [default: $SHARDKV_MASTERS if set,
+    /// else 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003]
+    // Read by hand rather than with clap's `env`: clap shows an option given through
+    // the environment in every usage line, as if it were required.
     #[arg(
         long,
         global = true,
         help_heading = "Global options",
-        env = "SHARDKV_MASTERS",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"
+        value_delimiter = ','
     )]
-    masters: Vec<String>,
+    masters: Option<Vec<String>>,
     /// How to print results.
     #[arg(long, global = true, help_heading = "Global options", value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -137,26 +141,33 @@ impl Ctx {
     /// An error from the shard master, in words.
     pub fn master_error(&self, status: Status) -> anyhow::Error {
         match status.code() {
-            Code::DeadlineExceeded | Code::Unavailable | Code::Cancelled | Code::Unknown => {
-                anyhow::anyhow!(
-                    "cannot reach the shard master at {}: no replica answered within {:?}",
-                    self.masters_text(),
-                    self.deadline()
-                )
-            }
+            Code::DeadlineExceeded | Code::Cancelled => anyhow::anyhow!(
+                "cannot reach the shard master at {}: no replica answered within {:?}",
+                self.masters_text(),
+                self.deadline()
+            ),
+            Code::Unavailable | Code::Unknown => anyhow::anyhow!(
+                "cannot reach the shard master at {}: {}",
+                self.masters_text(),
+                output::status_text(&status)
+            ),
             _ => anyhow::anyhow!("{}", status.message()),
+        }
+    }
+
+    /// The client library's options for --timeout.
+    pub fn client_options(&self) -> ClientOptions {
+        let defaults = ClientOptions::default();
+        ClientOptions {
+            call_deadline: self.deadline(),
+            attempt_timeout: defaults.attempt_timeout.min(self.deadline()),
+            ..defaults
         }
     }
 
     /// A data client connected to the cluster.
     pub async fn client(&self) -> anyhow::Result<Client> {
-        let defaults = ClientOptions::default();
-        let options = ClientOptions {
-            call_deadline: self.deadline(),
-            attempt_timeout: defaults.attempt_timeout.min(self.deadline()),
-            ..defaults
-        };
-        Client::connect_with(&self.masters, options).await
+        Client::connect_with(&self.masters, self.client_options()).await
     }
 }
 
@@ -184,21 +195,18 @@ async fn main() -> ExitCode {
         };
     }
     let cli = Cli::parse();
+    let masters = match masters(cli.global.masters) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: --masters: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let ctx = Ctx {
-        masters: cli
-            .global
-            .masters
-            .into_iter()
-            .map(|m| m.trim().to_owned())
-            .filter(|m| !m.is_empty())
-            .collect(),
+        masters,
         output: cli.global.output,
         timeout: cli.global.timeout,
     };
-    if ctx.masters.is_empty() {
-        eprintln!("error: --masters: no shard master address given");
-        return ExitCode::from(2);
-    }
     match run(&ctx, cli.command).await {
         Ok(code) => code,
         Err(e) if closed_pipe(&e) => ExitCode::SUCCESS,
@@ -207,6 +215,30 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The shard master addresses: --masters, else $SHARDKV_MASTERS, else the
+/// playground's; each checked to be HOST:PORT before anything is sent.
+fn masters(flag: Option<Vec<String>>) -> anyhow::Result<Vec<String>> {
+    let given = flag.unwrap_or_else(|| {
+        let env = std::env::var("SHARDKV_MASTERS").unwrap_or_default();
+        let env = if env.trim().is_empty() {
+            DEFAULT_MASTERS.to_owned()
+        } else {
+            env
+        };
+        env.split(',').map(str::to_owned).collect()
+    });
+    let masters: Vec<String> = given
+        .iter()
+        .map(|m| m.trim().to_owned())
+        .filter(|m| !m.is_empty())
+        .collect();
+    anyhow::ensure!(!masters.is_empty(), "no shard master address given");
+    for m in &masters {
+        shardkv::client::master::check_addr(m)?;
+    }
+    Ok(masters)
 }
 
 /// True if the error is stdout's reader going away (`shardctl scan | head`).

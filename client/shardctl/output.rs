@@ -9,13 +9,60 @@ use shardkv::proto::{Config, KeyRange, MovePhase, MovePlan, RangeState};
 pub enum Output {
     /// Aligned text for people.
     Table,
-    /// One JSON document on stdout (keys and values as UTF-8 strings).
+    /// One JSON document on stdout (keys and values as strings when they are UTF-8,
+    /// else base64 in `key_base64`, `value_base64`).
     Json,
 }
 
 /// Bytes as text (invalid UTF-8 is shown as U+FFFD).
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Bytes as one line of text a person can read back unambiguously: UTF-8 as is,
+/// except backslash, tab, newline, carriage return and other control characters,
+/// which are escaped (`\\`, `\t`, `\n`, `\r`, `\x1b`), as is every byte that is
+/// not UTF-8 (`\xff`).
+pub fn escaped(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                c if c.is_control() && (c as u32) < 0x100 => {
+                    let _ = write!(out, "\\x{:02x}", c as u32);
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+/// Adds `bytes` to a JSON object as `name` (a string) when it is UTF-8, otherwise
+/// as `name_base64`, so every byte survives the trip through JSON.
+pub fn insert_bytes(
+    doc: &mut serde_json::Map<String, serde_json::Value>,
+    name: &str,
+    bytes: &[u8],
+) {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(s) => doc.insert(name.to_owned(), s.into()),
+        Err(_) => doc.insert(
+            format!("{name}_base64"),
+            base64::engine::general_purpose::STANDARD
+                .encode(bytes)
+                .into(),
+        ),
+    };
 }
 
 /// A status's message with its causes, e.g. "tcp connect error: Connection refused".
@@ -103,6 +150,37 @@ impl Table {
         }
         Ok(())
     }
+}
+
+/// `a ∩ b`, or `None` when they do not overlap (an empty end is +infinity).
+fn intersection(a: &KeyRange, b: &KeyRange) -> Option<KeyRange> {
+    let start = a.start.clone().max(b.start.clone());
+    let end = match (a.end.is_empty(), b.end.is_empty()) {
+        (true, _) => b.end.clone(),
+        (_, true) => a.end.clone(),
+        _ => a.end.clone().min(b.end.clone()),
+    };
+    (end.is_empty() || start < end).then_some(KeyRange { start, end })
+}
+
+/// `held` cut at the boundaries of `config`'s ranges. A node merges adjacent ranges
+/// it holds in the same state; cut this way, what it holds reads as the ranges
+/// `query` shows.
+pub fn split_at_config(held: &KeyRange, config: &Config) -> Vec<KeyRange> {
+    config
+        .ranges
+        .iter()
+        .filter_map(|r| r.range.as_ref())
+        .filter_map(|r| intersection(held, r))
+        .collect()
+}
+
+/// How many of `ranges` overlap any of `held`.
+pub fn ranges_still_held(ranges: &[KeyRange], held: &[KeyRange]) -> usize {
+    ranges
+        .iter()
+        .filter(|r| held.iter().any(|h| intersection(r, h).is_some()))
+        .count()
 }
 
 /// A key range as `["start", "end")`, `+inf` for an open end.
@@ -251,6 +329,57 @@ pub fn print_config_table(config: &Config) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn range(start: &str, end: &str) -> KeyRange {
+        KeyRange {
+            start: start.into(),
+            end: end.into(),
+        }
+    }
+
+    #[test]
+    fn held_ranges_are_cut_at_the_configurations_boundaries() {
+        let mut config = Config::initial();
+        config.ranges = ["", "g", "n", "t"]
+            .windows(2)
+            .map(|w| (w[0], w[1]))
+            .chain([("t", "")])
+            .map(|(s, e)| shardkv::proto::RangeAssignment {
+                range: Some(range(s, e)),
+                gid: 1,
+            })
+            .collect();
+        assert_eq!(
+            split_at_config(&range("", "n"), &config),
+            [range("", "g"), range("g", "n")]
+        );
+        assert_eq!(
+            split_at_config(&range("h", ""), &config),
+            [range("h", "n"), range("n", "t"), range("t", "")]
+        );
+        let owned = [range("", "g"), range("g", "n")];
+        assert_eq!(ranges_still_held(&owned, &[range("", "n")]), 2);
+        assert_eq!(ranges_still_held(&owned, &[range("g", "n")]), 1);
+        assert_eq!(ranges_still_held(&owned, &[range("n", "t")]), 0);
+    }
+
+    #[test]
+    fn escaped_text_shows_every_byte_and_is_one_line() {
+        assert_eq!(escaped("plain ü".as_bytes()), "plain ü");
+        assert_eq!(escaped(b"a\nb\tc\\d\r\x1b"), "a\\nb\\tc\\\\d\\r\\x1b");
+        assert_eq!(escaped(b"\xff\xfeok"), "\\xff\\xfeok");
+    }
+
+    #[test]
+    fn json_bytes_are_strings_when_utf8_and_base64_otherwise() {
+        let mut doc = serde_json::Map::new();
+        insert_bytes(&mut doc, "key", b"k");
+        insert_bytes(&mut doc, "value", b"\xff\xfe");
+        assert_eq!(
+            serde_json::Value::Object(doc).to_string(),
+            r#"{"key":"k","value_base64":"//4="}"#
+        );
+    }
 
     #[test]
     fn json_ranges_use_null_for_an_open_end() {

@@ -487,6 +487,11 @@ const PLAYGROUND_UP: &str = "shardkv playground is up";
 impl Playground {
     /// Starts the playground with `dir` as `--dir` and the current directory `cwd`.
     pub fn start(cwd: &Path, dir: &Path, ports: PortBlock) -> Playground {
+        Playground::start_with(cwd, dir, ports, &[])
+    }
+
+    /// [`Playground::start`] with more flags of `shardctl playground`.
+    pub fn start_with(cwd: &Path, dir: &Path, ports: PortBlock, extra: &[&str]) -> Playground {
         let stderr_path = dir.with_file_name(format!(
             "{}-stderr.log",
             dir.file_name()
@@ -501,6 +506,7 @@ impl Playground {
             .arg("--dir")
             .arg(dir)
             .args(ports.playground_args())
+            .args(extra)
             .current_dir(cwd)
             .env_remove("SHARDKV_MASTERS")
             .stdin(Stdio::null())
