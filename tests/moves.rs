@@ -78,6 +78,20 @@ fn plan_of(config: &Config, key: &[u8]) -> MovePlan {
         .unwrap_or_else(|| panic!("no plan for the range in {:?}", config.moves))
 }
 
+/// Two serving groups, the range of `c` holding 4 MiB in 16 values (a copy of several
+/// seconds at 1 MiB/s): returns the range's owner, the other group, a client and the
+/// values written.
+async fn loaded_range(cluster: &KvCluster) -> (u64, u64, Client, Vec<(Vec<u8>, Vec<u8>)>) {
+    let config = two_groups(cluster).await;
+    let src = config.owner(b"c").1;
+    let kv = client(cluster).await;
+    let big = big_values("c-big", 16, 256 << 10);
+    for (k, v) in &big {
+        kv.put(k, v).await.expect("put big value");
+    }
+    (src, 3 - src, kv, big)
+}
+
 async fn client(cluster: &KvCluster) -> Client {
     Client::connect_with(cluster.masters().addrs(), ClientOptions::default())
         .await
@@ -148,14 +162,7 @@ async fn a_range_serves_reads_and_writes_while_its_copy_is_in_progress() {
         extra_args: vec!["--move-rate-mib".into(), "1".into()],
         ..Default::default()
     });
-    let config = two_groups(&cluster).await;
-    let src = config.owner(b"c").1;
-    let dst = 3 - src;
-    let kv = client(&cluster).await;
-    let big = big_values("c-big", 16, 256 << 10);
-    for (k, v) in &big {
-        kv.put(k, v).await.expect("put big value");
-    }
+    let (src, dst, kv, big) = loaded_range(&cluster).await;
 
     // A second client writes and reads the range through the whole move, cutover
     // included.
@@ -250,13 +257,7 @@ async fn a_move_whose_destination_died_is_cancelled_and_the_source_serves_throug
         master_args: vec!["--move-stall-ms".into(), "2000".into()],
         ..Default::default()
     });
-    let config = two_groups(&cluster).await;
-    let src = config.owner(b"c").1;
-    let dst = 3 - src;
-    let kv = client(&cluster).await;
-    for (k, v) in big_values("c-big", 16, 256 << 10) {
-        kv.put(&k, &v).await.expect("put big value");
-    }
+    let (src, dst, kv, _) = loaded_range(&cluster).await;
     let config = cluster
         .master_client()
         .move_live(b"c", dst)
