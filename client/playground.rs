@@ -699,6 +699,7 @@ async fn bootstrap(
         let groups: Vec<Group> = (1..=opts.groups)
             .map(|gid| Group {
                 gid,
+                leaving: false,
                 nodes: (1..=opts.nodes_per_group)
                     .map(|id| Node {
                         id,

@@ -1517,6 +1517,7 @@ mod tests {
             .iter()
             .map(|gid| Group {
                 gid: *gid,
+                leaving: false,
                 nodes: vec![Node {
                     id: 1,
                     addr: format!("127.0.0.1:{gid}"),

@@ -95,6 +95,7 @@ mod tests {
             ranges: Vec::new(),
             groups: vec![Group {
                 gid: 1,
+                leaving: false,
                 nodes: vec![
                     Node {
                         id: 1,

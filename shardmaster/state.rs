@@ -270,19 +270,21 @@ pub fn next_config(current: &Config, command: Command) -> Result<Option<Config>,
         // Progress changes no configuration (MasterState::apply handles it).
         Command::ReportMove(_) => false,
     };
-    // A plan whose range was split, given away or whose groups left is void: its
-    // source still holds the range, so nothing is lost.
+    // A plan whose range was split, given away or whose groups left (or are leaving:
+    // the range would only have to move again) is void: its source still holds the
+    // range, so nothing is lost.
     let planned = next.moves.clone();
+    let groups = next.groups.clone();
     let ranges = next.ranges.clone();
-    let gids: HashSet<u64> = next.groups.iter().map(|g| g.gid).collect();
     next.moves.retain(|plan| {
-        gids.contains(&plan.dest)
+        groups.iter().any(|g| g.gid == plan.dest && !g.leaving)
             && ranges
                 .iter()
                 .any(|r| r.range == plan.range && r.gid == plan.source)
     });
+    drain_leaving(&mut next);
     activate_queued(&mut next);
-    Ok((changed || next.moves != planned).then_some(next))
+    Ok((changed || next.moves != planned || next.groups != groups).then_some(next))
 }
 
 /// The plan moving the range that contains `key` (or plan `id`, when not 0).
@@ -374,8 +376,14 @@ fn validate_group(group: &Group, taken: &mut HashSet<String>) -> Result<(), Comm
     Ok(())
 }
 
+/// Balances the ranges over the groups that are not leaving.
 fn rebalance_config(config: &mut Config) {
-    let groups: BTreeSet<u64> = config.groups.iter().map(|g| g.gid).collect();
+    let groups: BTreeSet<u64> = config
+        .groups
+        .iter()
+        .filter(|g| !g.leaving)
+        .map(|g| g.gid)
+        .collect();
     let mut owners: Vec<u64> = config.ranges.iter().map(|r| r.gid).collect();
     rebalance(&mut owners, &groups);
     for (r, owner) in config.ranges.iter_mut().zip(owners) {
@@ -421,6 +429,16 @@ fn join(next: &mut Config, request: JoinRequest) -> Result<bool, CommandError> {
         validate_group(group, &mut taken)?;
     }
     let live: HashSet<u64> = next.groups.iter().map(|g| g.gid).collect();
+    // Moves of leaving groups that have not started are planned again toward the
+    // balance that includes the new groups.
+    let leaving: HashSet<u64> = next
+        .groups
+        .iter()
+        .filter(|g| g.leaving)
+        .map(|g| g.gid)
+        .collect();
+    next.moves
+        .retain(|p| !(p.queued && leaving.contains(&p.source)));
     next.groups.extend(request.groups);
     next.groups.sort_by_key(|g| g.gid);
     let mut target = next.clone();
@@ -460,15 +478,75 @@ fn leave(next: &mut Config, request: LeaveRequest) -> Result<bool, CommandError>
             ));
         }
     }
-    if leaving.len() == next.groups.len() {
+    let staying = next
+        .groups
+        .iter()
+        .filter(|g| !g.leaving && !leaving.contains(&g.gid))
+        .count();
+    if staying == 0 {
         return Err(refuse(
             Code::FailedPrecondition,
             "cannot remove every group: the data would have nowhere to go",
         ));
     }
-    next.groups.retain(|g| !leaving.contains(&g.gid));
-    rebalance_config(next);
-    Ok(true)
+    if request.immediate {
+        next.groups.retain(|g| !leaving.contains(&g.gid));
+        rebalance_config(next);
+        return Ok(true);
+    }
+    let mut changed = false;
+    for group in next.groups.iter_mut().filter(|g| leaving.contains(&g.gid)) {
+        changed |= !group.leaving;
+        group.leaving = true;
+    }
+    // The ranges move in `drain_leaving`, which every new configuration runs.
+    Ok(changed)
+}
+
+/// Gives the ranges of leaving groups live moves (queued: one move per group at a
+/// time) toward the balanced assignment of the staying groups, and removes a leaving
+/// group once it owns no range and takes part in no move. Runs for every
+/// configuration, so a leave's move that was cancelled (its destination stalled) is
+/// planned again.
+fn drain_leaving(next: &mut Config) {
+    let leaving: HashSet<u64> = next
+        .groups
+        .iter()
+        .filter(|g| g.leaving)
+        .map(|g| g.gid)
+        .collect();
+    if leaving.is_empty() {
+        return;
+    }
+    let unplanned = |config: &Config, r: &RangeAssignment| {
+        leaving.contains(&r.gid) && !config.moves.iter().any(|p| p.range == r.range)
+    };
+    if next.ranges.iter().any(|r| unplanned(next, r)) {
+        let mut target = next.clone();
+        rebalance_config(&mut target);
+        for (i, goal) in target.ranges.iter().enumerate() {
+            let range = &next.ranges[i];
+            if !unplanned(next, range) {
+                continue;
+            }
+            let plan = MovePlan {
+                id: plan_id(next.num, i),
+                range: range.range.clone(),
+                source: range.gid,
+                dest: goal.gid,
+                queued: true,
+                ..Default::default()
+            };
+            next.moves.push(plan);
+        }
+    }
+    let busy: HashSet<u64> = next
+        .ranges
+        .iter()
+        .map(|r| r.gid)
+        .chain(next.moves.iter().flat_map(|p| [p.source, p.dest]))
+        .collect();
+    next.groups.retain(|g| !g.leaving || busy.contains(&g.gid));
 }
 
 fn check_key(key: &[u8]) -> Result<(), CommandError> {
@@ -486,11 +564,20 @@ fn check_key(key: &[u8]) -> Result<(), CommandError> {
 
 fn move_range(next: &mut Config, request: MoveRequest) -> Result<bool, CommandError> {
     check_key(&request.key)?;
-    if next.group(request.gid).is_none() {
-        return Err(refuse(
-            Code::NotFound,
-            format!("group {} does not exist", request.gid),
-        ));
+    match next.group(request.gid) {
+        None => {
+            return Err(refuse(
+                Code::NotFound,
+                format!("group {} does not exist", request.gid),
+            ))
+        }
+        Some(g) if g.leaving => {
+            return Err(refuse(
+                Code::FailedPrecondition,
+                format!("group {} is leaving: it takes no ranges", request.gid),
+            ))
+        }
+        Some(_) => {}
     }
     let i = next.range_index(&request.key);
     let owner = next.ranges[i].gid;
@@ -633,6 +720,7 @@ mod tests {
     fn group(gid: u64, ids: &[u64]) -> Group {
         Group {
             gid,
+            leaving: false,
             nodes: ids
                 .iter()
                 .map(|id| Node {
@@ -699,6 +787,7 @@ mod tests {
             Command::Leave(LeaveRequest {
                 gids: vec![2],
                 id: None,
+                immediate: true,
             }),
         );
         assert!(c7.ranges.iter().all(|r| r.gid == 1));
@@ -720,6 +809,7 @@ mod tests {
             (
                 join_cmd(vec![Group {
                     gid: 5,
+                    leaving: false,
                     nodes: vec![],
                 }]),
                 Code::InvalidArgument,
@@ -733,6 +823,7 @@ mod tests {
             (
                 join_cmd(vec![Group {
                     gid: 7,
+                    leaving: false,
                     nodes: vec![Node {
                         id: 1,
                         addr: "127.0.0.1:8011".into(),
@@ -744,6 +835,7 @@ mod tests {
                 Command::Leave(LeaveRequest {
                     gids: vec![9],
                     id: None,
+                    immediate: true,
                 }),
                 Code::NotFound,
             ),
@@ -751,6 +843,7 @@ mod tests {
                 Command::Leave(LeaveRequest {
                     gids: vec![1],
                     id: None,
+                    immediate: true,
                 }),
                 Code::FailedPrecondition,
             ),
@@ -911,6 +1004,7 @@ mod tests {
             Command::Leave(LeaveRequest {
                 gids: vec![dst],
                 id: None,
+                immediate: true,
             }),
         );
         assert!(c5.moves.is_empty());
@@ -983,5 +1077,127 @@ mod tests {
             }),
         );
         assert_eq!(same.unwrap(), None);
+    }
+
+    /// A key in a range that `gid` owns.
+    fn key_owned_by(c: &Config, gid: u64) -> Vec<u8> {
+        let range = c.ranges.iter().find(|r| r.gid == gid).unwrap();
+        let mut key = range.range.clone().unwrap().start;
+        key.push(b'0');
+        key
+    }
+
+    #[test]
+    fn a_live_leave_moves_ranges_one_at_a_time_then_removes_the_group() {
+        let mut c = apply(&Config::initial(), join_cmd(vec![group(1, &[1])]));
+        for key in ["g", "n", "t"] {
+            c = split_at(&c, key);
+        }
+        let c = apply(&c, join_cmd(vec![group(2, &[1]), group(3, &[1])]));
+        let owned_by_1 = range_counts(&c)[&1];
+        assert!(owned_by_1 >= 1);
+        let leave = |gids: Vec<u64>| {
+            Command::Leave(LeaveRequest {
+                gids,
+                id: None,
+                immediate: false,
+            })
+        };
+        let mut left = apply(&c, leave(vec![1]));
+        assert!(
+            left.group(1).unwrap().leaving,
+            "still listed while it drains"
+        );
+        assert_eq!(range_counts(&left), range_counts(&c), "nothing moved yet");
+        assert_eq!(left.moves.len(), owned_by_1);
+        assert!(left.moves.iter().all(|p| p.source == 1 && p.dest != 1));
+        assert_eq!(left.moves.iter().filter(|p| !p.queued).count(), 1);
+        // Leaving again changes nothing; a range cannot be moved to a leaving group;
+        // the last staying groups cannot leave.
+        assert_eq!(next_config(&left, leave(vec![1])).unwrap(), None);
+        let to_leaving = Command::Move(MoveRequest {
+            key: key_owned_by(&left, 2),
+            gid: 1,
+            id: None,
+            immediate: false,
+        });
+        assert_eq!(
+            code(next_config(&left, to_leaving)),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(next_config(&left, leave(vec![2, 3]))),
+            Code::FailedPrecondition
+        );
+        // A cancelled move of a leaving group is planned again at once (the group
+        // must drain; its source serves the range meanwhile).
+        let first = left.moves.iter().find(|p| !p.queued).unwrap().clone();
+        let cancelled = apply(
+            &left,
+            Command::CancelMove(CancelMoveRequest {
+                plan_id: first.id,
+                ..Default::default()
+            }),
+        );
+        assert_eq!(cancelled.moves.len(), owned_by_1);
+        assert!(cancelled
+            .moves
+            .iter()
+            .any(|p| p.range == first.range && p.id != first.id));
+        // Finishing every plan drains the group; the last one removes it.
+        while let Some(plan) = left.moves.iter().find(|p| !p.queued).cloned() {
+            assert!(left.group(1).is_some(), "removed before it drained");
+            left = apply(
+                &left,
+                Command::FinishMove(FinishMoveRequest { plan_id: plan.id }),
+            );
+        }
+        assert!(left.moves.is_empty(), "{:?}", left.moves);
+        assert!(left.group(1).is_none(), "a drained group is removed");
+        let counts = range_counts(&left);
+        assert!(!counts.contains_key(&1));
+        assert!(counts.values().max().unwrap() - counts.values().min().unwrap() <= 1);
+    }
+
+    #[test]
+    fn a_leaving_group_takes_no_ranges_and_loses_the_plans_into_it() {
+        let mut c = apply(&Config::initial(), join_cmd(vec![group(1, &[1])]));
+        for key in ["g", "n", "t"] {
+            c = split_at(&c, key);
+        }
+        let c = apply(&c, join_cmd(vec![group(2, &[1])]));
+        // A live move into group 2, then group 2 leaves: the plan is void (the range
+        // stays with its source) and group 2's own ranges move back.
+        let key = key_owned_by(&c, 1);
+        let planned = apply(
+            &c,
+            Command::Move(MoveRequest {
+                key: key.clone(),
+                gid: 2,
+                id: None,
+                immediate: false,
+            }),
+        );
+        let left = apply(
+            &planned,
+            Command::Leave(LeaveRequest {
+                gids: vec![2],
+                id: None,
+                immediate: false,
+            }),
+        );
+        assert_eq!(left.owner(&key).1, 1);
+        assert!(left.moves.iter().all(|p| p.source == 2 && p.dest == 1));
+        // A group joining meanwhile gets ranges; the leaving one none.
+        let joined = apply(
+            &left,
+            Command::Join(JoinRequest {
+                groups: vec![group(3, &[1])],
+                id: None,
+                immediate: false,
+            }),
+        );
+        assert!(joined.moves.iter().all(|p| p.dest != 2));
+        assert!(joined.moves.iter().any(|p| p.dest == 3));
     }
 }

@@ -469,3 +469,78 @@ async fn a_live_join_moves_ranges_one_per_group_at_a_time_while_they_serve() {
     }
     assert_eq!(counts.len(), 3, "every group owns a range: {counts:?}");
 }
+
+/// A live leave: the leaving group keeps serving its ranges while they move away, one
+/// move at a time, and is removed from the configuration once it owns nothing; a
+/// client reads and writes every range throughout and loses nothing.
+#[tokio::test]
+async fn a_live_leave_serves_its_ranges_until_each_has_moved_then_removes_the_group() {
+    let cluster = KvCluster::start(KvOptions {
+        masters: 1,
+        groups: 3,
+        ..Default::default()
+    });
+    cluster.join(&[1]).await;
+    let mut mc = cluster.master_client();
+    for key in ["g", "n", "t"] {
+        mc.split(key.as_bytes()).await.expect("split");
+    }
+    cluster.join(&[2, 3]).await;
+    let config = cluster.wait_settled(SETTLE_WAIT).await;
+    let owned: Vec<_> = config.ranges.iter().filter(|r| r.gid == 1).collect();
+    assert!(!owned.is_empty(), "group 1 owns ranges: {config:?}");
+    let kv = client(&cluster).await;
+    for (k, v) in ["a", "h", "o", "u"]
+        .iter()
+        .flat_map(|p| big_values(p, 4, 64 << 10))
+    {
+        kv.put(&k, &v).await.expect("put");
+    }
+    let background = Background::start(&cluster, &["a", "h", "o", "u"]).await;
+    let left = mc.leave_live(vec![1]).await.expect("leave");
+    assert!(
+        left.group(1).is_some_and(|g| g.leaving),
+        "a leaving group stays listed: {left:?}"
+    );
+    assert_eq!(
+        left.ranges, config.ranges,
+        "a live leave moves no range at once"
+    );
+    assert_eq!(left.moves.len(), owned.len(), "{:?}", left.moves);
+    let gone = common::wait_until(SETTLE_WAIT, || async {
+        let Some(m) = moves(&cluster).await else {
+            return false;
+        };
+        let active: Vec<&MovePlan> = m.iter().filter(|p| !p.queued).collect();
+        assert!(
+            active.len() <= 1,
+            "group 1 in {} moves at once: {m:?}",
+            active.len()
+        );
+        assert!(m.iter().all(|p| p.source == 1), "{m:?}");
+        cluster
+            .latest_config()
+            .await
+            .is_ok_and(|c| c.group(1).is_none())
+    })
+    .await;
+    assert!(gone, "group 1 was not removed");
+    let config = cluster.wait_settled(SETTLE_WAIT).await;
+    assert!(config.ranges.iter().all(|r| r.gid == 2 || r.gid == 3));
+    background.finish(&kv, "through the leave").await;
+    for (k, v) in ["a", "h", "o", "u"]
+        .iter()
+        .flat_map(|p| big_values(p, 4, 64 << 10))
+    {
+        assert_eq!(kv.get(&k).await.expect("get").as_ref(), Some(&v));
+    }
+    // The group's nodes dropped their copies.
+    let empty = common::wait_until(SETTLE_WAIT, || async {
+        match cluster.node_status(1, 0).await {
+            Ok(st) => st.ranges.is_empty(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(empty, "group 1 still holds data");
+}

@@ -360,6 +360,7 @@ async fn retried_command_is_applied_once() {
     mc.join(vec![fake_group(2, 1)]).await.expect("join 2");
     let leave = Command::Leave(LeaveRequest {
         gids: vec![2],
+        immediate: true,
         id: Some(RequestId {
             client_id,
             seq: 2,

@@ -32,7 +32,8 @@ const POLL_EVERY: Duration = Duration::from_millis(250);
 pub enum Command {
     /// Add a replica group: it gets a share of the key ranges.
     Join(JoinArgs),
-    /// Remove a replica group: its ranges move to the others. Waits until the
+    /// Remove a replica group: its ranges move live to the others, one at a time,
+    /// and the group is removed once it owns nothing. Waits until then and until the
     /// group holds no data any more (unless --no-wait).
     Leave(LeaveArgs),
     /// Give the range that contains KEY to group GID.
@@ -62,10 +63,14 @@ pub struct LeaveArgs {
     /// The group to remove.
     #[arg(long)]
     gid: u64,
-    /// Return once the shard master has removed the group, without waiting for its
+    /// Return once the shard master has accepted the leave, without waiting for the
     /// data to move.
     #[arg(long)]
     no_wait: bool,
+    /// Remove the group and give its ranges away in one configuration instead of
+    /// live moves: they answer nothing until their new owners have pulled them.
+    #[arg(long)]
+    immediate: bool,
 }
 
 #[derive(Args, Debug)]
@@ -101,7 +106,11 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
         Command::Join(a) => {
             let nodes = parse_nodes(&a.nodes)?;
             let request = JoinRequest {
-                groups: vec![Group { gid: a.gid, nodes }],
+                groups: vec![Group {
+                    gid: a.gid,
+                    nodes,
+                    leaving: false,
+                }],
                 id,
                 immediate: false,
             };
@@ -289,7 +298,8 @@ pub(crate) fn report(ctx: &Ctx, config: &Config, message: &str) -> anyhow::Resul
 }
 
 async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result<ExitCode> {
-    // The members must be read before the leave: the new configuration no longer has them.
+    // The members must be read before the leave: the configuration that removes the
+    // group no longer has them.
     let before = master.query(None).await.map_err(|s| ctx.master_error(s))?;
     let nodes = before
         .group(a.gid)
@@ -298,16 +308,25 @@ async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result
     let request = LeaveRequest {
         gids: vec![a.gid],
         id: Some(request_id()),
+        immediate: a.immediate,
     };
     let config = execute(ctx, master, |mut c| {
         let r = request.clone();
         async move { c.leave(r).await }
     })
     .await?;
-    let message = format!(
-        "group {} left in configuration {}; its ranges move to the other groups",
-        a.gid, config.num
-    );
+    let message = if config.group(a.gid).is_some() {
+        format!(
+            "group {} is leaving (configuration {}): its ranges move live to the other \
+             groups, one at a time",
+            a.gid, config.num
+        )
+    } else {
+        format!(
+            "group {} left in configuration {}; its ranges move to the other groups",
+            a.gid, config.num
+        )
+    };
     if a.no_wait || nodes.is_empty() {
         report(ctx, &config, &message)?;
         return Ok(ExitCode::SUCCESS);
@@ -315,6 +334,7 @@ async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result
     if ctx.output() == Output::Table {
         outln!("{message}");
     }
+    let started = Instant::now();
     let wait = ctx.timeout_or(DEFAULT_DATA_WAIT);
     // Progress counts the ranges the group owned, as `query` showed them.
     let owned: Vec<KeyRange> = before
@@ -323,22 +343,78 @@ async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result
         .filter(|r| r.gid == a.gid)
         .filter_map(|r| r.range.clone())
         .collect();
-    let outcome = wait_until_empty(a.gid, &nodes, &owned, config.num, wait).await?;
+    let removed = wait_until_removed(master, a.gid, owned.len(), wait).await?;
+    let wait = wait.saturating_sub(started.elapsed());
+    let outcome = wait_until_empty(a.gid, &nodes, &owned, removed.num, wait).await?;
     match ctx.output() {
         Output::Json => print_json(&serde_json::json!({
             "message": message,
-            "config": ConfigJson::from(&config),
+            "config": ConfigJson::from(&removed),
             "drained": true,
             "unreachable_nodes": outcome.unreachable,
         }))?,
         Output::Table => {
-            outln!("group {} holds no data any more", a.gid);
+            outln!(
+                "group {} left in configuration {} and holds no data any more",
+                a.gid,
+                removed.num
+            );
             for node in &outcome.unreachable {
                 outln!("note: node {node} was unreachable; it drops its copy when it catches up");
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Shows the live moves of a leaving group (ranges moved, the current move's phase,
+/// bytes copied and lag) until the shard master removes the group; returns the
+/// configuration that removed it.
+async fn wait_until_removed(
+    master: &MasterClient,
+    gid: u64,
+    owned: usize,
+    wait: Duration,
+) -> anyhow::Result<Config> {
+    let started = Instant::now();
+    let bar = ProgressBar::new(owned as u64).with_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:20} {pos}/{len} ranges moved  {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    loop {
+        let latest = master.query(None).await;
+        if let Ok(config) = &latest {
+            let Some(group) = config.group(gid) else {
+                bar.finish_and_clear();
+                return Ok(config.clone());
+            };
+            debug_assert!(group.leaving, "no command ends a leave but its last move");
+            let left = config.ranges.iter().filter(|r| r.gid == gid).count();
+            bar.set_position(owned.saturating_sub(left) as u64);
+        }
+        let status = master
+            .call(|mut c| async move { Ok(c.status(StatusRequest {}).await?.into_inner()) })
+            .await;
+        if let Ok(status) = status {
+            let active = status
+                .moves
+                .iter()
+                .find(|p| p.source == gid && !p.queued)
+                .map(output::move_progress_text);
+            bar.set_message(active.unwrap_or_default());
+        }
+        if started.elapsed() >= wait {
+            bar.abandon();
+            anyhow::bail!(
+                "group {gid} is still leaving after {wait:?}: its ranges are still moving \
+                 (the moves go on; watch them with `shardctl status`)"
+            );
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
 }
 
 /// What one node of a leaving group reported.

@@ -952,9 +952,26 @@ impl MasterClient {
         .await
     }
 
+    /// Removes `gids` and gives their ranges away in the next configuration
+    /// (`LeaveRequest::immediate`).
     pub async fn leave(&mut self, gids: Vec<u64>) -> Result<Config, Status> {
-        self.execute(Command::Leave(LeaveRequest { gids, id: None }))
-            .await
+        self.execute(Command::Leave(LeaveRequest {
+            gids,
+            id: None,
+            immediate: true,
+        }))
+        .await
+    }
+
+    /// Marks `gids` leaving; their ranges move by live moves, one per group at a time,
+    /// and each group is removed once it owns nothing.
+    pub async fn leave_live(&mut self, gids: Vec<u64>) -> Result<Config, Status> {
+        self.execute(Command::Leave(LeaveRequest {
+            gids,
+            id: None,
+            immediate: false,
+        }))
+        .await
     }
 
     /// Gives the range away in the next configuration (`MoveRequest::immediate`).
@@ -1080,6 +1097,7 @@ pub fn set_request_id(command: &mut Command, id: RequestId) {
 pub fn fake_group(gid: u64, nodes: u64) -> Group {
     Group {
         gid,
+        leaving: false,
         nodes: (1..=nodes)
             .map(|id| Node {
                 id,
@@ -1254,6 +1272,7 @@ impl KvGroup {
     pub fn spec(&self) -> Group {
         Group {
             gid: self.gid,
+            leaving: false,
             nodes: self
                 .addrs
                 .iter()
