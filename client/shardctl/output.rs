@@ -256,6 +256,8 @@ pub struct AssignmentJson {
 pub struct GroupJson {
     pub gid: u64,
     pub nodes: Vec<NodeJson>,
+    /// Draining: its ranges move away, then it is removed.
+    pub leaving: bool,
 }
 
 #[derive(Serialize)]
@@ -290,6 +292,7 @@ impl ConfigJson {
                             addr: n.addr.clone(),
                         })
                         .collect(),
+                    leaving: g.leaving,
                 })
                 .collect(),
         }
@@ -321,7 +324,12 @@ pub fn print_config_table(config: &Config) -> anyhow::Result<()> {
             .iter()
             .map(|n| format!("{}={}", n.id, n.addr))
             .collect();
-        groups.row(vec![g.gid.to_string(), nodes.join(", ")]);
+        let gid = if g.leaving {
+            format!("{} (leaving)", g.gid)
+        } else {
+            g.gid.to_string()
+        };
+        groups.row(vec![gid, nodes.join(", ")]);
     }
     groups.print()
 }
