@@ -3,7 +3,7 @@
 
 use crate::node::{self, NodeSpec};
 use crate::server;
-use crate::shardmaster::{self, MasterService, MasterState};
+use crate::shardmaster::{self, MasterService, MasterState, MoveLimits};
 use anyhow::Context;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,6 +53,11 @@ pub struct Args {
     /// has not completed for this long, in ms: the source serves it again.
     #[arg(long, default_value_t = 3000)]
     pub move_cutover_stall_ms: u64,
+    /// Cancel a live move that has been catching up for this long, in ms, without
+    /// getting close enough to cut over (the writes to the range outpace the copy;
+    /// the source keeps serving it).
+    #[arg(long, default_value_t = 60_000)]
+    pub move_catch_up_ms: u64,
     /// Log level: error, warn, info, debug.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -97,8 +102,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     )?;
     tokio::spawn(shardmaster::run_move_watchdog(
         node.replica.clone(),
-        Duration::from_millis(args.move_stall_ms),
-        Duration::from_millis(args.move_cutover_stall_ms),
+        MoveLimits {
+            stall: Duration::from_millis(args.move_stall_ms),
+            cutover_stall: Duration::from_millis(args.move_cutover_stall_ms),
+            catch_up: Duration::from_millis(args.move_catch_up_ms),
+        },
         logger.clone(),
     ));
     slog::info!(logger, "shard master replica serving"; "listen" => &listen, "advertise" => &advertise);

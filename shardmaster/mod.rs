@@ -8,7 +8,7 @@ mod moves;
 mod service;
 mod state;
 
-pub use moves::run_move_watchdog;
+pub use moves::{run_move_watchdog, MoveLimits};
 pub use service::MasterService;
 pub use state::{next_config, MasterState};
 

@@ -544,3 +544,80 @@ async fn a_live_leave_serves_its_ranges_until_each_has_moved_then_removes_the_gr
     .await;
     assert!(empty, "group 1 still holds data");
 }
+
+/// Writes to the moving range that outpace the catch-up (four writers of 256 KiB
+/// values against a 1 MiB/s move) keep its lag over the cutover bound while the
+/// move keeps making progress: the shard master cancels it after
+/// --move-catch-up-ms (well before the stall limit), the source serving every write.
+#[tokio::test]
+async fn a_move_whose_writes_outpace_its_catch_up_is_cancelled_and_the_source_serves() {
+    let cluster = KvCluster::start(KvOptions {
+        masters: 1,
+        extra_args: vec!["--move-rate-mib".into(), "1".into()],
+        master_args: vec!["--move-catch-up-ms".into(), "3000".into()],
+        ..Default::default()
+    });
+    let (src, dst, kv, _) = loaded_range(&cluster).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let kv = kv.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let value = vec![w as u8; 256 << 10];
+                let mut written = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("c-flood-{w}-{:05}", written.len()).into_bytes();
+                    kv.put(&key, &value).await.expect("put during the move");
+                    written.push(key);
+                }
+                written
+            })
+        })
+        .collect();
+    let config = cluster
+        .master_client()
+        .move_live(b"c", dst)
+        .await
+        .expect("move");
+    let plan = plan_of(&config, b"c");
+    wait_phase(&cluster, plan.id, MovePhase::MoveCatchingUp, 1).await;
+    let catching_up = Instant::now();
+    let cancelled = common::wait_until(PROGRESS_WAIT, || async {
+        let m = moves(&cluster).await.unwrap_or_default();
+        if let Some(p) = m.iter().find(|p| p.id == plan.id) {
+            assert_ne!(
+                p.phase(),
+                MovePhase::MoveCuttingOver,
+                "the writers did not outpace the catch-up: {p:?}"
+            );
+            return false;
+        }
+        true
+    })
+    .await;
+    assert!(cancelled, "the move was not cancelled");
+    let waited = catching_up.elapsed();
+    assert!(
+        waited < Duration::from_secs(20),
+        "cancelled after {waited:?}: by the stall rule, not the catch-up limit"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut written = Vec::new();
+    for w in writers {
+        written.extend(w.await.expect("writer"));
+    }
+    let config = cluster.latest_config().await.expect("config");
+    assert_eq!(config.owner(b"c").1, src, "cancelled: the source keeps it");
+    println!(
+        "cancelled {waited:?} into the catch-up; {} writes of 256 KiB meanwhile",
+        written.len()
+    );
+    for key in &written {
+        assert!(
+            kv.get(key).await.expect("get").is_some(),
+            "a write was lost"
+        );
+    }
+    cluster.wait_settled(SETTLE_WAIT).await;
+}
