@@ -234,12 +234,12 @@ mod tests {
         let mut w = Watch::new(LIMITS);
         let mut queued = plan(MovePhase::MoveCopying, 0, 0);
         queued.queued = true;
-        assert!(w.observe(&[queued.clone()], t).is_empty());
+        assert!(w.observe(std::slice::from_ref(&queued), t).is_empty());
         assert!(w
             .observe(&[queued], t + Duration::from_secs(100))
             .is_empty());
         let p = plan(MovePhase::MoveCopying, 0, 0);
-        assert!(w.observe(&[p.clone()], t).is_empty());
+        assert!(w.observe(std::slice::from_ref(&p), t).is_empty());
         assert!(w.observe(&[], t + Duration::from_secs(1)).is_empty());
         // Seen again (a new plan with the same id cannot exist; a new leader's view):
         // a full limit from now.
