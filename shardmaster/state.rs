@@ -431,12 +431,7 @@ fn join(next: &mut Config, request: JoinRequest) -> Result<bool, CommandError> {
     let live: HashSet<u64> = next.groups.iter().map(|g| g.gid).collect();
     // Moves of leaving groups that have not started are planned again toward the
     // balance that includes the new groups.
-    let leaving: HashSet<u64> = next
-        .groups
-        .iter()
-        .filter(|g| g.leaving)
-        .map(|g| g.gid)
-        .collect();
+    let leaving = leaving_groups(next);
     next.moves
         .retain(|p| !(p.queued && leaving.contains(&p.source)));
     next.groups.extend(request.groups);
@@ -503,18 +498,22 @@ fn leave(next: &mut Config, request: LeaveRequest) -> Result<bool, CommandError>
     Ok(changed)
 }
 
+fn leaving_groups(config: &Config) -> HashSet<u64> {
+    config
+        .groups
+        .iter()
+        .filter(|g| g.leaving)
+        .map(|g| g.gid)
+        .collect()
+}
+
 /// Gives the ranges of leaving groups live moves (queued: one move per group at a
 /// time) toward the balanced assignment of the staying groups, and removes a leaving
 /// group once it owns no range and takes part in no move. Runs for every
 /// configuration, so a leave's move that was cancelled (its destination stalled) is
 /// planned again.
 fn drain_leaving(next: &mut Config) {
-    let leaving: HashSet<u64> = next
-        .groups
-        .iter()
-        .filter(|g| g.leaving)
-        .map(|g| g.gid)
-        .collect();
+    let leaving = leaving_groups(next);
     if leaving.is_empty() {
         return;
     }
