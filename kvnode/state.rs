@@ -23,9 +23,11 @@ use crate::proto::{
     RangeState, RequestId, SessionEntry,
 };
 use crate::replica::StateMachine;
-use crate::storage::{ApplyBatch, SmStore};
+use crate::storage::{ApplyBatch, SmStore, StoreView};
 use prost::Message;
+use std::collections::HashMap;
 use std::ops::Bound;
+use std::sync::Mutex;
 
 const DATA: u8 = b'd';
 const SESSION: u8 = b's';
@@ -74,7 +76,7 @@ type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 /// A read of stored records prepared under the state lock and run without it, so a
 /// chunk of a range's copy does not hold up the writes being applied meanwhile.
 pub struct MoveRead {
-    store: SmStore,
+    view: StoreView,
     segments: Vec<KeyBounds>,
     /// Deltas: the source had frozen the range when the read was prepared.
     pub frozen: bool,
@@ -85,17 +87,13 @@ pub struct MoveRead {
 impl MoveRead {
     /// The records, in order, up to about `max_bytes`; and whether they are all.
     pub fn run(&self, max_bytes: usize) -> anyhow::Result<(Vec<KeyValue>, bool)> {
-        let ks = self.store.keyspace();
         let mut records = Vec::new();
         let mut bytes = 0;
         for bounds in &self.segments {
-            for item in ks.range::<Vec<u8>, _>(bounds.clone()) {
-                let (k, v) = item.into_inner()?;
-                bytes += k.len() + v.len();
-                records.push(KeyValue {
-                    key: k.to_vec(),
-                    value: v.to_vec(),
-                });
+            for item in self.view.range(bounds.clone()) {
+                let (key, value) = item?;
+                bytes += key.len() + value.len();
+                records.push(KeyValue { key, value });
                 if bytes >= max_bytes {
                     return Ok((records, false));
                 }
@@ -191,6 +189,11 @@ pub struct KvState {
     ended: Vec<u64>,
     /// (entry index, deltas recorded so far in it): positions within one entry.
     delta_pos: (u64, u32),
+    /// Source: the view each outgoing plan's copy reads, taken at its first copy
+    /// read. A fixed view lets the copy end however fast the range is written (the
+    /// writes after it arrive as deltas); a live read would chase new keys ahead of
+    /// its cursor. Not persisted: after a restart the copy resumes on a new view.
+    copy_views: Mutex<HashMap<u64, StoreView>>,
 }
 
 impl KvState {
@@ -203,6 +206,7 @@ impl KvState {
             moves: Vec::new(),
             ended: Vec::new(),
             delta_pos: (0, 0),
+            copy_views: Mutex::default(),
         }
     }
 
@@ -388,12 +392,13 @@ impl KvState {
         cursor: &[u8],
         max_bytes: usize,
     ) -> anyhow::Result<(Vec<KeyValue>, bool)> {
-        self.move_read(range_segments(range, cursor)).run(max_bytes)
+        self.move_read(self.store().view(), range_segments(range, cursor))
+            .run(max_bytes)
     }
 
-    fn move_read(&self, segments: Vec<KeyBounds>) -> MoveRead {
+    fn move_read(&self, view: StoreView, segments: Vec<KeyBounds>) -> MoveRead {
         MoveRead {
-            store: self.store_handle(),
+            view,
             segments,
             frozen: false,
             recorded_bytes: 0,
@@ -411,7 +416,16 @@ impl KvState {
     /// `cursor` (its data, then the client sessions), for the destination's copy.
     pub fn copy(&self, id: u64, cursor: &[u8]) -> Result<MoveRead, String> {
         let m = self.outgoing(id).ok_or_else(|| self.no_plan(id))?;
-        Ok(self.move_read(range_segments(&plan_range(&self.moves[m]), cursor)))
+        // Every entry before the plan's is committed once the plan is applied, so
+        // the view holds all the range's writes that no delta records.
+        let view = self
+            .copy_views
+            .lock()
+            .expect("poisoned")
+            .entry(id)
+            .or_insert_with(|| self.store().view())
+            .clone();
+        Ok(self.move_read(view, range_segments(&plan_range(&self.moves[m]), cursor)))
     }
 
     /// Live move: a read of the deltas recorded for plan `id` after `cursor`.
@@ -426,7 +440,7 @@ impl KvState {
         Ok(MoveRead {
             frozen: m.frozen,
             recorded_bytes: m.recorded_bytes,
-            ..self.move_read(segments)
+            ..self.move_read(self.store().view(), segments)
         })
     }
 
@@ -865,6 +879,7 @@ impl KvState {
         self.moves = kept;
         for m in ended {
             let plan = m.plan.clone().unwrap_or_default();
+            self.copy_views.lock().expect("poisoned").remove(&plan.id);
             if plan.source == gid {
                 // Done or cancelled, the recorded deltas are of no more use. A
                 // cancelled plan's range is served again; a done one is FROZEN in
@@ -1074,6 +1089,7 @@ impl StateMachine for KvState {
         self.moves = moves.moves;
         self.ended = moves.ended;
         self.delta_pos = (0, 0);
+        self.copy_views.lock().expect("poisoned").clear();
         self.store = Some(store.clone());
         Ok(())
     }
@@ -1463,6 +1479,44 @@ mod tests {
         source.exec(Command::DropDeltas(2));
         assert!(source.state.ended_plans().is_empty());
         assert_eq!(source.store.keyspace().prefix(delta_prefix(2)).count(), 0);
+    }
+
+    #[test]
+    fn a_live_copy_reads_the_range_as_of_its_start_and_ends_while_writes_go_on() {
+        let mut c2 = config(2, &["n"], &[1, 2]);
+        let range = c2.ranges[0].range.clone().unwrap();
+        c2.moves.push(crate::proto::MovePlan {
+            id: 2,
+            range: Some(range),
+            source: 1,
+            dest: 2,
+            ..Default::default()
+        });
+        let mut source = Harness::new(1);
+        source.exec(Command::Config(config(1, &["n"], &[1, 2])));
+        source.exec(Command::Config(c2));
+        source.put("a-000", b"old", None).unwrap();
+        let (first, done) = source.state.copy(2, b"").unwrap().run(1).unwrap();
+        assert!(!done);
+        // Writers keep adding keys ahead of the cursor and rewriting copied ones.
+        for i in 1..50 {
+            source.put(&format!("a-{i:03}"), b"new", None).unwrap();
+        }
+        source.put("a-000", b"rewritten", None).unwrap();
+        let cursor = first.last().unwrap().key.clone();
+        let (rest, done) = source.state.copy(2, &cursor).unwrap().run(1 << 20).unwrap();
+        assert!(done);
+        let copied: Vec<_> = first.iter().chain(&rest).map(|r| r.key.clone()).collect();
+        assert!(
+            !copied.contains(&data_key(b"a-001")),
+            "the copy reads the range as of its first read, not the writes after it"
+        );
+        let (deltas, _) = source.state.deltas(2, b"").unwrap().run(1 << 20).unwrap();
+        assert_eq!(
+            deltas.len(),
+            51,
+            "the writes after it are recorded as deltas"
+        );
     }
 
     #[test]

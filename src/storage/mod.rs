@@ -18,7 +18,7 @@ mod raft_store;
 mod sm_store;
 
 pub use raft_store::{OutgoingSnapshot, RaftStore};
-pub use sm_store::{ApplyBatch, SmStore};
+pub use sm_store::{ApplyBatch, SmStore, StoreView};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteB
 use protobuf::Message as _;
 use raft::prelude::ConfState;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
 /// Keys starting with this byte are the replica driver's; the state machine must not
@@ -21,6 +22,28 @@ const PEER_PREFIX: &[u8] = b"\0peer/";
 pub struct SmStore {
     db: Database,
     current: Arc<RwLock<(u64, Keyspace)>>,
+}
+
+/// A point-in-time view of the state machine's data (see [`SmStore::view`]).
+#[derive(Clone)]
+pub struct StoreView {
+    snapshot: fjall::Snapshot,
+    keyspace: Keyspace,
+}
+
+impl StoreView {
+    /// The records within `bounds`, in key order.
+    pub fn range(
+        &self,
+        bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>),
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
+        self.snapshot
+            .range::<Vec<u8>, _>(&self.keyspace, bounds)
+            .map(|item| {
+                let (k, v) = item.into_inner()?;
+                Ok((k.to_vec(), v.to_vec()))
+            })
+    }
 }
 
 /// Writes of one apply step, committed atomically together with the applied index.
@@ -86,6 +109,15 @@ impl SmStore {
 
     pub(crate) fn database(&self) -> &Database {
         &self.db
+    }
+
+    /// A read-only view of the data as committed now, unchanged by later writes.
+    /// Holding it pins that version in the engine.
+    pub fn view(&self) -> StoreView {
+        StoreView {
+            snapshot: self.db.snapshot(),
+            keyspace: self.keyspace(),
+        }
     }
 
     /// Reads one state-machine key.
