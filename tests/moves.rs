@@ -9,7 +9,7 @@ mod common;
 use common::faults::{seed, start_faulty, At, Workload, WorkloadOptions};
 use common::{expect_within, KvCluster, KvOptions};
 use shardkv::client::{Client, ClientOptions};
-use shardkv::proto::{CancelMoveRequest, Config, MovePhase, MovePlan, RangeState};
+use shardkv::proto::{CancelMoveRequest, Config, LinkFault, MovePhase, MovePlan, RangeState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -341,6 +341,8 @@ async fn live_moves_survive_leader_kills_in_every_phase() {
     let mut cluster = start_faulty(KvOptions {
         masters: 3,
         extra_args: vec!["--move-rate-mib".into(), "2".into()],
+        // The cutover is held open by the delays below; it must not be cancelled.
+        master_args: vec!["--move-cutover-stall-ms".into(), "30000".into()],
         ..Default::default()
     });
     two_groups(&cluster).await;
@@ -366,11 +368,21 @@ async fn live_moves_survive_leader_kills_in_every_phase() {
             .await
             .expect("move");
         let plan = plan_of(&config, b"c");
-        // Kill once mid-copy, then once more as soon as the copy is done.
-        for phase in [MovePhase::MoveCopying, MovePhase::MoveCatchingUp] {
+        // Kill once mid-copy, once as soon as the copy is done, and once in the
+        // cutover (the source frozen): each of the destination's calls to the source
+        // is delayed, so the freeze and the last deltas hold the cutover open.
+        for phase in [
+            MovePhase::MoveCopying,
+            MovePhase::MoveCatchingUp,
+            MovePhase::MoveCuttingOver,
+        ] {
+            slow_calls(&cluster, dst, src, CUTOVER_HOLD).await;
             let seen = Mutex::new(None);
             let found = common::wait_until(PROGRESS_WAIT, || async {
-                let m = moves(&cluster).await.unwrap_or_default();
+                // No master leader (one was just killed): ask again.
+                let Some(m) = moves(&cluster).await else {
+                    return false;
+                };
                 match m.iter().find(|p| p.id == plan.id) {
                     Some(p) if p.phase() >= phase && (p.bytes_copied > 0) => {
                         *seen.lock().unwrap() = Some(p.phase());
@@ -382,6 +394,13 @@ async fn live_moves_survive_leader_kills_in_every_phase() {
             })
             .await;
             assert!(found, "plan {} made no progress", plan.id);
+            if phase == MovePhase::MoveCuttingOver {
+                assert_eq!(
+                    *seen.lock().unwrap(),
+                    Some(phase),
+                    "round {round}: the cutover ended before the kill"
+                );
+            }
             let at = match *victim {
                 "source" => At::Kv(src, cluster.wait_leader(src, LEADER_WAIT).await),
                 "destination" => At::Kv(dst, cluster.wait_leader(dst, LEADER_WAIT).await),
@@ -395,12 +414,13 @@ async fn live_moves_survive_leader_kills_in_every_phase() {
                 "round {round}: killed the {victim}'s leader {at:?} in phase {:?}",
                 seen.lock().unwrap()
             );
-            work.expect_progress(10, PROGRESS_WAIT, "after a leader kill")
-                .await;
+            // Restarted at once, so the move is still in the next phase to kill in.
             match at {
                 At::Kv(gid, i) => cluster.start_node(gid, i),
                 At::Master(i) => cluster.masters_mut().restart(i),
             }
+            work.expect_progress(10, PROGRESS_WAIT, "after a leader kill")
+                .await;
         }
         let config = cluster.wait_settled(SETTLE_WAIT).await;
         assert_eq!(
@@ -408,10 +428,32 @@ async fn live_moves_survive_leader_kills_in_every_phase() {
             dst,
             "round {round}: the move finished despite the kills"
         );
+        cluster.heal_all().await;
         work.expect_progress(15, PROGRESS_WAIT, "after the move")
             .await;
     }
     work.finish("live moves with leader kills").await;
+}
+
+/// How long each call of a destination's move worker to the source waits, in the
+/// kill test: long enough to kill a leader within one cutover.
+const CUTOVER_HOLD: Duration = Duration::from_millis(1500);
+
+/// Delays every call from group `from`'s nodes to group `to`'s nodes by `delay`
+/// (Raft traffic stays within each group and is not affected).
+async fn slow_calls(cluster: &KvCluster, from: u64, to: u64, delay: Duration) {
+    let faults: Vec<LinkFault> = cluster
+        .group_nodes(to)
+        .into_iter()
+        .map(|at| LinkFault {
+            peer_addr: cluster.node_addr(at),
+            delay_ms: delay.as_millis() as u32,
+            ..Default::default()
+        })
+        .collect();
+    for at in cluster.group_nodes(from) {
+        cluster.set_faults(at, faults.clone(), false).await;
+    }
 }
 
 /// A live join: the new groups' ranges move with their sources serving, one move per
