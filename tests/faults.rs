@@ -781,23 +781,47 @@ async fn soak() {
             }
             "kill-group" => cluster.kill9_group(gid),
             "kill-master" => cluster.masters_mut().kill9(node),
+            // Mostly live (the range serves while it moves), sometimes the
+            // immediate kind; the faults above land in every phase of them.
             "join-leave" => {
-                let r = if group3_joined {
-                    mc.leave(vec![3]).await
-                } else {
-                    mc.join(vec![cluster.group(3).spec()]).await
+                let live = rng.random_bool(0.75);
+                // A live leave keeps the group in the configuration, marked leaving,
+                // until its last range has moved: ask where it is now.
+                let group3 = match cluster.latest_config().await {
+                    Ok(c) => c.groups.iter().find(|g| g.gid == 3).map(|g| g.leaving),
+                    Err(_) => group3_joined.then_some(false),
+                };
+                group3_joined = group3.is_some();
+                let r = match (group3, live) {
+                    (Some(true), _) => {
+                        println!("group 3 is still leaving");
+                        Ok(None)
+                    }
+                    (Some(false), true) => mc.leave_live(vec![3]).await.map(Some),
+                    (Some(false), false) => mc.leave(vec![3]).await.map(Some),
+                    (None, true) => mc.join_live(vec![cluster.group(3).spec()]).await.map(Some),
+                    (None, false) => mc.join(vec![cluster.group(3).spec()]).await.map(Some),
                 };
                 match r {
-                    Ok(c) => {
+                    Ok(Some(c)) => {
                         group3_joined = c.groups.iter().any(|g| g.gid == 3);
-                        println!("config {}: group 3 joined: {group3_joined}", c.num);
+                        println!(
+                            "config {}: group 3 in it: {group3_joined} (live: {live})",
+                            c.num
+                        );
                     }
+                    Ok(None) => {}
                     Err(e) => println!("join/leave of group 3 failed: {e}"),
                 }
             }
             "move" => {
                 let key = keys[rng.random_range(0..keys.len())];
-                if let Err(e) = mc.move_range(key.as_bytes(), gid).await {
+                let r = if rng.random_bool(0.75) {
+                    mc.move_live(key.as_bytes(), gid).await
+                } else {
+                    mc.move_range(key.as_bytes(), gid).await
+                };
+                if let Err(e) = r {
                     println!("move {key} to {gid} failed: {e}");
                 }
             }
