@@ -215,23 +215,22 @@ impl StateMachine for MasterState {
     }
 
     fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {
-        let keyspace = store.keyspace();
-        self.latest = match keyspace.prefix(b"c").next_back() {
-            Some(item) => Config::decode(&*item.into_inner()?.1)?,
+        self.latest = match store.prefix(b"c").next_back() {
+            Some(item) => Config::decode(&*item?.1)?,
             None => Config::initial(),
         };
         self.sessions.clear();
         self.session_order.clear();
-        for item in keyspace.prefix(b"s") {
-            let (key, value) = item.into_inner()?;
+        for item in store.prefix(b"s") {
+            let (key, value) = item?;
             let client = u64::from_be_bytes(key[1..].try_into()?);
             let outcome = MasterOutcome::decode(&*value)?;
             self.session_order.insert((outcome.index, client));
             self.sessions.insert(client, outcome);
         }
         self.progress.clear();
-        for item in keyspace.prefix(b"p") {
-            let plan = MovePlan::decode(&*item.into_inner()?.1)?;
+        for item in store.prefix(b"p") {
+            let plan = MovePlan::decode(&*item?.1)?;
             self.progress.insert(plan.id, plan);
         }
         self.store = Some(store.clone());

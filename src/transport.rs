@@ -20,7 +20,7 @@ use crate::faults::{Faults, Verdict};
 use crate::proto::raft_client::RaftClient;
 use crate::proto::raft_server::Raft;
 use crate::proto::{RaftAck, RaftBatch, RaftTiming, SnapshotChunk, SnapshotEnd, SnapshotRecord};
-use crate::storage::{OutgoingSnapshot, SmStore};
+use crate::storage::{OutgoingSnapshot, SmStore, StagedSnapshot};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use protobuf::Message as _;
 use raft::prelude::Message;
@@ -57,12 +57,11 @@ pub const EVENT_QUEUE: usize = 8192;
 /// What the network tells the replica driver.
 pub enum NetEvent {
     Message(Message),
-    /// A snapshot was received and staged as state-machine generation `gen`; the
-    /// driver steps `message` and answers on `done` once it has been handled.
+    /// A snapshot was received and staged on disk; the driver steps `message` and
+    /// answers on `done` once it has been handled.
     Snapshot {
         message: Message,
-        gen: u64,
-        staged: fjall::Keyspace,
+        staged: StagedSnapshot,
         done: oneshot::Sender<()>,
     },
     Unreachable(u64),
@@ -562,16 +561,13 @@ impl Raft for RaftService {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         self.check_group(first.group)?;
         let message = decode_message(&first.message)?;
-        let (gen, staged) = self.store.create_staging().map_err(internal)?;
-        let db = self.store.database().clone();
+        let mut writer = self.store.receive_snapshot().map_err(internal)?;
         let mut digest = StreamDigest::default();
         let mut write = |records: Vec<SnapshotRecord>| -> Result<(), Status> {
-            let mut batch = db.batch();
-            for r in records {
-                digest.add(&r);
-                batch.insert(&staged, r.key, r.value);
-            }
-            batch.commit().map_err(|e| internal(e.into()))
+            records.iter().for_each(|r| digest.add(r));
+            writer
+                .write(records.into_iter().map(|r| (r.key, r.value)))
+                .map_err(internal)
         };
         // A staged generation that is not handed to the driver is dropped on the next
         // start (or overwritten by the next snapshot), never installed.
@@ -595,11 +591,11 @@ impl Raft for RaftService {
                 received.records, received.crc32, expected.records, expected.crc32
             )));
         }
+        let staged = writer.finish(message.get_snapshot().get_metadata().index);
         let (done, handled) = oneshot::channel();
         self.events
             .send(NetEvent::Snapshot {
                 message,
-                gen,
                 staged,
                 done,
             })

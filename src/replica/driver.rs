@@ -7,7 +7,7 @@ use super::{
     LeaseView, PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role,
     StateMachine,
 };
-use crate::storage::{RaftStore, SmStore};
+use crate::storage::{RaftStore, SmStore, StagedSnapshot};
 use crate::transport::{NetEvent, Transport};
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
@@ -64,8 +64,7 @@ struct Driver<S: StateMachine> {
     /// a round trip to this thread.
     lease_view: Arc<LeaseView>,
     /// A received snapshot staged on disk, until Raft hands it back for install.
-    /// (snapshot index, generation, keyspace)
-    staged_snapshot: Option<(u64, u64, fjall::Keyspace)>,
+    staged_snapshot: Option<StagedSnapshot>,
     applied: u64,
     /// Term of the entry at `applied`.
     applied_term: u64,
@@ -409,12 +408,10 @@ impl<S: StateMachine> Driver<S> {
             }
             NetEvent::Snapshot {
                 message,
-                gen,
                 staged,
                 done,
             } => {
-                let index = message.get_snapshot().get_metadata().index;
-                self.staged_snapshot = Some((index, gen, staged));
+                self.staged_snapshot = Some(staged);
                 if let Err(e) = self.node.step(message) {
                     warn!(self.logger, "dropped a snapshot message"; "error" => %e);
                 }
@@ -549,11 +546,11 @@ impl<S: StateMachine> Driver<S> {
 
     fn install_snapshot(&mut self, snapshot: &Snapshot) -> anyhow::Result<()> {
         let index = snapshot.get_metadata().index;
-        let (gen, staged) = match self.staged_snapshot.take() {
-            Some((staged_index, gen, ks)) if staged_index == index => (gen, ks),
+        let staged = match self.staged_snapshot.take() {
+            Some(staged) if staged.index() == index => staged,
             _ => anyhow::bail!("Raft asked to install snapshot {index}, which was not received"),
         };
-        self.store.install_snapshot(snapshot, gen, staged)?;
+        self.store.install_snapshot(snapshot, staged)?;
         let applied = self.sm_store.applied_state()?;
         self.sm.write().expect("poisoned").restore(&self.sm_store)?;
         for (id, addr) in &applied.peers {
