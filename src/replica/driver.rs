@@ -4,11 +4,10 @@
 //! advance, then repeat for the light ready.
 
 use super::{
-    LeaseView, PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role,
-    StateMachine,
+    LeaseView, NetEvent, PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role,
+    StateMachine, Transport,
 };
 use crate::storage::{RaftStore, SmStore, StagedSnapshot};
-use crate::transport::{NetEvent, Transport};
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
@@ -37,7 +36,7 @@ struct Driver<S: StateMachine> {
     store: RaftStore,
     sm_store: SmStore,
     sm: Arc<RwLock<S>>,
-    transport: Arc<Transport>,
+    transport: Arc<dyn Transport>,
     logger: Logger,
     options: ReplicaOptions,
     /// Proposals awaiting their apply, by log index, with the term they were proposed in.
@@ -78,14 +77,14 @@ struct Driver<S: StateMachine> {
 
 /// Starts the replica of `options.id` on its own thread and returns its handle.
 ///
-/// `events` carries what the transport receives for this group; it must be the
-/// receiver of the channel given to [`Transport::new`].
+/// `events` carries what the transport receives for this group (the receiver of
+/// the channel the transport reports to).
 pub fn start<S: StateMachine>(
     options: ReplicaOptions,
     store: RaftStore,
     sm_store: SmStore,
     mut sm: S,
-    transport: Arc<Transport>,
+    transport: Arc<dyn Transport>,
     events: mpsc::Receiver<NetEvent>,
     logger: Logger,
 ) -> anyhow::Result<Replica<S>> {

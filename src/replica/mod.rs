@@ -9,6 +9,11 @@
 //! read the state machine.
 
 mod driver;
+#[cfg(test)]
+mod memory;
+mod network;
+#[cfg(test)]
+mod tests;
 
 use crate::storage::{ApplyBatch, SmStore};
 use raft::prelude::{ConfChange, ConfChangeType, ConfState};
@@ -18,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use driver::start;
+pub use network::{NetEvent, Transport};
 
 /// A deterministic state machine replicated by Raft.
 pub trait StateMachine: Send + Sync + 'static {
