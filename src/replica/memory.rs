@@ -1,8 +1,10 @@
 //! Test only: an in-memory [`Transport`], so the driver runs in unit tests with no
-//! network. The replicas of one group share a [`MemoryNetwork`], whose links to a
-//! node can be cut.
+//! network. The replicas of one group share a [`MemoryNetwork`], whose links can be
+//! cut one way or all of a node's at once.
 
 use super::{NetEvent, Transport};
+use crate::faults::Faults;
+use crate::proto::NodeFaults;
 use crate::storage::{OutgoingSnapshot, SmStore};
 use raft::prelude::Message;
 use std::collections::{HashMap, HashSet};
@@ -18,6 +20,8 @@ struct Links {
     nodes: HashMap<u64, Endpoint>,
     /// Nodes cut off from every other: what they send and what is sent to them is lost.
     isolated: HashSet<u64>,
+    /// (from, to): what `from` sends to `to` is lost.
+    cut: HashSet<(u64, u64)>,
 }
 
 /// Where a node receives: its driver's events, and the store a snapshot is written to.
@@ -25,6 +29,8 @@ struct Links {
 struct Endpoint {
     events: mpsc::Sender<NetEvent>,
     store: SmStore,
+    /// The node's own faults (the election timer it is told to fire).
+    faults: Arc<Faults>,
 }
 
 impl MemoryNetwork {
@@ -37,13 +43,41 @@ impl MemoryNetwork {
         events: mpsc::Sender<NetEvent>,
         store: SmStore,
     ) -> Arc<MemoryTransport> {
-        let endpoint = Endpoint { events, store };
+        let faults = Faults::new();
+        let endpoint = Endpoint {
+            events,
+            store,
+            faults: faults.clone(),
+        };
         self.links().nodes.insert(id, endpoint);
         Arc::new(MemoryTransport {
             id,
             network: self.clone(),
             runtime: tokio::runtime::Handle::current(),
+            faults,
         })
+    }
+
+    /// Disconnects node `id` (it stopped), releasing its store.
+    pub fn disconnect(&self, id: u64) {
+        self.links().nodes.remove(&id);
+    }
+
+    /// Cuts the links between `a` and `b`, both ways.
+    pub fn cut(&self, a: u64, b: u64) {
+        let mut links = self.links();
+        links.cut.insert((a, b));
+        links.cut.insert((b, a));
+    }
+
+    /// Makes node `id` campaign at its next tick, as if its clock jumped.
+    pub fn fire_election_timer(&self, id: u64) {
+        let links = self.links();
+        let node = &links.nodes[&id];
+        node.faults.set_node(NodeFaults {
+            fire_election_timer: true,
+            ..Default::default()
+        });
     }
 
     /// Cuts every link of node `id`.
@@ -63,7 +97,10 @@ impl MemoryNetwork {
     /// The receiving end of `to`, if the link from `from` is up.
     fn link(&self, from: u64, to: u64) -> Option<Endpoint> {
         let links = self.links();
-        if links.isolated.contains(&from) || links.isolated.contains(&to) {
+        if links.isolated.contains(&from)
+            || links.isolated.contains(&to)
+            || links.cut.contains(&(from, to))
+        {
             return None;
         }
         links.nodes.get(&to).cloned()
@@ -79,6 +116,7 @@ pub struct MemoryTransport {
     id: u64,
     network: MemoryNetwork,
     runtime: tokio::runtime::Handle,
+    faults: Arc<Faults>,
 }
 
 impl Transport for MemoryTransport {
@@ -119,6 +157,10 @@ impl Transport for MemoryTransport {
 
     fn dropped(&self) -> u64 {
         0
+    }
+
+    fn faults(&self) -> Option<&Arc<Faults>> {
+        Some(&self.faults)
     }
 }
 

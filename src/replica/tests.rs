@@ -32,11 +32,14 @@ impl StateMachine for Register {
     }
 }
 
+const IDS: [u64; 3] = [1, 2, 3];
+
 struct Group {
     network: MemoryNetwork,
     replicas: BTreeMap<u64, Replica<Register>>,
     stores: BTreeMap<u64, SmStore>,
-    _dirs: Vec<TempDir>,
+    dirs: BTreeMap<u64, TempDir>,
+    compact_threshold: u64,
 }
 
 fn options(id: u64, compact_threshold: u64) -> ReplicaOptions {
@@ -56,50 +59,66 @@ fn lease_duration() -> Duration {
 }
 
 impl Group {
+    /// Starts a new group of three voters.
     fn start(compact_threshold: u64) -> Group {
-        let network = MemoryNetwork::default();
-        let ids = [1, 2, 3];
-        let peers: BTreeMap<u64, String> =
-            ids.iter().map(|id| (*id, format!("mem-{id}"))).collect();
-        let conf_state = ConfState {
-            voters: ids.to_vec(),
-            ..Default::default()
-        };
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut group = Group {
-            network,
+            network: MemoryNetwork::default(),
             replicas: BTreeMap::new(),
             stores: BTreeMap::new(),
-            _dirs: Vec::new(),
+            dirs: BTreeMap::new(),
+            compact_threshold,
         };
-        for id in ids {
-            let dir = tempfile::tempdir().unwrap();
-            let identity = Identity {
-                cluster: "test".into(),
-                role: "kvnode".into(),
-                group: 1,
-                node: id,
-            };
-            let engine = Engine::open(dir.path(), &identity).unwrap();
-            let (raft_store, sm_store) = engine.into_stores().unwrap();
-            raft_store.bootstrap(&conf_state, &peers).unwrap();
-            let (events_tx, events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
-            let transport = group.network.connect(id, events_tx, sm_store.clone());
-            let replica = start(
-                options(id, compact_threshold),
-                raft_store,
-                sm_store.clone(),
-                Register,
-                transport,
-                events,
-                logger.clone(),
-            )
-            .unwrap();
-            group.replicas.insert(id, replica);
-            group.stores.insert(id, sm_store);
-            group._dirs.push(dir);
+        for id in IDS {
+            group.dirs.insert(id, tempfile::tempdir().unwrap());
+            group.start_replica(id);
         }
         group
+    }
+
+    /// Starts replica `id` on its data directory (bootstrapping the group's
+    /// membership in a fresh one).
+    fn start_replica(&mut self, id: u64) {
+        let identity = Identity {
+            cluster: "test".into(),
+            role: "kvnode".into(),
+            group: 1,
+            node: id,
+        };
+        let engine = Engine::open(self.dirs[&id].path(), &identity).unwrap();
+        let fresh = engine.is_fresh();
+        let (raft_store, sm_store) = engine.into_stores().unwrap();
+        if fresh {
+            let peers = IDS.iter().map(|id| (*id, format!("mem-{id}"))).collect();
+            let conf_state = ConfState {
+                voters: IDS.to_vec(),
+                ..Default::default()
+            };
+            raft_store.bootstrap(&conf_state, &peers).unwrap();
+        }
+        let (events_tx, events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+        let transport = self.network.connect(id, events_tx, sm_store.clone());
+        let replica = start(
+            options(id, self.compact_threshold),
+            raft_store,
+            sm_store.clone(),
+            Register,
+            transport,
+            events,
+            slog::Logger::root(slog::Discard, slog::o!()),
+        )
+        .unwrap();
+        self.replicas.insert(id, replica);
+        self.stores.insert(id, sm_store);
+    }
+
+    /// Stops replica `id`, waits until its thread has let go of its storage, and
+    /// starts it again on the same directory.
+    async fn restart(&mut self, id: u64) {
+        let mut status = self.replicas.remove(&id).unwrap().watch_status();
+        self.stores.remove(&id);
+        self.network.disconnect(id);
+        while status.changed().await.is_ok() {}
+        self.start_replica(id);
     }
 
     fn replica(&self, id: u64) -> &Replica<Register> {
@@ -120,7 +139,7 @@ impl Group {
     /// Waits until the leader `id` has applied an entry of its term, so that it may
     /// serve reads at all.
     async fn settled_leader(&self) -> u64 {
-        let leader = self.leader(&[1, 2, 3], 0).await;
+        let leader = self.leader(&IDS, 0).await;
         self.replica(leader)
             .propose(b"first".to_vec())
             .await
@@ -244,7 +263,7 @@ async fn a_new_leader_is_elected_only_after_the_old_lease_ended_and_the_old_lead
     let old_lease = track_lease(group.replica(old));
     group.replica(old).read_barrier().await.unwrap();
     group.network.isolate(old);
-    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != old).collect();
+    let others: Vec<u64> = IDS.into_iter().filter(|id| *id != old).collect();
     let new = group.leader(&others, old_term).await;
     let elected_by = Instant::now();
     let old_end = old_lease
@@ -287,7 +306,7 @@ async fn a_new_leader_is_elected_only_after_the_old_lease_ended_and_the_old_lead
 async fn a_follower_behind_the_compacted_log_catches_up_from_a_streamed_snapshot() {
     let group = Group::start(20);
     let leader = group.settled_leader().await;
-    let lagging = [1, 2, 3].into_iter().find(|id| *id != leader).unwrap();
+    let lagging = IDS.into_iter().find(|id| *id != leader).unwrap();
     group.network.isolate(lagging);
     for i in 0..60u32 {
         let command = format!("write-{i}").into_bytes();
@@ -303,6 +322,35 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_streamed_snapshot
     assert_eq!(
         group.stores[&lagging].get(b"value").unwrap(),
         Some(b"write-59".to_vec())
+    );
+    group.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_follower_grants_no_vote_inside_the_lease_it_confirmed() {
+    let mut group = Group::start(10_000);
+    let a = group.settled_leader().await;
+    let (b, c) = match IDS.into_iter().filter(|id| *id != a).collect::<Vec<_>>()[..] {
+        [b, c] => (b, c),
+        _ => unreachable!("three voters"),
+    };
+    let a_term = group.replica(a).status().term;
+    let a_lease = track_lease(group.replica(a));
+    // C is cut off from A, so A's lease round is confirmed by B alone.
+    group.network.cut(a, c);
+    group.replica(a).read_barrier().await.unwrap();
+    // Then B loses A and restarts at once, knowing no leader; C campaigns. Only
+    // B's vote can elect C, and B must not give it inside the lease it confirmed.
+    group.network.cut(a, b);
+    group.restart(b).await;
+    group.network.fire_election_timer(c);
+    let new = group.leader(&[b, c], a_term).await;
+    let elected_by = Instant::now();
+    let a_end = a_lease.lock().unwrap().expect("A held a lease");
+    assert!(
+        a_end <= elected_by,
+        "node {new} was elected while node {a}'s lease ran for {:?} more",
+        a_end - elected_by
     );
     group.stop().await;
 }
