@@ -1026,13 +1026,22 @@ pub fn held_ranges(gid: u64, prev: &Config, next: &Config) -> Vec<HeldRange> {
     held
 }
 
+impl From<Command> for KvCommand {
+    fn from(command: Command) -> KvCommand {
+        KvCommand {
+            command: Some(command),
+        }
+    }
+}
+
 impl StateMachine for KvState {
+    type Command = KvCommand;
     /// One result per client write of a `ClientWrites` command, else one result.
     type Response = Vec<KvResult>;
 
-    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> Vec<KvResult> {
-        let Some(command) = KvCommand::decode(command).ok().and_then(|c| c.command) else {
-            return vec![Err(KvError::Malformed)];
+    fn apply(&mut self, index: u64, command: KvCommand, batch: &mut ApplyBatch) -> Vec<KvResult> {
+        let Some(command) = command.command else {
+            return self.undecodable();
         };
         if index.is_multiple_of(SESSION_SWEEP_EVERY) {
             self.sweep_sessions(index, batch)
@@ -1055,6 +1064,10 @@ impl StateMachine for KvState {
                 .collect(),
             command => vec![run(command)],
         }
+    }
+
+    fn undecodable(&self) -> Vec<KvResult> {
+        vec![Err(KvError::Malformed)]
     }
 
     fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {
@@ -1129,11 +1142,7 @@ mod tests {
         fn apply_entry(&mut self, command: Command) -> Vec<KvResult> {
             self.index += 1;
             let mut batch = self.store.batch();
-            let encoded = KvCommand {
-                command: Some(command),
-            }
-            .encode_to_vec();
-            let results = self.state.apply(self.index, &encoded, &mut batch);
+            let results = self.state.apply(self.index, command.into(), &mut batch);
             self.store.commit(batch, (self.index, 1), None).unwrap();
             results
         }

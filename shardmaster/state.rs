@@ -150,13 +150,21 @@ fn outcome_of(outcome: &MasterOutcome) -> Outcome {
     }
 }
 
+impl From<Command> for MasterCommand {
+    fn from(command: Command) -> MasterCommand {
+        MasterCommand {
+            command: Some(command),
+        }
+    }
+}
+
 impl StateMachine for MasterState {
+    type Command = MasterCommand;
     type Response = Outcome;
 
-    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> Outcome {
-        let command = match MasterCommand::decode(command).ok().and_then(|c| c.command) {
-            Some(c) => c,
-            None => return Err(refuse(Code::InvalidArgument, "undecodable command")),
+    fn apply(&mut self, index: u64, command: MasterCommand, batch: &mut ApplyBatch) -> Outcome {
+        let Some(command) = command.command else {
+            return self.undecodable();
         };
         let id = request_id(&command);
         if id.client_id != 0 {
@@ -212,6 +220,10 @@ impl StateMachine for MasterState {
             self.remember(id.client_id, outcome, batch);
         }
         result
+    }
+
+    fn undecodable(&self) -> Outcome {
+        Err(refuse(Code::InvalidArgument, "undecodable command"))
     }
 
     fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {

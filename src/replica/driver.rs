@@ -8,6 +8,7 @@ use super::{
     StateMachine, Transport,
 };
 use crate::storage::{RaftStore, SmStore, StagedSnapshot};
+use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
@@ -580,7 +581,10 @@ impl<S: StateMachine> Driver<S> {
                     let mut batch = self.sm_store.batch();
                     let response = (!entry.data.is_empty()).then(|| {
                         let mut sm = sm_lock.write().expect("poisoned");
-                        sm.apply(entry.index, &entry.data, &mut batch)
+                        match S::Command::decode(&entry.data[..]) {
+                            Ok(command) => sm.apply(entry.index, command, &mut batch),
+                            Err(_) => sm.undecodable(),
+                        }
                     });
                     self.sm_store.commit(batch, position, None)?;
                     self.applied = entry.index;

@@ -20,11 +20,16 @@ const PATIENCE: Duration = Duration::from_secs(20);
 struct Register;
 
 impl StateMachine for Register {
+    type Command = Vec<u8>;
     type Response = u64;
 
-    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> u64 {
-        batch.put(b"value".to_vec(), command.to_vec());
+    fn apply(&mut self, index: u64, command: Vec<u8>, batch: &mut ApplyBatch) -> u64 {
+        batch.put(b"value".to_vec(), command);
         index
+    }
+
+    fn undecodable(&self) -> u64 {
+        0
     }
 
     fn restore(&mut self, _store: &SmStore) -> anyhow::Result<()> {
