@@ -10,14 +10,13 @@ use crate::faults::{Faults, Verdict};
 use crate::proto::kv_command::Command;
 use crate::proto::range_transfer_client::RangeTransferClient;
 use crate::proto::{
-    CopyRangeRequest, FinishMoveRequest, FreezeMoveRequest, HeldRange, InstallChunk, KvCommand,
-    MoveChunk, MovePhase, MovePlan, MoveState, Node, PullDeltasRequest, PullRequest, RangeOp,
-    RangeState, ReleaseRequest, ReportMoveRequest,
+    CopyRangeRequest, FinishMoveRequest, FreezeMoveRequest, HeldRange, InstallChunk, MoveChunk,
+    MovePhase, MovePlan, MoveState, Node, PullDeltasRequest, PullRequest, RangeOp, RangeState,
+    ReleaseRequest, ReportMoveRequest,
 };
 use crate::replica::{Replica, Role};
 use anyhow::Context;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use prost::Message;
 use slog::{debug, info, Logger};
 use std::collections::HashMap;
 use std::future::Future;
@@ -172,11 +171,7 @@ impl Worker {
     }
 
     async fn propose(&self, command: Command) -> anyhow::Result<()> {
-        let encoded = KvCommand {
-            command: Some(command),
-        }
-        .encode_to_vec();
-        let results = self.replica.propose(encoded).await?;
+        let results = self.replica.propose(command).await?;
         only(results).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         Ok(())
     }

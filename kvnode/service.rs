@@ -19,7 +19,6 @@ use crate::proto::{
 };
 use crate::replica::{Replica, ReplicaError, Role};
 use crate::status;
-use prost::Message;
 use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
@@ -212,16 +211,10 @@ impl KvService {
         if count == 0 {
             return Vec::new();
         }
-        let encoded = KvCommand {
-            command: Some(Command::Writes(ClientWrites {
-                writes: writes
-                    .into_iter()
-                    .map(|c| KvCommand { command: Some(c) })
-                    .collect(),
-            })),
-        }
-        .encode_to_vec();
-        match self.replica.propose(encoded).await {
+        let command = Command::Writes(ClientWrites {
+            writes: writes.into_iter().map(KvCommand::from).collect(),
+        });
+        match self.replica.propose(command).await {
             Ok(results) if results.len() == count => results.into_iter().map(write_reply).collect(),
             Ok(results) => vec![
                 Err(Status::internal(format!(
@@ -273,15 +266,7 @@ async fn run_read(read: MoveRead, max_bytes: usize) -> Result<(Vec<KeyValue>, bo
 
 /// Proposes a command with one result and waits for it.
 async fn propose_one(replica: &Replica<KvState>, command: Command) -> Result<KvResult, Status> {
-    let encoded = KvCommand {
-        command: Some(command),
-    }
-    .encode_to_vec();
-    let results = replica
-        .propose(encoded)
-        .await
-        .map_err(status::from_replica)?;
-    Ok(only(results))
+    Ok(only(replica.propose(command).await?))
 }
 
 fn is_wrong_group(e: &Status) -> bool {

@@ -23,7 +23,7 @@ use crate::proto::{
     RangeState, RequestId, SessionEntry,
 };
 use crate::replica::StateMachine;
-use crate::storage::{ApplyBatch, SmStore, StoreView};
+use crate::storage::{ApplyBatch, KeyBounds, SmStore, StoreView};
 use prost::Message;
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -69,9 +69,6 @@ pub fn only(results: Vec<KvResult>) -> KvResult {
 
 /// One page of a scan: the pairs and where to resume (empty when done).
 pub type ScanPage = (Vec<KeyValue>, Vec<u8>);
-
-/// Storage-key bounds of one stretch of records.
-type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
 /// A read of stored records prepared under the state lock and run without it, so a
 /// chunk of a range's copy does not hold up the writes being applied meanwhile.
@@ -330,20 +327,16 @@ impl KvState {
         });
         let mut pairs = Vec::new();
         let mut bytes = 0;
-        for item in self
-            .store()
-            .keyspace()
-            .range::<Vec<u8>, _>((Bound::Included(bounds.0), bounds.1))
-        {
-            let (k, v) = item.into_inner()?;
+        for item in self.store().range((Bound::Included(bounds.0), bounds.1)) {
+            let (k, value) = item?;
             if pairs.len() == limit || bytes >= max_bytes {
                 // Resume at the first key not returned.
                 return Ok(Ok((pairs, k[1..].to_vec())));
             }
-            bytes += k.len() + v.len();
+            bytes += k.len() + value.len();
             pairs.push(KeyValue {
                 key: k[1..].to_vec(),
-                value: v.to_vec(),
+                value,
             });
         }
         let resume = if resume_at_range_end {
@@ -683,10 +676,9 @@ impl KvState {
                 }
                 let keys: Vec<Vec<u8>> = self
                     .store()
-                    .keyspace()
-                    .prefix(delta_prefix(id))
+                    .prefix(&delta_prefix(id))
                     .take(DELETE_CHUNK_KEYS)
-                    .map(|item| item.key().map(|k| k.to_vec()))
+                    .map(|item| item.map(|(k, _)| k))
                     .collect::<Result<_, _>>()?;
                 if keys.len() < DELETE_CHUNK_KEYS {
                     self.ended.retain(|e| *e != id);
@@ -704,10 +696,9 @@ impl KvState {
                 let (start, end) = data_bounds(self.held[h].range.as_ref().expect("set"));
                 let keys: Vec<Vec<u8>> = self
                     .store()
-                    .keyspace()
-                    .range::<Vec<u8>, _>((Bound::Included(start), end))
+                    .range((Bound::Included(start), end))
                     .take(DELETE_CHUNK_KEYS)
-                    .map(|item| item.key().map(|k| k.to_vec()))
+                    .map(|item| item.map(|(k, _)| k))
                     .collect::<Result<_, _>>()?;
                 let finished = keys.len() < DELETE_CHUNK_KEYS;
                 for key in keys {
@@ -944,22 +935,18 @@ impl KvState {
             return Ok(());
         }
         let (start, end) = data_bounds(range);
-        for item in self
-            .store()
-            .keyspace()
-            .range::<Vec<u8>, _>((Bound::Included(start), end))
-        {
-            batch.delete(item.key()?.to_vec());
+        for item in self.store().range((Bound::Included(start), end)) {
+            batch.delete(item?.0);
         }
         Ok(())
     }
 
     fn sweep_sessions(&self, index: u64, batch: &mut ApplyBatch) -> anyhow::Result<()> {
-        for item in self.store().keyspace().prefix([SESSION]) {
-            let (key, value) = item.into_inner()?;
+        for item in self.store().prefix(&[SESSION]) {
+            let (key, value) = item?;
             let session = ClientSession::decode(&*value)?;
             if session.last_index + SESSION_TTL_ENTRIES < index {
-                batch.delete(key.to_vec());
+                batch.delete(key);
             }
         }
         Ok(())
@@ -971,11 +958,8 @@ pub fn range_stats(store: &SmStore, range: &KeyRange) -> anyhow::Result<(u64, u6
     let (start, end) = data_bounds(range);
     let mut keys = 0;
     let mut bytes = 0;
-    for item in store
-        .keyspace()
-        .range::<Vec<u8>, _>((Bound::Included(start), end))
-    {
-        let (k, v) = item.into_inner()?;
+    for item in store.range((Bound::Included(start), end)) {
+        let (k, v) = item?;
         keys += 1;
         bytes += (k.len() - 1 + v.len()) as u64;
     }
@@ -1042,13 +1026,22 @@ pub fn held_ranges(gid: u64, prev: &Config, next: &Config) -> Vec<HeldRange> {
     held
 }
 
+impl From<Command> for KvCommand {
+    fn from(command: Command) -> KvCommand {
+        KvCommand {
+            command: Some(command),
+        }
+    }
+}
+
 impl StateMachine for KvState {
+    type Command = KvCommand;
     /// One result per client write of a `ClientWrites` command, else one result.
     type Response = Vec<KvResult>;
 
-    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> Vec<KvResult> {
-        let Some(command) = KvCommand::decode(command).ok().and_then(|c| c.command) else {
-            return vec![Err(KvError::Malformed)];
+    fn apply(&mut self, index: u64, command: KvCommand, batch: &mut ApplyBatch) -> Vec<KvResult> {
+        let Some(command) = command.command else {
+            return self.undecodable();
         };
         if index.is_multiple_of(SESSION_SWEEP_EVERY) {
             self.sweep_sessions(index, batch)
@@ -1071,6 +1064,10 @@ impl StateMachine for KvState {
                 .collect(),
             command => vec![run(command)],
         }
+    }
+
+    fn undecodable(&self) -> Vec<KvResult> {
+        vec![Err(KvError::Malformed)]
     }
 
     fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {
@@ -1145,11 +1142,7 @@ mod tests {
         fn apply_entry(&mut self, command: Command) -> Vec<KvResult> {
             self.index += 1;
             let mut batch = self.store.batch();
-            let encoded = KvCommand {
-                command: Some(command),
-            }
-            .encode_to_vec();
-            let results = self.state.apply(self.index, &encoded, &mut batch);
+            let results = self.state.apply(self.index, command.into(), &mut batch);
             self.store.commit(batch, (self.index, 1), None).unwrap();
             results
         }
@@ -1367,11 +1360,7 @@ mod tests {
         }
         assert_eq!(source.state.held().len(), 1, "only [\"\", n) is left");
         let (start, end) = data_bounds(&range);
-        let left = source
-            .store
-            .keyspace()
-            .range::<Vec<u8>, _>((Bound::Included(start), end))
-            .count();
+        let left = source.store.range((Bound::Included(start), end)).count();
         assert_eq!(left, 0, "the moved range's data is gone from the source");
         assert!(dest.state.held()[0].release_pending);
         dest.exec(Command::Released(op));
@@ -1478,7 +1467,7 @@ mod tests {
         assert_eq!(source.state.ended_plans(), [2]);
         source.exec(Command::DropDeltas(2));
         assert!(source.state.ended_plans().is_empty());
-        assert_eq!(source.store.keyspace().prefix(delta_prefix(2)).count(), 0);
+        assert_eq!(source.store.prefix(&delta_prefix(2)).count(), 0);
     }
 
     #[test]

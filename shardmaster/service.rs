@@ -7,13 +7,11 @@ use crate::proto::master_command::Command;
 use crate::proto::shard_master_server::ShardMaster;
 use crate::proto::{
     AddNodeRequest, CancelMoveRequest, Config, ConfigReply, FinishMoveRequest, HeartbeatReply,
-    HeartbeatRequest, JoinRequest, LeaveRequest, MasterCommand, MoveRequest, QueryRequest,
-    RemoveNodeRequest, ReportMoveReply, ReportMoveRequest, SplitRequest, StatusReply,
-    StatusRequest,
+    HeartbeatRequest, JoinRequest, LeaveRequest, MoveRequest, QueryRequest, RemoveNodeRequest,
+    ReportMoveReply, ReportMoveRequest, SplitRequest, StatusReply, StatusRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::status;
-use prost::Message;
 use std::time::Duration;
 use tonic::{Code, Request, Response, Status};
 
@@ -61,14 +59,7 @@ pub(crate) async fn propose(
     replica: &Replica<MasterState>,
     command: Command,
 ) -> Result<u64, Status> {
-    let encoded = MasterCommand {
-        command: Some(command),
-    }
-    .encode_to_vec();
-    let outcome: Outcome = replica
-        .propose(encoded)
-        .await
-        .map_err(status::from_replica)?;
+    let outcome: Outcome = replica.propose(command).await?;
     outcome.map_err(|e| Status::new(Code::from_i32(e.code), e.message))
 }
 

@@ -150,13 +150,21 @@ fn outcome_of(outcome: &MasterOutcome) -> Outcome {
     }
 }
 
+impl From<Command> for MasterCommand {
+    fn from(command: Command) -> MasterCommand {
+        MasterCommand {
+            command: Some(command),
+        }
+    }
+}
+
 impl StateMachine for MasterState {
+    type Command = MasterCommand;
     type Response = Outcome;
 
-    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> Outcome {
-        let command = match MasterCommand::decode(command).ok().and_then(|c| c.command) {
-            Some(c) => c,
-            None => return Err(refuse(Code::InvalidArgument, "undecodable command")),
+    fn apply(&mut self, index: u64, command: MasterCommand, batch: &mut ApplyBatch) -> Outcome {
+        let Some(command) = command.command else {
+            return self.undecodable();
         };
         let id = request_id(&command);
         if id.client_id != 0 {
@@ -214,24 +222,27 @@ impl StateMachine for MasterState {
         result
     }
 
+    fn undecodable(&self) -> Outcome {
+        Err(refuse(Code::InvalidArgument, "undecodable command"))
+    }
+
     fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {
-        let keyspace = store.keyspace();
-        self.latest = match keyspace.prefix(b"c").next_back() {
-            Some(item) => Config::decode(&*item.into_inner()?.1)?,
+        self.latest = match store.prefix(b"c").next_back() {
+            Some(item) => Config::decode(&*item?.1)?,
             None => Config::initial(),
         };
         self.sessions.clear();
         self.session_order.clear();
-        for item in keyspace.prefix(b"s") {
-            let (key, value) = item.into_inner()?;
+        for item in store.prefix(b"s") {
+            let (key, value) = item?;
             let client = u64::from_be_bytes(key[1..].try_into()?);
             let outcome = MasterOutcome::decode(&*value)?;
             self.session_order.insert((outcome.index, client));
             self.sessions.insert(client, outcome);
         }
         self.progress.clear();
-        for item in keyspace.prefix(b"p") {
-            let plan = MovePlan::decode(&*item.into_inner()?.1)?;
+        for item in store.prefix(b"p") {
+            let plan = MovePlan::decode(&*item?.1)?;
             self.progress.insert(plan.id, plan);
         }
         self.store = Some(store.clone());

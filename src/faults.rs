@@ -1,7 +1,7 @@
 //! Test-only network fault injection on the outbound Raft traffic of one server.
 //!
 //! A server started with the hidden flag `--enable-fault-injection` owns one
-//! [`Faults`] table, shared by its [`Transport`](crate::transport::Transport) and
+//! [`Faults`] table, shared by its [`GrpcTransport`](crate::transport::GrpcTransport) and
 //! the `Faults` gRPC service ([`FaultsService`]); a kvnode's range-transfer worker
 //! shares it too. Before the transport sends a batch of Raft messages or a snapshot
 //! to a peer, and before the worker calls another group's node (Pull, Release), it

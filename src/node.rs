@@ -9,7 +9,7 @@ use crate::proto::raft_server::RaftServer;
 use crate::proto::RaftTiming;
 use crate::replica::{self, Replica, ReplicaOptions, StateMachine};
 use crate::storage::{Engine, Identity};
-use crate::transport::{RaftService, Transport, EVENT_QUEUE, MAX_MESSAGE_BYTES};
+use crate::transport::{GrpcTransport, RaftService, EVENT_QUEUE, MAX_MESSAGE_BYTES};
 use anyhow::Context;
 use raft::prelude::ConfState;
 use std::collections::BTreeMap;
@@ -200,7 +200,7 @@ pub fn start<S: StateMachine>(
         tick_ms: spec.tick.as_millis() as u64,
         election_ticks: options.election_ticks as u32,
     };
-    let transport = Transport::new(
+    let transport = GrpcTransport::new(
         spec.group,
         (spec.id, spec.addr.clone()),
         timing,

@@ -37,6 +37,12 @@ fn with_detail(code: Code, message: String, kind: Kind) -> Status {
     Status::with_details(code, message, envelope.encode_to_vec().into())
 }
 
+impl From<ReplicaError> for Status {
+    fn from(err: ReplicaError) -> Status {
+        from_replica(err)
+    }
+}
+
 /// The status for a request this replica could not complete.
 pub fn from_replica(err: ReplicaError) -> Status {
     match &err {

@@ -20,6 +20,7 @@ use crate::faults::{Faults, Verdict};
 use crate::proto::raft_client::RaftClient;
 use crate::proto::raft_server::Raft;
 use crate::proto::{RaftAck, RaftBatch, RaftTiming, SnapshotChunk, SnapshotEnd, SnapshotRecord};
+use crate::replica::{NetEvent, Transport};
 use crate::storage::{OutgoingSnapshot, SmStore};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use protobuf::Message as _;
@@ -54,24 +55,6 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Events from the network queued for the driver before further ones are dropped.
 pub const EVENT_QUEUE: usize = 8192;
 
-/// What the network tells the replica driver.
-pub enum NetEvent {
-    Message(Message),
-    /// A snapshot was received and staged as state-machine generation `gen`; the
-    /// driver steps `message` and answers on `done` once it has been handled.
-    Snapshot {
-        message: Message,
-        gen: u64,
-        staged: fjall::Keyspace,
-        done: oneshot::Sender<()>,
-    },
-    Unreachable(u64),
-    SnapshotSent {
-        to: u64,
-        ok: bool,
-    },
-}
-
 struct Peer {
     addr: String,
     queue: mpsc::Sender<Message>,
@@ -80,7 +63,7 @@ struct Peer {
 }
 
 /// Outbound side of the Raft transport of one group.
-pub struct Transport {
+pub struct GrpcTransport {
     group: u64,
     /// This node's id and address, sent with every batch.
     me: (u64, String),
@@ -94,7 +77,7 @@ pub struct Transport {
     timing: RaftTiming,
 }
 
-impl Transport {
+impl GrpcTransport {
     /// Creates the transport of `group`; reports go to `events`. Must be called inside
     /// the tokio runtime that should run the network tasks. `faults` is the test-only
     /// fault table (`None` in production).
@@ -104,8 +87,8 @@ impl Transport {
         timing: RaftTiming,
         events: mpsc::Sender<NetEvent>,
         faults: Option<Arc<Faults>>,
-    ) -> Arc<Transport> {
-        Arc::new(Transport {
+    ) -> Arc<GrpcTransport> {
+        Arc::new(GrpcTransport {
             group,
             me,
             events,
@@ -116,14 +99,14 @@ impl Transport {
             timing,
         })
     }
+}
 
-    /// Messages dropped so far because a peer's queue was full.
-    pub fn dropped(&self) -> u64 {
+impl Transport for GrpcTransport {
+    fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Sets (or changes) the address of peer `id`.
-    pub fn set_peer(&self, id: u64, addr: &str) {
+    fn set_peer(&self, id: u64, addr: &str) {
         let mut peers = self.peers.lock().expect("poisoned");
         if peers.get(&id).is_some_and(|p| p.addr == addr) {
             return;
@@ -171,13 +154,11 @@ impl Transport {
         );
     }
 
-    /// Forgets peer `id` (after it left the group).
-    pub fn remove_peer(&self, id: u64) {
+    fn remove_peer(&self, id: u64) {
         self.peers.lock().expect("poisoned").remove(&id);
     }
 
-    /// Queues `msg` for its destination; never blocks.
-    pub fn send(&self, msg: Message) {
+    fn send(&self, msg: Message) {
         let to = msg.to;
         let peers = self.peers.lock().expect("poisoned");
         match peers.get(&to) {
@@ -193,9 +174,8 @@ impl Transport {
         }
     }
 
-    /// Streams `snapshot` with its Raft message to the message's destination, and
-    /// reports the outcome to the driver.
-    pub fn send_snapshot(&self, msg: Message, snapshot: OutgoingSnapshot) {
+    /// Streams `snapshot` in bounded chunks on its own RPC.
+    fn send_snapshot(&self, msg: Message, snapshot: OutgoingSnapshot) {
         let to = msg.to;
         let peer = self
             .peers
@@ -229,11 +209,12 @@ impl Transport {
         });
     }
 
-    /// The test-only fault table, when fault injection is enabled.
-    pub fn faults(&self) -> Option<&Arc<Faults>> {
+    fn faults(&self) -> Option<&Arc<Faults>> {
         self.faults.as_ref()
     }
+}
 
+impl GrpcTransport {
     /// Learns the address of a peer that sent us a message, unless it is known already.
     pub fn learn_peer(&self, id: u64, addr: &str) {
         if id == 0 || addr.is_empty() || self.peers.lock().expect("poisoned").contains_key(&id) {
@@ -447,7 +428,7 @@ async fn stream_snapshot(
 pub struct RaftService {
     group: u64,
     events: mpsc::Sender<NetEvent>,
-    transport: Arc<Transport>,
+    transport: Arc<GrpcTransport>,
     store: SmStore,
     /// One snapshot is received at a time.
     receiving: tokio::sync::Mutex<()>,
@@ -460,7 +441,7 @@ impl RaftService {
     pub fn new(
         group: u64,
         events: mpsc::Sender<NetEvent>,
-        transport: Arc<Transport>,
+        transport: Arc<GrpcTransport>,
         store: SmStore,
         stopping: watch::Receiver<bool>,
         logger: slog::Logger,
@@ -562,16 +543,13 @@ impl Raft for RaftService {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         self.check_group(first.group)?;
         let message = decode_message(&first.message)?;
-        let (gen, staged) = self.store.create_staging().map_err(internal)?;
-        let db = self.store.database().clone();
+        let mut writer = self.store.receive_snapshot().map_err(internal)?;
         let mut digest = StreamDigest::default();
         let mut write = |records: Vec<SnapshotRecord>| -> Result<(), Status> {
-            let mut batch = db.batch();
-            for r in records {
-                digest.add(&r);
-                batch.insert(&staged, r.key, r.value);
-            }
-            batch.commit().map_err(|e| internal(e.into()))
+            records.iter().for_each(|r| digest.add(r));
+            writer
+                .write(records.into_iter().map(|r| (r.key, r.value)))
+                .map_err(internal)
         };
         // A staged generation that is not handed to the driver is dropped on the next
         // start (or overwritten by the next snapshot), never installed.
@@ -595,11 +573,11 @@ impl Raft for RaftService {
                 received.records, received.crc32, expected.records, expected.crc32
             )));
         }
+        let staged = writer.finish(message.get_snapshot().get_metadata().index);
         let (done, handled) = oneshot::channel();
         self.events
             .send(NetEvent::Snapshot {
                 message,
-                gen,
                 staged,
                 done,
             })

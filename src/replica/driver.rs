@@ -4,11 +4,11 @@
 //! advance, then repeat for the light ready.
 
 use super::{
-    LeaseView, PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role,
-    StateMachine,
+    LeaseView, NetEvent, PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role,
+    StateMachine, Transport,
 };
-use crate::storage::{RaftStore, SmStore};
-use crate::transport::{NetEvent, Transport};
+use crate::storage::{RaftStore, SmStore, StagedSnapshot};
+use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
@@ -37,7 +37,7 @@ struct Driver<S: StateMachine> {
     store: RaftStore,
     sm_store: SmStore,
     sm: Arc<RwLock<S>>,
-    transport: Arc<Transport>,
+    transport: Arc<dyn Transport>,
     logger: Logger,
     options: ReplicaOptions,
     /// Proposals awaiting their apply, by log index, with the term they were proposed in.
@@ -64,8 +64,7 @@ struct Driver<S: StateMachine> {
     /// a round trip to this thread.
     lease_view: Arc<LeaseView>,
     /// A received snapshot staged on disk, until Raft hands it back for install.
-    /// (snapshot index, generation, keyspace)
-    staged_snapshot: Option<(u64, u64, fjall::Keyspace)>,
+    staged_snapshot: Option<StagedSnapshot>,
     applied: u64,
     /// Term of the entry at `applied`.
     applied_term: u64,
@@ -79,14 +78,14 @@ struct Driver<S: StateMachine> {
 
 /// Starts the replica of `options.id` on its own thread and returns its handle.
 ///
-/// `events` carries what the transport receives for this group; it must be the
-/// receiver of the channel given to [`Transport::new`].
+/// `events` carries what the transport receives for this group (the receiver of
+/// the channel the transport reports to).
 pub fn start<S: StateMachine>(
     options: ReplicaOptions,
     store: RaftStore,
     sm_store: SmStore,
     mut sm: S,
-    transport: Arc<Transport>,
+    transport: Arc<dyn Transport>,
     events: mpsc::Receiver<NetEvent>,
     logger: Logger,
 ) -> anyhow::Result<Replica<S>> {
@@ -409,12 +408,10 @@ impl<S: StateMachine> Driver<S> {
             }
             NetEvent::Snapshot {
                 message,
-                gen,
                 staged,
                 done,
             } => {
-                let index = message.get_snapshot().get_metadata().index;
-                self.staged_snapshot = Some((index, gen, staged));
+                self.staged_snapshot = Some(staged);
                 if let Err(e) = self.node.step(message) {
                     warn!(self.logger, "dropped a snapshot message"; "error" => %e);
                 }
@@ -549,11 +546,11 @@ impl<S: StateMachine> Driver<S> {
 
     fn install_snapshot(&mut self, snapshot: &Snapshot) -> anyhow::Result<()> {
         let index = snapshot.get_metadata().index;
-        let (gen, staged) = match self.staged_snapshot.take() {
-            Some((staged_index, gen, ks)) if staged_index == index => (gen, ks),
+        let staged = match self.staged_snapshot.take() {
+            Some(staged) if staged.index() == index => staged,
             _ => anyhow::bail!("Raft asked to install snapshot {index}, which was not received"),
         };
-        self.store.install_snapshot(snapshot, gen, staged)?;
+        self.store.install_snapshot(snapshot, staged)?;
         let applied = self.sm_store.applied_state()?;
         self.sm.write().expect("poisoned").restore(&self.sm_store)?;
         for (id, addr) in &applied.peers {
@@ -584,7 +581,10 @@ impl<S: StateMachine> Driver<S> {
                     let mut batch = self.sm_store.batch();
                     let response = (!entry.data.is_empty()).then(|| {
                         let mut sm = sm_lock.write().expect("poisoned");
-                        sm.apply(entry.index, &entry.data, &mut batch)
+                        match S::Command::decode(&entry.data[..]) {
+                            Ok(command) => sm.apply(entry.index, command, &mut batch),
+                            Err(_) => sm.undecodable(),
+                        }
                     });
                     self.sm_store.commit(batch, position, None)?;
                     self.applied = entry.index;

@@ -1,14 +1,20 @@
 //! The Raft replica driver: the only code that touches the `raft` crate's RawNode.
 //!
 //! A [`Replica`] runs one member of one Raft group on a dedicated thread. It knows
-//! nothing of keys or configurations: it orders opaque commands through the log and
-//! hands each committed command to a [`StateMachine`], which writes into an
+//! nothing of keys or configurations: it orders the commands of its
+//! [`StateMachine`]'s type through the log (encoded as protobuf) and hands each
+//! committed command to the state machine, which writes into an
 //! [`ApplyBatch`] that is committed atomically with the applied index. Callers
 //! propose commands and await the state machine's response, or ask for a
 //! linearizable read point (Raft ReadIndex, or the leader lease it renews) and then
 //! read the state machine.
 
 mod driver;
+#[cfg(test)]
+mod memory;
+mod network;
+#[cfg(test)]
+mod tests;
 
 use crate::storage::{ApplyBatch, SmStore};
 use raft::prelude::{ConfChange, ConfChangeType, ConfState};
@@ -18,17 +24,28 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use driver::start;
+pub use network::{NetEvent, Transport};
 
 /// A deterministic state machine replicated by Raft.
 pub trait StateMachine: Send + Sync + 'static {
+    /// What is proposed and applied; the log holds it protobuf-encoded.
+    type Command: prost::Message + Default + Send + 'static;
     /// What applying a command returns to the proposer.
     type Response: Send + 'static;
 
     /// Applies the committed command at log position `index`. Every durable effect
     /// goes into `batch`; the same command applied on every replica must produce the
-    /// same writes and response. A command that cannot be decoded must be answered
-    /// with an error response, not a panic.
-    fn apply(&mut self, index: u64, command: &[u8], batch: &mut ApplyBatch) -> Self::Response;
+    /// same writes and response.
+    fn apply(
+        &mut self,
+        index: u64,
+        command: Self::Command,
+        batch: &mut ApplyBatch,
+    ) -> Self::Response;
+
+    /// The response to a log entry that does not decode as a [`Self::Command`] (one
+    /// written by another version): an error, the same on every replica.
+    fn undecodable(&self) -> Self::Response;
 
     /// Rebuilds in-memory state from `store`: at start-up and after a snapshot from the
     /// leader replaced the store's contents.
@@ -328,7 +345,11 @@ impl<S: StateMachine> Replica<S> {
 
     /// Orders `command` through the Raft log and returns what the state machine's
     /// `apply` answered. Only the leader accepts proposals.
-    pub async fn propose(&self, command: Vec<u8>) -> Result<S::Response, ReplicaError> {
+    pub async fn propose(
+        &self,
+        command: impl Into<S::Command>,
+    ) -> Result<S::Response, ReplicaError> {
+        let command = prost::Message::encode_to_vec(&command.into());
         self.call(|reply| Request::Propose { command, reply }).await
     }
 

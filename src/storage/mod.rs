@@ -18,7 +18,9 @@ mod raft_store;
 mod sm_store;
 
 pub use raft_store::{OutgoingSnapshot, RaftStore};
-pub use sm_store::{ApplyBatch, SmStore, StoreView};
+pub use sm_store::{
+    ApplyBatch, KeyBounds, Records, SmStore, SnapshotWriter, StagedSnapshot, StoreView,
+};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::path::{Path, PathBuf};

@@ -1,8 +1,8 @@
 //! The Raft log, hard state and snapshots: implements `raft::Storage`.
 
-use super::sm_store::{read_applied_state, stage_applied, stage_peer, SmStore};
+use super::sm_store::{stage_applied, stage_peer, Records, SmStore, StagedSnapshot, StoreView};
 use super::{decode_u64, Result, StorageError, KEY_SM_GEN};
-use fjall::{Database, Keyspace, PersistMode, Readable};
+use fjall::{Database, Keyspace, PersistMode};
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
@@ -21,17 +21,13 @@ const MAX_OUTGOING_SNAPSHOTS: usize = 8;
 #[derive(Clone)]
 pub struct OutgoingSnapshot {
     pub index: u64,
-    pub view: fjall::Snapshot,
-    pub keyspace: Keyspace,
+    view: StoreView,
 }
 
 impl OutgoingSnapshot {
     /// Iterates every record of the snapshot in key order.
-    pub fn records(&self) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
-        self.view.iter(&self.keyspace).map(|item| {
-            let (k, v) = item.into_inner()?;
-            Ok((k.to_vec(), v.to_vec()))
-        })
+    pub fn records(&self) -> impl Records {
+        self.view.all()
     }
 }
 
@@ -253,10 +249,10 @@ impl RaftStore {
         Ok(())
     }
 
-    /// Makes a received snapshot current: the staged state-machine generation `gen`
+    /// Makes a received snapshot current: its staged state-machine generation
     /// becomes the live one, the log is emptied and the hard state moves to the
     /// snapshot, all in one synced write.
-    pub fn install_snapshot(&self, snapshot: &Snapshot, gen: u64, staged: Keyspace) -> Result<()> {
+    pub fn install_snapshot(&self, snapshot: &Snapshot, staged: StagedSnapshot) -> Result<()> {
         let meta = snapshot.get_metadata();
         let mut state = self.state();
         let mut batch = self
@@ -280,14 +276,18 @@ impl RaftStore {
             KEY_TRUNCATED,
             encode_pos(meta.index, meta.term),
         );
-        batch.insert(&self.inner.raft, KEY_SM_GEN, gen.to_be_bytes());
+        batch.insert(
+            &self.inner.raft,
+            KEY_SM_GEN,
+            staged.generation().to_be_bytes(),
+        );
         batch.commit()?;
         state.hard_state = hs;
         state.truncated = (meta.index, meta.term);
         state.last_index = meta.index;
         state.conf_state = meta.get_conf_state().clone();
         drop(state);
-        self.inner.sm.switch_to(gen, staged)
+        self.inner.sm.switch_to(staged)
     }
 
     /// Takes the snapshot prepared for follower `to`, to stream it.
@@ -388,9 +388,8 @@ impl raft::Storage for RaftStore {
     /// Raft snapshot carries only metadata; the data is streamed separately from the
     /// pinned engine snapshot registered for `to`.
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        let view = self.inner.db.snapshot();
-        let keyspace = self.inner.sm.keyspace();
-        let applied = read_applied_state(&view, &keyspace).map_err(to_raft_error)?;
+        let view = self.inner.sm.view();
+        let applied = view.applied_state().map_err(to_raft_error)?;
         if applied.index < request_index {
             return Err(raft::Error::Store(
                 RaftStorageError::SnapshotTemporarilyUnavailable,
@@ -412,7 +411,6 @@ impl raft::Storage for RaftStore {
             OutgoingSnapshot {
                 index: applied.index,
                 view,
-                keyspace,
             },
         );
         Ok(snapshot)

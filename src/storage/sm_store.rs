@@ -31,18 +31,92 @@ pub struct StoreView {
     keyspace: Keyspace,
 }
 
+/// Key bounds of a range read.
+pub type KeyBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// Records in key order, as owned pairs; reversible (`next_back` gives the last).
+pub trait Records: DoubleEndedIterator<Item = Result<(Vec<u8>, Vec<u8>)>> {}
+impl<I: DoubleEndedIterator<Item = Result<(Vec<u8>, Vec<u8>)>>> Records for I {}
+
+fn records(iter: fjall::Iter) -> impl Records {
+    iter.map(|item| {
+        let (k, v) = item.into_inner()?;
+        Ok((k.to_vec(), v.to_vec()))
+    })
+}
+
 impl StoreView {
     /// The records within `bounds`, in key order.
-    pub fn range(
-        &self,
-        bounds: (Bound<Vec<u8>>, Bound<Vec<u8>>),
-    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>)>> + '_ {
-        self.snapshot
-            .range::<Vec<u8>, _>(&self.keyspace, bounds)
-            .map(|item| {
-                let (k, v) = item.into_inner()?;
-                Ok((k.to_vec(), v.to_vec()))
-            })
+    pub fn range(&self, bounds: KeyBounds) -> impl Records {
+        records(self.snapshot.range::<Vec<u8>, _>(&self.keyspace, bounds))
+    }
+
+    /// The records whose key starts with `prefix`, in key order.
+    pub fn prefix(&self, prefix: &[u8]) -> impl Records {
+        records(self.snapshot.prefix(&self.keyspace, prefix))
+    }
+
+    /// Reads one key as of the view.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.snapshot.get(&self.keyspace, key)?.map(|v| v.to_vec()))
+    }
+
+    /// The driver's state as of the view.
+    pub(crate) fn applied_state(&self) -> Result<AppliedState> {
+        read_applied_state(&self.snapshot, &self.keyspace)
+    }
+
+    /// Every record (the driver's keys too), for a snapshot sent to a follower.
+    pub(crate) fn all(&self) -> impl Records {
+        records(self.snapshot.iter(&self.keyspace))
+    }
+}
+
+/// A snapshot being received (see [`SmStore::receive_snapshot`]). Dropped before
+/// [`SnapshotWriter::finish`], what it wrote is never installed: it is cleared by
+/// the next snapshot or dropped at the next start.
+pub struct SnapshotWriter {
+    db: Database,
+    gen: u64,
+    keyspace: Keyspace,
+}
+
+impl SnapshotWriter {
+    /// Writes one chunk of the snapshot's records, in one engine batch.
+    pub fn write(&mut self, records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>) -> Result<()> {
+        let mut batch = self.db.batch();
+        for (key, value) in records {
+            batch.insert(&self.keyspace, key, value);
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// Ends a complete stream: the snapshot at log index `index` is ready to install.
+    pub fn finish(self, index: u64) -> StagedSnapshot {
+        StagedSnapshot {
+            index,
+            gen: self.gen,
+            keyspace: self.keyspace,
+        }
+    }
+}
+
+/// A received snapshot written to disk, waiting for Raft to install it.
+pub struct StagedSnapshot {
+    index: u64,
+    gen: u64,
+    keyspace: Keyspace,
+}
+
+impl StagedSnapshot {
+    /// The log index the snapshot was taken at.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.gen
     }
 }
 
@@ -99,16 +173,12 @@ impl SmStore {
 
     /// The current keyspace. Readers take it once per operation: a snapshot install
     /// replaces it.
-    pub fn keyspace(&self) -> Keyspace {
+    pub(super) fn keyspace(&self) -> Keyspace {
         self.current.read().expect("poisoned").1.clone()
     }
 
-    pub(crate) fn generation(&self) -> u64 {
+    fn generation(&self) -> u64 {
         self.current.read().expect("poisoned").0
-    }
-
-    pub(crate) fn database(&self) -> &Database {
-        &self.db
     }
 
     /// A read-only view of the data as committed now, unchanged by later writes.
@@ -123,6 +193,17 @@ impl SmStore {
     /// Reads one state-machine key.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self.keyspace().get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// The records within `bounds` as committed now, in key order. Each call reads
+    /// its own version: take a [`SmStore::view`] for several consistent reads.
+    pub fn range(&self, bounds: KeyBounds) -> impl Records {
+        records(self.keyspace().range::<Vec<u8>, _>(bounds))
+    }
+
+    /// The records whose key starts with `prefix` as committed now, in key order.
+    pub fn prefix(&self, prefix: &[u8]) -> impl Records {
+        records(self.keyspace().prefix(prefix))
     }
 
     /// Starts a batch of state-machine writes.
@@ -159,31 +240,36 @@ impl SmStore {
 
     /// Reads the driver's state as of the last committed apply.
     pub(crate) fn applied_state(&self) -> Result<AppliedState> {
-        read_applied_state(&self.db.snapshot(), &self.keyspace())
+        self.view().applied_state()
     }
 
-    /// Creates the keyspace of the next generation, for a snapshot being received.
-    pub(crate) fn create_staging(&self) -> Result<(u64, Keyspace)> {
+    /// Starts receiving a snapshot from the leader into the next generation, apart
+    /// from the live data until [`RaftStore::install_snapshot`] makes it current.
+    /// One snapshot is received at a time.
+    ///
+    /// [`RaftStore::install_snapshot`]: super::RaftStore::install_snapshot
+    pub fn receive_snapshot(&self) -> Result<SnapshotWriter> {
         let gen = self.generation() + 1;
         let name = sm_keyspace_name(gen);
+        let leftover = self.db.keyspace_exists(&name);
+        let keyspace = self.db.keyspace(&name, KeyspaceCreateOptions::default)?;
         // A leftover of an earlier, abandoned transfer: start it afresh.
-        if self.db.keyspace_exists(&name) {
-            let stale = self.db.keyspace(&name, KeyspaceCreateOptions::default)?;
-            stale.clear()?;
-            return Ok((gen, stale));
+        if leftover {
+            keyspace.clear()?;
         }
-        Ok((
+        Ok(SnapshotWriter {
+            db: self.db.clone(),
             gen,
-            self.db.keyspace(&name, KeyspaceCreateOptions::default)?,
-        ))
+            keyspace,
+        })
     }
 
     /// Makes `keyspace` (generation `gen`) current and drops the old generation. The
     /// caller has already made the switch durable in the `raft` keyspace.
-    pub(crate) fn switch_to(&self, gen: u64, keyspace: Keyspace) -> Result<()> {
+    pub(super) fn switch_to(&self, staged: StagedSnapshot) -> Result<()> {
         let old = {
             let mut current = self.current.write().expect("poisoned");
-            std::mem::replace(&mut *current, (gen, keyspace)).1
+            std::mem::replace(&mut *current, (staged.gen, staged.keyspace)).1
         };
         self.db.delete_keyspace(old)?;
         Ok(())
@@ -212,7 +298,7 @@ pub(crate) fn stage_peer(batch: &mut WriteBatch, ks: &Keyspace, id: u64, addr: &
     batch.insert(ks, peer_key(id), addr.as_bytes());
 }
 
-pub(crate) fn read_applied_state(view: &impl Readable, ks: &Keyspace) -> Result<AppliedState> {
+fn read_applied_state(view: &impl Readable, ks: &Keyspace) -> Result<AppliedState> {
     let mut state = AppliedState::default();
     if let Some(raw) = view.get(ks, KEY_APPLIED)? {
         if raw.len() != 16 {
