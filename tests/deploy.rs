@@ -475,13 +475,15 @@ impl Workload {
     }
 
     /// Stops the clients, reads every hot key back (recorded) and every acknowledged
-    /// unique key (`unique`: every unique key the cluster now holds), and fails on a
-    /// linearizability violation or a lost write.
-    fn finish(self, unique: &BTreeMap<String, String>) {
+    /// unique key (`read_unique`: every unique key the cluster holds, read only once
+    /// no client writes any more, or a put acknowledged after that read would look
+    /// lost), and fails on a linearizability violation or a lost write.
+    fn finish(self, read_unique: impl FnOnce() -> BTreeMap<String, String>) {
         self.stop.store(true, Ordering::Relaxed);
         for c in self.clients {
             c.join().expect("client thread panicked");
         }
+        let unique = read_unique();
         let reader = u64::MAX;
         let mut finals = Vec::new();
         for key in HOT_KEYS {
@@ -672,19 +674,20 @@ fn compose_cluster_survives_kills_partitions_scaling_and_a_rolling_restart() {
         "a range went {gap:?} without serving during the rolling restart"
     );
 
-    let out = cluster.shardctl(&["--output", "json", "scan", UNIQUE_PREFIX, UNIQUE_END]);
-    assert!(out.status.success(), "scan of the unique keys: {out:?}");
-    let pairs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let unique = pairs
-        .iter()
-        .map(|p| {
-            (
-                p["key"].as_str().unwrap().to_owned(),
-                p["value"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    workload.finish(&unique);
+    workload.finish(|| {
+        let out = cluster.shardctl(&["--output", "json", "scan", UNIQUE_PREFIX, UNIQUE_END]);
+        assert!(out.status.success(), "scan of the unique keys: {out:?}");
+        let pairs: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        pairs
+            .iter()
+            .map(|p| {
+                (
+                    p["key"].as_str().unwrap().to_owned(),
+                    p["value"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    });
 
     cluster.down();
     println!("{test}: passed in {:?}", started.elapsed());
