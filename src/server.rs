@@ -7,7 +7,8 @@ use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 /// Serves `routes` plus reflection and health on `listener` until `shutdown` resolves.
-/// `services` are the fully-qualified names reported as SERVING by the health service.
+/// `services` are the fully-qualified names reported as SERVING by the health service;
+/// reflection lists those of them that are public, membership and health.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
@@ -21,14 +22,26 @@ pub async fn serve(
             .set_service_status(*name, ServingStatus::Serving)
             .await;
     }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection = || {
+        let listed = services
+            .iter()
+            .copied()
+            .filter(|s| crate::proto::PUBLIC_SERVICES.contains(s))
+            .chain([
+                "shardkv.v1.Membership",
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]);
+        listed.fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |builder, name| builder.with_service_name(name),
+        )
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     // With a listener of our own, tonic ignores Server::tcp_nodelay: set it on the
     // incoming stream, or Nagle's algorithm adds ~40 ms to replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));

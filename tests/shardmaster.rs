@@ -529,3 +529,52 @@ async fn grpcurl_lists_and_calls_the_shard_master() {
     assert!(out.contains(r#""gid": "1""#), "Query reply: {out}");
     assert!(out.contains(r#""num": "1""#), "Query reply: {out}");
 }
+
+/// Server reflection lists what users call (the shard master's and membership
+/// services, health), not the servers' own Raft traffic nor the test-only fault
+/// service, even on a replica that serves it.
+#[tokio::test]
+async fn reflection_lists_only_public_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let cluster = MasterCluster::start_with(MasterOptions {
+        replicas: 1,
+        extra_args: vec![format!("--{}", shardkv::faults::FLAG)],
+        ..Default::default()
+    });
+    cluster.wait_leader(LEADER_WAIT).await;
+    // The fault service is served (so it is hidden, not absent).
+    let mut faults = shardkv::proto::faults_client::FaultsClient::new(cluster.channel(0));
+    faults
+        .get_faults(shardkv::proto::GetFaultsRequest {})
+        .await
+        .expect("the replica serves Faults");
+    let mut client = ServerReflectionClient::new(cluster.channel(0));
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = client
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().expect("a reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("not a service list: {reply:?}");
+    };
+    let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    let expected: BTreeSet<String> = [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "shardkv.v1.Membership",
+        "shardkv.v1.ShardMaster",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(names, expected);
+}
