@@ -5,12 +5,18 @@
 # a live move keeps it serving until a short cutover).
 #   bench/move.sh                      # binaries from target/release
 #   BIN=/path/to/bin SIZE_MB=256 MOVING_CONCURRENCY=16 bench/move.sh
-# Prints the move's duration and the bench reports (JSON) of both loads.
+# First the same two loads run for BASELINE_SECS (default 10) with no move, so the
+# move's numbers can be read against what this machine does without one. Requests to
+# the moving range slower than SLOW_MS (default 100) are listed with the time they
+# started, beside the cutover's log lines. Prints a summary, then the bench reports
+# (JSON) of every load.
 set -euo pipefail
 # shellcheck source=bench/playground.sh
 source "$(dirname "$0")/playground.sh"
 bin=$(cd "${BIN:-target/release}" && pwd)
+summary=$(cd "$(dirname "$0")" && pwd)/move_summary.py
 size_mb=${SIZE_MB:-1024}
+baseline_secs=${BASELINE_SECS:-10}
 value_size=10000
 keys=$((size_mb * 1024 * 1024 / value_size))
 dir=$(mktemp -d -t shardkv-move-XXXX)
@@ -25,23 +31,38 @@ owner=$("$bin/shardctl" --output json query |
 dest=$((owner == 1 ? 2 : 1))
 echo "loaded ${size_mb} MB ($keys keys of $value_size bytes) into [g, n) of group $owner; data dirs:"
 du -sh "$dir"/playground/* 2>/dev/null | sed 's/^/  /' || true
-# Reads and writes (100-byte values) to every other range for as long as the move takes.
-"$bin/shardctl" --output json bench --keep --workload mixed --prefixes a,b,c,d,e,f,o,p,q,r,s,u,v,w,x,y,z \
-  --keys 100000 --concurrency 16 --clients 4 --duration 3600 --warmup 0 >other.json &
-load=$!
-# Reads and writes to the moving range, on keys of their own (prefix "hz").
-"$bin/shardctl" --output json bench --workload mixed --prefixes hz \
-  --keys 10000 --concurrency "${MOVING_CONCURRENCY:-4}" --clients 1 --duration 3600 --warmup 0 \
-  >moving.json &
-moving=$!
-sleep 3 # connections up, load steady
+
+# start_loads NAME: reads and writes (100-byte values) to every other range, 16 in
+# flight, into NAME-other.json, and to the moving range on keys of their own (prefix
+# "hz") into NAME-moving.json, until stop_loads.
+start_loads() {
+  "$bin/shardctl" --output json bench --keep --workload mixed --prefixes a,b,c,d,e,f,o,p,q,r,s,u,v,w,x,y,z \
+    --keys 100000 --concurrency 16 --clients 4 --duration 3600 --warmup 0 >"$1-other.json" &
+  load=$!
+  "$bin/shardctl" --output json bench --keep --workload mixed --prefixes hz --slow-ms "${SLOW_MS:-100}" \
+    --keys 10000 --concurrency "${MOVING_CONCURRENCY:-4}" --clients 1 --duration 3600 --warmup 0 \
+    >"$1-moving.json" &
+  moving=$!
+  sleep 3 # connections up, load steady
+}
+stop_loads() {
+  kill -INT $load $moving
+  wait $load $moving
+}
+
+start_loads baseline
+sleep "$baseline_secs"
+stop_loads
+
+start_loads move
 started=$(date +%s.%N)
 "$bin/shardctl" --timeout 1800 move h "$dest" --wait
 ended=$(date +%s.%N)
-kill -INT $load $moving
-wait $load $moving
+stop_loads
 echo "moved ${size_mb} MB from group $owner to group $dest in $(echo "$ended - $started" | bc) s"
-echo "requests to the other ranges during the move (and ~3 s before it):"
-cat other.json
-echo "requests to the moving range during the move (max latency, p99.9 and errors are in it):"
-cat moving.json
+python3 "$summary" "$started" "$ended" baseline-other.json baseline-moving.json \
+  move-other.json move-moving.json playground/logs
+for f in baseline-other baseline-moving move-other move-moving; do
+  echo "$f:"
+  cat "$f.json"
+done

@@ -64,6 +64,12 @@ pub struct Args {
     /// disk to the ranges that keep serving during a move (0: no limit).
     #[arg(long, env = "SHARDKV_MOVE_RATE_MIB", default_value_t = 32)]
     pub move_rate_mib: u32,
+    /// KiB of records per transfer call and per Raft entry that installs them: smaller
+    /// chunks hold the destination's log for less time each, larger ones cost fewer
+    /// rounds (4 to 65536).
+    #[arg(long, env = "SHARDKV_MOVE_CHUNK_KIB", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(4..=65536))]
+    pub move_chunk_kib: u32,
     /// How often to report to the shard master, in ms.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_ms: u64,
@@ -122,7 +128,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         node.replica.clone(),
         masters.clone(),
         Duration::from_millis(args.poll_ms),
-        kvnode::MoveRate::new(args.move_rate_mib),
+        kvnode::MovePacing::new(args.move_rate_mib, args.move_chunk_kib),
         logger.clone(),
         node.faults.clone(),
     ));

@@ -25,8 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
-/// Bytes of records asked for per pull.
-const PULL_CHUNK_BYTES: u32 = 1 << 20;
 /// Configurations applied per step at most.
 const MAX_CONFIGS_PER_STEP: usize = 64;
 /// Garbage-collection commands per range per step, so other work is not starved.
@@ -40,6 +38,24 @@ const CUTOVER_LAG_BYTES: u64 = 256 << 10;
 /// (a cancellation) and reports progress.
 const MOVE_STEP: Duration = Duration::from_secs(1);
 
+/// How a move's data travels: in chunks of at most `chunk_bytes` (one Raft entry
+/// each at the destination), at most `rate` fast.
+pub struct MovePacing {
+    pub chunk_bytes: u32,
+    pub rate: Option<MoveRate>,
+}
+
+impl MovePacing {
+    /// `mib_per_sec` 0: no limit.
+    pub fn new(mib_per_sec: u32, chunk_kib: u32) -> MovePacing {
+        let chunk_bytes = chunk_kib.saturating_mul(1024);
+        MovePacing {
+            chunk_bytes,
+            rate: MoveRate::new(mib_per_sec, chunk_bytes),
+        }
+    }
+}
+
 /// Paces the bytes this node pulls from other groups, so a large move leaves CPU
 /// and disk to the ranges that keep serving (TiKV's snap-io-max-bytes-per-sec).
 pub struct MoveRate {
@@ -50,10 +66,10 @@ pub struct MoveRate {
 
 impl MoveRate {
     /// `None` for 0: pulls go as fast as the groups can take them.
-    pub fn new(mib_per_sec: u32) -> Option<MoveRate> {
+    fn new(mib_per_sec: u32, chunk_bytes: u32) -> Option<MoveRate> {
         let kib = NonZeroU32::new(mib_per_sec.checked_mul(1024)?)?;
         // At least one full chunk, or a rate under a chunk a second could not pass one.
-        let burst = kib.max(NonZeroU32::new(PULL_CHUNK_BYTES / 1024).expect("chunk is 1 MiB"));
+        let burst = kib.max(NonZeroU32::new(chunk_bytes / 1024)?);
         Some(MoveRate {
             limiter: RateLimiter::direct(Quota::per_second(kib).allow_burst(burst)),
             burst,
@@ -76,7 +92,7 @@ pub async fn run_migrations(
     replica: Replica<KvState>,
     masters: Arc<MasterClient>,
     interval: Duration,
-    rate: Option<MoveRate>,
+    pacing: MovePacing,
     logger: Logger,
     faults: Option<Arc<Faults>>,
 ) {
@@ -85,7 +101,8 @@ pub async fn run_migrations(
         masters,
         channels: HashMap::new(),
         preferred: HashMap::new(),
-        rate,
+        chunk_bytes: pacing.chunk_bytes,
+        rate: pacing.rate,
         logger,
         faults,
     };
@@ -108,6 +125,8 @@ struct Worker {
     channels: HashMap<String, Channel>,
     /// Per group, the node that answered last: tried first (the leader, usually).
     preferred: HashMap<u64, String>,
+    /// Bytes of records asked for per pull, copy or delta round.
+    chunk_bytes: u32,
     rate: Option<MoveRate>,
     logger: Logger,
     faults: Option<Arc<Faults>>,
@@ -263,7 +282,7 @@ impl Worker {
                 config_num: held.config_num,
                 range: held.range.clone(),
                 cursor: cursor.clone(),
-                max_bytes: PULL_CHUNK_BYTES,
+                max_bytes: self.chunk_bytes,
             };
             let reply = self
                 .call_any(&held.peer_nodes, |mut c| {
@@ -327,7 +346,7 @@ impl Worker {
                 }
                 let (installed, remaining) = self.delta_round(&plan, &source, &m, !frozen).await?;
                 lag = remaining;
-                if !frozen && remaining <= CUTOVER_LAG_BYTES && installed < PULL_CHUNK_BYTES {
+                if !frozen && remaining <= CUTOVER_LAG_BYTES && installed < self.chunk_bytes {
                     // Said first, so the shard master gives a cutover that stalls
                     // (the range is frozen) its shorter limit.
                     self.report(&plan, remaining, true).await;
@@ -360,7 +379,7 @@ impl Worker {
         let request = CopyRangeRequest {
             plan_id: plan.id,
             cursor: m.copy_cursor.clone(),
-            max_bytes: PULL_CHUNK_BYTES,
+            max_bytes: self.chunk_bytes,
         };
         let reply = self
             .call_group(plan.source, source, |mut c| {
@@ -393,7 +412,7 @@ impl Worker {
         let request = PullDeltasRequest {
             plan_id: plan.id,
             cursor: m.delta_cursor.clone(),
-            max_bytes: PULL_CHUNK_BYTES,
+            max_bytes: self.chunk_bytes,
         };
         let reply = self
             .call_group(plan.source, source, |mut c| {
@@ -532,8 +551,8 @@ mod tests {
 
     #[tokio::test]
     async fn move_rate_lets_a_burst_through_then_paces_to_the_rate() {
-        assert!(MoveRate::new(0).is_none(), "0 means no limit");
-        let rate = MoveRate::new(1).expect("1 MiB/s");
+        assert!(MovePacing::new(0, 1024).rate.is_none(), "0 means no limit");
+        let rate = MovePacing::new(1, 1024).rate.expect("1 MiB/s");
         let started = Instant::now();
         // The first MiB is the burst; 512 KiB more at 1 MiB/s take half a second.
         for _ in 0..6 {

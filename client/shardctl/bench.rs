@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Share of reads per workload.
 #[derive(ValueEnum, Debug, Clone, Copy, Serialize)]
@@ -106,7 +106,15 @@ pub struct BenchArgs {
     /// are always kept).
     #[arg(long)]
     keep: bool,
+    /// List every measured request that took at least this many milliseconds (or
+    /// failed after that long), with the wall-clock time it started, so slow requests
+    /// can be matched with what the cluster was doing (a move's cutover, say).
+    #[arg(long)]
+    slow_ms: Option<u64>,
 }
+
+/// Slow requests kept per run at most (the slowest, when there are more).
+const SLOW_KEPT: usize = 1000;
 
 /// The keys (by index) a run has written, so they can be deleted afterwards.
 struct Written {
@@ -197,6 +205,18 @@ impl Op {
 struct Tally {
     latencies: BTreeMap<Op, Histogram<u64>>,
     errors: BTreeMap<String, u64>,
+    slow: Vec<SlowRequest>,
+}
+
+/// One request over `--slow-ms`.
+#[derive(Serialize)]
+struct SlowRequest {
+    /// When it started, in milliseconds since the Unix epoch.
+    started_unix_ms: u64,
+    op: &'static str,
+    ms: f64,
+    /// The error kind, if it failed.
+    error: Option<String>,
 }
 
 impl Tally {
@@ -221,6 +241,7 @@ impl Tally {
         for (kind, n) in other.errors {
             *self.errors.entry(kind).or_default() += n;
         }
+        self.slow.extend(other.slow);
     }
 }
 
@@ -317,6 +338,9 @@ struct Report {
     ops_per_sec: f64,
     operations: Vec<OpReport>,
     errors: BTreeMap<String, u64>,
+    /// With --slow-ms: the requests over it, in the order they started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slow_requests: Option<Vec<SlowRequest>>,
 }
 
 pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
@@ -346,7 +370,7 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
         let value = value.clone();
         let read_ratio = args.workload.read_ratio();
         let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed.wrapping_add(t as u64));
-        let ops_limit = args.ops;
+        let (ops_limit, slow_ms) = (args.ops, args.slow_ms);
         let written = written.clone();
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
@@ -359,19 +383,30 @@ pub async fn run(ctx: &Ctx, args: BenchArgs) -> anyhow::Result<ExitCode> {
                     written.mark(i);
                     Op::Put
                 };
-                let started = Instant::now();
+                let (started, started_wall) = (Instant::now(), SystemTime::now());
                 let result = client.run(op, &k, &value).await;
                 if !measuring.load(Ordering::Relaxed) {
                     continue;
                 }
+                let took = started.elapsed();
                 // With --ops, operations that finish after the limit was reached
                 // (they were in flight on other tasks) are not counted.
                 let done = counted.fetch_add(1, Ordering::Relaxed) + 1;
                 if ops_limit.is_some_and(|limit| done > limit) {
                     break;
                 }
+                if slow_ms.is_some_and(|ms| took >= Duration::from_millis(ms)) {
+                    tally.slow.push(SlowRequest {
+                        started_unix_ms: started_wall
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64),
+                        op: op.name(),
+                        ms: took.as_secs_f64() * 1000.0,
+                        error: result.as_ref().err().cloned(),
+                    });
+                }
                 match result {
-                    Ok(()) => tally.record(op, started.elapsed()),
+                    Ok(()) => tally.record(op, took),
                     Err(kind) => *tally.errors.entry(kind).or_default() += 1,
                 }
                 if ops_limit.is_some_and(|limit| done >= limit) {
@@ -535,7 +570,7 @@ fn progress(args: &BenchArgs) -> ProgressBar {
     bar
 }
 
-fn report(args: &BenchArgs, seconds: f64, tally: Tally) -> Report {
+fn report(args: &BenchArgs, seconds: f64, mut tally: Tally) -> Report {
     let ms = |us: u64| us as f64 / 1000.0;
     let operations: Vec<OpReport> = tally
         .latencies
@@ -552,6 +587,12 @@ fn report(args: &BenchArgs, seconds: f64, tally: Tally) -> Report {
         })
         .collect();
     let total_ops: u64 = operations.iter().map(|o| o.count).sum();
+    let slow_requests = args.slow_ms.map(|_| {
+        tally.slow.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        tally.slow.truncate(SLOW_KEPT);
+        tally.slow.sort_by_key(|s| s.started_unix_ms);
+        tally.slow
+    });
     Report {
         workload: args.workload,
         distribution: args.distribution,
@@ -574,6 +615,7 @@ fn report(args: &BenchArgs, seconds: f64, tally: Tally) -> Report {
         ops_per_sec: total_ops as f64 / seconds,
         operations,
         errors: tally.errors,
+        slow_requests,
     }
 }
 
@@ -615,6 +657,18 @@ fn print_report(r: &Report) -> anyhow::Result<()> {
     } else {
         for (kind, n) in &r.errors {
             outln!("errors: {n} {kind}");
+        }
+    }
+    if let Some(slow) = &r.slow_requests {
+        outln!("{} request(s) over --slow-ms:", slow.len());
+        for s in slow {
+            let outcome = s.error.as_deref().unwrap_or("ok");
+            outln!(
+                "  started at {} ms (Unix): {} took {:.1} ms, {outcome}",
+                s.started_unix_ms,
+                s.op,
+                s.ms
+            );
         }
     }
     Ok(())
