@@ -468,9 +468,12 @@ impl Client {
         let mut delays = backoff().build();
         let mut last;
         let mut quick_hops = 0;
+        // The group a frozen source sent us to, for the next attempt only.
+        let mut hinted: Option<u64> = None;
         loop {
             let config = self.config();
-            let (_, gid) = config.owner(key);
+            let owner = config.owner(key).1;
+            let gid = hinted.take().unwrap_or(owner);
             let mut wait = true;
             let mut cutover = false;
             if gid == 0 {
@@ -492,6 +495,13 @@ impl Client {
                 let status = match result {
                     Ok(Ok(reply)) => {
                         self.prefer(gid, &addr);
+                        if gid != owner {
+                            // Served by the group a cutover handed the range to: our
+                            // configuration is behind, so learn the new one.
+                            let (client, seen) = (self.clone(), config.num);
+                            let by = Instant::now() + options.attempt_timeout;
+                            tokio::spawn(async move { client.refresh_after(seen, by).await });
+                        }
                         return Ok(reply);
                     }
                     Ok(Err(status)) => status,
@@ -528,7 +538,22 @@ impl Client {
                             }
                         }
                     }
-                    Action::WrongGroup(num) => {
+                    Action::WrongGroup {
+                        num,
+                        moving_to: Some(dest),
+                    } if dest != gid && config.group(dest).is_some() => {
+                        // A live move's cutover froze the range here: its destination
+                        // holds requests until it serves them, so go there now rather
+                        // than wait for the shard master to say so.
+                        last = Failure::Moving(gid, num);
+                        hinted = Some(dest);
+                        cutover = true;
+                        if quick_hops < 3 {
+                            quick_hops += 1;
+                            wait = false;
+                        }
+                    }
+                    Action::WrongGroup { num, .. } => {
                         last = Failure::Moving(gid, num);
                         if num >= config.num {
                             // The configuration moved on: ask the shard master.
@@ -647,8 +672,9 @@ enum Action {
     Redirect(String),
     /// Retry at the group's next member; `reached` is false for a transport failure.
     NextNode { reached: bool },
-    /// The server does not serve the key; it has applied this configuration.
-    WrongGroup(u64),
+    /// The server does not serve the key; it has applied configuration `num`. A live
+    /// move's frozen source names the group the key's range is going to.
+    WrongGroup { num: u64, moving_to: Option<u64> },
 }
 
 fn classify(status: &Status) -> Action {
@@ -657,7 +683,12 @@ fn classify(status: &Status) -> Action {
             return Action::Redirect(hint.leader_addr)
         }
         Some(Kind::NotLeader(_)) => return Action::NextNode { reached: true },
-        Some(Kind::WrongGroup(w)) => return Action::WrongGroup(w.config_num),
+        Some(Kind::WrongGroup(w)) => {
+            return Action::WrongGroup {
+                num: w.config_num,
+                moving_to: (w.moving_to != 0).then_some(w.moving_to),
+            }
+        }
         Some(Kind::InvalidArgument(a)) => {
             return Action::Fail(Error::InvalidArgument {
                 field: a.field,
@@ -1215,8 +1246,18 @@ mod tests {
             "key: must not be empty"
         );
         assert_eq!(
-            classify(&status::wrong_group(4, "moved".into())),
-            Action::WrongGroup(4)
+            classify(&status::wrong_group(4, 0, "moved".into())),
+            Action::WrongGroup {
+                num: 4,
+                moving_to: None
+            }
+        );
+        assert_eq!(
+            classify(&status::wrong_group(4, 2, "frozen".into())),
+            Action::WrongGroup {
+                num: 4,
+                moving_to: Some(2)
+            }
         );
         assert_eq!(
             classify(&Status::unavailable("no leader")),

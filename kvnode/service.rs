@@ -65,9 +65,21 @@ fn check_key(field: &str, key: &[u8]) -> Result<(), Status> {
 
 fn kv_error(e: KvError) -> Status {
     match e {
-        KvError::WrongGroup { config_num } => status::wrong_group(
+        KvError::WrongGroup {
             config_num,
+            moving_to: 0,
+        } => status::wrong_group(
+            config_num,
+            0,
             format!("key is not served by this group in configuration {config_num}"),
+        ),
+        KvError::WrongGroup {
+            config_num,
+            moving_to,
+        } => status::wrong_group(
+            config_num,
+            moving_to,
+            format!("key's range is frozen here for its move to group {moving_to}"),
         ),
         KvError::Superseded { seq } => Status::failed_precondition(format!(
             "write {seq} was already answered (the client acknowledged it)"

@@ -47,8 +47,9 @@ pub const DELETE_CHUNK_KEYS: usize = 1024;
 /// Why a write was not applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvError {
-    /// The key is not served by this group in its configuration `config_num`.
-    WrongGroup { config_num: u64 },
+    /// The key is not served by this group in its configuration `config_num`;
+    /// `moving_to` is the destination of a live move whose cutover froze it (0: none).
+    WrongGroup { config_num: u64, moving_to: u64 },
     /// The client already acknowledged this write's reply, so this is a stale copy.
     Superseded { seq: u64 },
     /// The client has more unacknowledged writes than the server remembers replies for.
@@ -259,12 +260,14 @@ impl KvState {
             .position(|m| plan_id(m) == id && !self.is_source(m))
     }
 
-    /// True if `key` is in a range that has fully arrived here and becomes ours with
-    /// the cutover configuration: a request for it is worth holding for a moment.
+    /// True if `key` is in a range copied here that becomes ours with the cutover
+    /// configuration: a request for it is worth holding for a moment. From the end
+    /// of the copy, not of the deltas: a client sent here by the frozen source (its
+    /// wrong-group answer names this group) may come before the last deltas.
     pub fn arriving(&self, key: &[u8]) -> bool {
         self.moves
             .iter()
-            .any(|m| m.ready && !self.is_source(m) && plan_range(m).contains(key))
+            .any(|m| m.copy_done && !self.is_source(m) && plan_range(m).contains(key))
     }
 
     /// True when every held range is served and every previous owner has been told to
@@ -277,18 +280,20 @@ impl KvState {
 
     /// The served range containing `key`, or the wrong-group error.
     pub fn serving_range(&self, key: &[u8]) -> Result<&KeyRange, KvError> {
-        let frozen = self
+        let frozen_for = self
             .moves
             .iter()
-            .any(|m| m.frozen && plan_range(m).contains(key));
+            .find(|m| m.frozen && plan_range(m).contains(key))
+            .map(|m| m.plan.as_ref().map_or(0, |p| p.dest));
         self.held
             .iter()
-            .filter(|_| !frozen)
+            .filter(|_| frozen_for.is_none())
             .filter(|h| h.state() == RangeState::Serving)
             .filter_map(|h| h.range.as_ref())
             .find(|r| r.contains(key))
             .ok_or(KvError::WrongGroup {
                 config_num: self.config.num,
+                moving_to: frozen_for.unwrap_or(0),
             })
     }
 
@@ -1284,7 +1289,10 @@ mod tests {
                 Ok(KvReply {
                     reply: Some(Reply::Delete(DeleteReply { existed: true })),
                 }),
-                Err(KvError::WrongGroup { config_num: 1 }),
+                Err(KvError::WrongGroup {
+                    config_num: 1,
+                    moving_to: 0
+                }),
                 Err(KvError::Malformed),
                 put,
             ]
@@ -1316,7 +1324,10 @@ mod tests {
         dest.exec(Command::Config(c2));
         assert_eq!(
             source.state.get(b"zebra").unwrap(),
-            Err(KvError::WrongGroup { config_num: 2 })
+            Err(KvError::WrongGroup {
+                config_num: 2,
+                moving_to: 0
+            })
         );
         let moving = dest.state.held()[0].clone();
         assert_eq!(moving.state(), RangeState::Pulling);
@@ -1429,9 +1440,13 @@ mod tests {
         }));
         source.put("cherry", b"1", id(9, 4, 1)).unwrap();
         source.exec(Command::FreezeMove(2));
+        // Frozen, the source names the group the range is going to.
         assert_eq!(
             source.state.get(b"apple").unwrap(),
-            Err(KvError::WrongGroup { config_num: 2 })
+            Err(KvError::WrongGroup {
+                config_num: 2,
+                moving_to: 2
+            })
         );
         let read = source.state.deltas(2, &cursor).unwrap();
         let (last, all) = read.run(1 << 20).unwrap();

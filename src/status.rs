@@ -77,12 +77,16 @@ pub fn invalid_argument(field: &str, reason: impl Into<String>, limit: u64) -> S
     )
 }
 
-/// The key is not served by this group in the configuration it has applied.
-pub fn wrong_group(config_num: u64, what: String) -> Status {
+/// The key is not served by this group in the configuration it has applied;
+/// `moving_to` names the group a live move is handing it to (0: none).
+pub fn wrong_group(config_num: u64, moving_to: u64, what: String) -> Status {
     with_detail(
         Code::FailedPrecondition,
         what,
-        Kind::WrongGroup(WrongGroup { config_num }),
+        Kind::WrongGroup(WrongGroup {
+            config_num,
+            moving_to,
+        }),
     )
 }
 
