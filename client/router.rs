@@ -29,6 +29,8 @@ pub struct RouterOptions {
     /// Largest request body (value) accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub observability: crate::observability::ObservabilityArgs,
 }
 
 /// Keys longer than this are shortened in the log.

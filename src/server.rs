@@ -1,5 +1,5 @@
 //! gRPC server plumbing shared by every server: reflection (v1 and v1alpha, which
-//! grpcurl 1.8 speaks), grpc.health.v1, message limits and graceful shutdown.
+//! grpcurl 1.8 speaks), grpc.health.v1, message limits and graceful shutdown. (Logging: `src/logging.rs`.)
 
 use std::future::Future;
 use tokio::net::TcpListener;
@@ -56,17 +56,4 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-/// A terminal logger at `level` ("error", "warn", "info", "debug").
-pub fn logger(level: &str, component: String) -> slog::Logger {
-    use slog::Drain;
-    let level = level.parse().unwrap_or(slog::Level::Info);
-    let decorator = slog_term::TermDecorator::new().stderr().build();
-    let drain = slog_term::FullFormat::new(decorator).build().fuse();
-    let drain = slog_async::Async::new(drain)
-        .build()
-        .filter_level(level)
-        .fuse();
-    slog::Logger::root(drain, slog::o!("node" => component))
 }

@@ -697,6 +697,7 @@ impl<S: StateMachine> Driver<S> {
 
     fn publish_status(&self) {
         let raft = &self.node.raft;
+        crate::logging::set_term(raft.term);
         let role = match raft.state {
             StateRole::Follower => Role::Follower,
             StateRole::Candidate => Role::Candidate,
