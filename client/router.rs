@@ -197,6 +197,7 @@ pub async fn run(
         .route("/keys/", get(empty_key).put(empty_key).delete(empty_key))
         .route("/keys", get(empty_key).put(empty_key).delete(empty_key))
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
+        .layer(axum::middleware::from_fn(crate::metrics::http_middleware))
         .with_state(gateway.clone());
     let listener = tokio::net::TcpListener::bind(&options.listen)
         .await

@@ -97,11 +97,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         listen,
         advertise,
     } = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen, args.advertise)?;
-    let logger = args.observability.logger(Process::Replica {
-        role: "kvnode",
-        group: args.gid,
-        node: args.id,
-    });
+    let logger = args
+        .observability
+        .start(Process::Replica {
+            role: "kvnode",
+            group: args.gid,
+            node: args.id,
+        })
+        .await?;
     let masters = Arc::new(MasterClient::new(&args.masters, Duration::from_secs(2))?);
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

@@ -80,11 +80,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         listen,
         advertise,
     } = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen, args.advertise)?;
-    let logger = args.observability.logger(Process::Replica {
-        role: "shardmaster",
-        group: 0,
-        node: args.id,
-    });
+    let logger = args
+        .observability
+        .start(Process::Replica {
+            role: "shardmaster",
+            group: 0,
+            node: args.id,
+        })
+        .await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -8,6 +8,7 @@ pub mod config;
 pub mod faults;
 pub mod logging;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod observability;
 pub mod proto;

@@ -53,6 +53,14 @@ pub enum Process {
     Other { role: &'static str },
 }
 
+impl Process {
+    pub fn role(&self) -> &'static str {
+        match self {
+            Process::Replica { role, .. } | Process::Other { role } => role,
+        }
+    }
+}
+
 /// The Raft term of this process's replica, for the `term` key of its records.
 /// Process-wide because a process runs one replica; the driver keeps it current.
 static TERM: AtomicU64 = AtomicU64::new(0);

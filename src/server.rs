@@ -33,6 +33,7 @@ pub async fn serve(
     // incoming stream, or Nagle's algorithm adds ~40 ms to replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
+        .layer(crate::metrics::GrpcMetricsLayer)
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -62,7 +62,8 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
         Command::Router(options) => {
             let logger = options
                 .observability
-                .logger(Process::Other { role: "router" });
+                .start(Process::Other { role: "router" })
+                .await?;
             router::run(
                 ctx.masters().to_vec(),
                 ctx.client_options(),
