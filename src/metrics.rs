@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{LazyLock, OnceLock};
+use std::sync::{LazyLock, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tonic::codegen::http;
@@ -171,7 +171,7 @@ pub struct MoveMetrics {
     /// Live moves as the destination's leader drove them, first step to cutover.
     pub duration: Histogram,
     /// The shard master's live moves, by phase.
-    pub plans: Family<PhaseLabels, Gauge>,
+    plans: Family<PhaseLabels, Gauge>,
 }
 
 impl MoveMetrics {
@@ -187,13 +187,31 @@ impl MoveMetrics {
             plans: Family::default(),
         }
     }
+
+    /// Sets the number of the shard master's live moves in `phase` ("queued",
+    /// "copying", "catching_up", "cutting_over").
+    pub fn set_plans(&self, phase: &'static str, n: usize) {
+        self.plans
+            .get_or_create(&PhaseLabels { phase })
+            .set(n as i64);
+    }
 }
 
-/// The shard master's view of the cluster (`shardmaster/report.rs`).
+/// The shard master's view of the cluster, set at each scrape
+/// (`MasterService::report_metrics`).
 pub struct MasterMetrics {
     pub config_num: Gauge,
     /// kvnodes by liveness, on the leader (it holds the heartbeat table).
-    pub nodes: Family<StateLabels, Gauge>,
+    nodes: Family<StateLabels, Gauge>,
+}
+
+impl MasterMetrics {
+    /// Sets the number of kvnodes in `state` ("up", "down", "unknown").
+    pub fn set_nodes(&self, state: &'static str, n: usize) {
+        self.nodes
+            .get_or_create(&StateLabels { state })
+            .set(n as i64);
+    }
 }
 
 /// Every metric of this process.
@@ -212,7 +230,11 @@ pub struct Metrics {
     pub master: MasterMetrics,
     node_info: Family<NodeLabels, Gauge>,
     storage: OnceLock<crate::storage::StorageStats>,
+    /// Run before each scrape, to set gauges whose values live elsewhere.
+    scrape_hooks: Mutex<Vec<ScrapeHook>>,
 }
+
+type ScrapeHook = Box<dyn Fn() + Send + Sync>;
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let transport_dropped = Family::<KindLabels, Counter>::default();
@@ -232,6 +254,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         },
         node_info: Family::default(),
         storage: OnceLock::new(),
+        scrape_hooks: Mutex::new(Vec::new()),
     }
 });
 
@@ -256,6 +279,15 @@ impl Metrics {
             },
         };
         self.node_info.get_or_create(&labels).set(1);
+    }
+
+    /// Runs `hook` before each scrape: for gauges that are cheaper to read when
+    /// asked for than to keep current (the shard master's view of the cluster).
+    pub fn on_scrape(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.scrape_hooks
+            .lock()
+            .expect("poisoned")
+            .push(Box::new(hook));
     }
 
     /// The storage engine whose sizes are read at each scrape.
@@ -449,6 +481,9 @@ pub async fn serve(addr: SocketAddr, role: &str) -> anyhow::Result<SocketAddr> {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || async move {
+            for hook in metrics().scrape_hooks.lock().expect("poisoned").iter() {
+                hook();
+            }
             let mut body = String::new();
             match prometheus_client::encoding::prometheus_text::encode(&mut body, registry) {
                 Ok(()) => (
