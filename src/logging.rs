@@ -1,6 +1,6 @@
 //! Process logs: terminal or JSON records (`--log-format`), filtered by level
 //! (`--log-level` or `SHARDKV_LOG`), every record of a replica process carrying its
-//! node id, group and current Raft term, so records from many processes can be
+//! kind (`process`: kvnode, shardmaster), node id, group and current Raft term, so records from many processes can be
 //! merged and filtered without parsing messages.
 
 use slog::Drain;
@@ -90,12 +90,12 @@ pub fn logger(format: LogFormat, level: LogLevel, process: Process) -> slog::Log
     let root = slog::Logger::root(drain, slog::o!());
     match process {
         Process::Replica { role, group, node } => root.new(slog::o!(
-            "role" => role,
+            "process" => role,
             "group" => group,
             "node" => node,
             "term" => slog::FnValue(|_: &slog::Record| TERM.load(Ordering::Relaxed)),
         )),
-        Process::Other { role } => root.new(slog::o!("role" => role)),
+        Process::Other { role } => root.new(slog::o!("process" => role)),
     }
 }
 

@@ -105,6 +105,7 @@ pub fn start<S: StateMachine>(
     };
     raft_config.validate()?;
     let node = RawNode::new(&raft_config, store.clone(), &logger)?;
+    crate::logging::set_term(node.raft.term);
     for (id, addr) in &applied_state.peers {
         if *id != options.id {
             transport.set_peer(*id, addr);
