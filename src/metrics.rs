@@ -36,57 +36,57 @@ fn latency_histogram() -> Histogram {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GrpcLabels {
+struct GrpcLabels {
     service: String,
     method: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GrpcCodeLabels {
+struct GrpcCodeLabels {
     service: String,
     method: String,
     code: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpLabels {
+struct HttpLabels {
     method: &'static str,
     code: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HttpMethodLabels {
+struct HttpMethodLabels {
     method: &'static str,
 }
 
 // One-label sets; their values are fixed strings.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RoleLabels {
+struct RoleLabels {
     role: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
+struct KindLabels {
     kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
+struct ResultLabels {
     result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PhaseLabels {
+struct PhaseLabels {
     phase: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabels {
+struct StateLabels {
     state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NodeLabels {
+struct NodeLabels {
     role: &'static str,
     group: String,
     node: String,
@@ -297,7 +297,7 @@ impl Metrics {
 
     /// The metrics that apply to a process of `role` ("kvnode", "shardmaster",
     /// "router").
-    fn registry(&'static self, role: &str) -> Registry {
+    fn registry(&self, role: &str) -> Registry {
         let mut r = Registry::with_prefix("shardkv");
         r.register(
             "node_info",
@@ -470,22 +470,22 @@ impl prometheus_client::collector::Collector for StorageCollector {
 }
 
 /// Serves `GET /metrics` on `addr` in the background, with the metrics of a
-/// process of `role`; returns the address bound (`addr` may have port 0). The
-/// registry lives as long as the process.
+/// process of `role`; returns the address bound (`addr` may have port 0).
 pub async fn serve(addr: SocketAddr, role: &str) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (--metrics-listen): {e}"))?;
     let bound = listener.local_addr()?;
-    let registry: &'static Registry = Box::leak(Box::new(metrics().registry(role)));
+    let registry = std::sync::Arc::new(metrics().registry(role));
     let app = axum::Router::new().route(
         "/metrics",
+        // axum clones the handler, and with it the registry's Arc, per request.
         axum::routing::get(move || async move {
             for hook in metrics().scrape_hooks.lock().expect("poisoned").iter() {
                 hook();
             }
             let mut body = String::new();
-            match prometheus_client::encoding::prometheus_text::encode(&mut body, registry) {
+            match prometheus_client::encoding::prometheus_text::encode(&mut body, &registry) {
                 Ok(()) => (
                     [(
                         http::header::CONTENT_TYPE,
