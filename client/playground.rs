@@ -130,6 +130,8 @@ impl Launch {
 struct Proc {
     name: String,
     addr: String,
+    /// Where it serves Prometheus metrics (`--metrics-listen`).
+    metrics: String,
     log: PathBuf,
     launch: Launch,
     /// The current (or last) instance.
@@ -379,19 +381,23 @@ impl Supervisor {
         }
     }
 
-    /// Starts `command` as the process `name`, logging into `dir/logs/NAME.log`.
+    /// Starts `command` as the process `name`, logging into `dir/logs/NAME.log`,
+    /// with its metrics on a free loopback port (kept across restarts).
     fn spawn(
         &mut self,
-        command: Command,
+        mut command: Command,
         name: String,
         addr: String,
         dir: &Path,
     ) -> anyhow::Result<()> {
+        let metrics = free_loopback_addr()?;
+        command.args(["--metrics-listen", &metrics]);
         let (_, exit) = watch::channel(None);
         let mut proc = Proc {
             log: dir.join("logs").join(format!("{name}.log")),
             name,
             addr,
+            metrics,
             launch: Launch::from(&command),
             pid: 0,
             started: Instant::now(),
@@ -672,6 +678,15 @@ fn start_all(
     Ok(())
 }
 
+/// A loopback address with a port free now, for a process's metrics. (Another
+/// program could take it before the process binds it; the process then fails to
+/// start and says why.)
+fn free_loopback_addr() -> anyhow::Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot find a free port for metrics")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
 /// Joins the groups and pre-splits the key space on a new cluster, then waits until
 /// every group serves its ranges.
 async fn bootstrap(
@@ -779,13 +794,17 @@ where
 fn print_summary(procs: &[Proc], dir: &Path, masters: &[String], layout: &Layout) {
     println!("shardkv playground is up. Data and logs: {}", dir.display());
     println!();
-    println!("{:<10} {:<18} {:>8}  LOG", "PROCESS", "ADDRESS", "PID");
+    println!(
+        "{:<10} {:<18} {:>8}  {:<37} LOG",
+        "PROCESS", "ADDRESS", "PID", "METRICS"
+    );
     for p in procs {
         println!(
-            "{:<10} {:<18} {:>8}  {}",
+            "{:<10} {:<18} {:>8}  {:<37} {}",
             p.name,
             p.addr,
             p.pid,
+            format!("http://{}/metrics", p.metrics),
             p.log.display()
         );
     }

@@ -29,6 +29,8 @@ pub struct RouterOptions {
     /// Largest request body (value) accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub observability: crate::observability::ObservabilityArgs,
 }
 
 /// Keys longer than this are shortened in the log.
@@ -195,6 +197,7 @@ pub async fn run(
         .route("/keys/", get(empty_key).put(empty_key).delete(empty_key))
         .route("/keys", get(empty_key).put(empty_key).delete(empty_key))
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
+        .layer(axum::middleware::from_fn(crate::metrics::http_middleware))
         .with_state(gateway.clone());
     let listener = tokio::net::TcpListener::bind(&options.listen)
         .await

@@ -3,7 +3,9 @@
 
 use crate::client::master::MasterClient;
 use crate::kvnode::{self, KvService, KvState, Limits, TransferService};
+use crate::logging::Process;
 use crate::node::{self, NodeSpec};
+use crate::observability::ObservabilityArgs;
 use crate::proto::kv_server::KvServer;
 use crate::proto::range_transfer_server::RangeTransferServer;
 use crate::server;
@@ -73,9 +75,8 @@ pub struct Args {
     /// How often to report to the shard master, in ms.
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_ms: u64,
-    /// Log level: error, warn, info, debug.
-    #[arg(long, default_value = "info")]
-    pub log_level: String,
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
     /// Test only: serve the `Faults` service, which cuts, drops and delays this
     /// node's outbound Raft traffic on request. Hidden from --help.
     #[arg(long = crate::faults::FLAG, hide = true)]
@@ -102,7 +103,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         listen,
         advertise,
     } = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen, args.advertise)?;
-    let logger = server::logger(&args.log_level, format!("kv-{}-{}", args.gid, args.id));
+    let logger = args
+        .observability
+        .start(Process::Replica {
+            role: "kvnode",
+            group: args.gid,
+            node: args.id,
+        })
+        .await?;
     let masters = Arc::new(MasterClient::new(&args.masters, Duration::from_secs(2))?);
     let listener = tokio::net::TcpListener::bind(&listen)
         .await

@@ -7,6 +7,7 @@
 use super::state::{only, KvState};
 use crate::client::master::MasterClient;
 use crate::faults::{Faults, Verdict};
+use crate::metrics::metrics;
 use crate::proto::kv_command::Command;
 use crate::proto::range_transfer_client::RangeTransferClient;
 use crate::proto::{
@@ -54,6 +55,11 @@ impl MovePacing {
             rate: MoveRate::new(mib_per_sec, chunk_bytes),
         }
     }
+}
+
+/// Key and value bytes of pulled records.
+fn record_bytes(records: &[crate::proto::KeyValue]) -> usize {
+    records.iter().map(|r| r.key.len() + r.value.len()).sum()
 }
 
 /// Paces the bytes this node pulls from other groups, so a large move leaves CPU
@@ -105,6 +111,7 @@ pub async fn run_migrations(
         rate: pacing.rate,
         logger,
         faults,
+        move_started: HashMap::new(),
     };
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -130,6 +137,8 @@ struct Worker {
     rate: Option<MoveRate>,
     logger: Logger,
     faults: Option<Arc<Faults>>,
+    /// When this leader first drove each live move, for its duration metric.
+    move_started: HashMap<u64, Instant>,
 }
 
 impl Worker {
@@ -143,6 +152,11 @@ impl Worker {
                 state.gid(),
             )
         };
+        self.move_started.retain(|id, _| {
+            moves
+                .iter()
+                .any(|m| m.plan.as_ref().is_some_and(|p| p.id == *id))
+        });
         for m in &moves {
             if m.plan.as_ref().is_some_and(|p| p.dest == gid) {
                 self.drive_move(m).await?;
@@ -293,9 +307,10 @@ impl Worker {
                 .with_context(|| format!("pulling from group {}", held.peer_gid))?;
             if let Some(last) = reply.records.last() {
                 cursor = last.key.clone();
+                let bytes = record_bytes(&reply.records);
+                metrics().moves.pulled_bytes.inc_by(bytes as u64);
                 if let Some(rate) = &self.rate {
-                    let bytes = reply.records.iter().map(|r| r.key.len() + r.value.len());
-                    rate.pace(bytes.sum()).await;
+                    rate.pace(bytes).await;
                 }
                 self.propose(Command::Install(InstallChunk {
                     config_num: held.config_num,
@@ -326,6 +341,9 @@ impl Worker {
                 .map(|g| g.nodes.clone())
                 .unwrap_or_default()
         };
+        self.move_started
+            .entry(plan.id)
+            .or_insert_with(Instant::now);
         let started = Instant::now();
         let mut lag = 0;
         let mut frozen = false;
@@ -388,9 +406,10 @@ impl Worker {
             })
             .await
             .with_context(|| format!("copying from group {}", plan.source))?;
+        let bytes = record_bytes(&reply.records);
+        metrics().moves.copied_bytes.inc_by(bytes as u64);
         if let Some(rate) = &self.rate {
-            let bytes = reply.records.iter().map(|r| r.key.len() + r.value.len());
-            rate.pace(bytes.sum()).await;
+            rate.pace(bytes).await;
         }
         self.propose(Command::MoveCopy(MoveChunk {
             plan_id: plan.id,
@@ -422,6 +441,7 @@ impl Worker {
             .await
             .with_context(|| format!("pulling writes from group {}", plan.source))?;
         let bytes: usize = reply.deltas.iter().map(|r| r.value.len()).sum();
+        metrics().moves.catch_up_bytes.inc_by(bytes as u64);
         if bytes > 0 || reply.done {
             if let Some(rate) = self.rate.as_ref().filter(|_| paced) {
                 rate.pace(bytes).await;
@@ -470,6 +490,12 @@ impl Worker {
             Err(e) => anyhow::bail!("finishing move plan {}: {}", plan.id, e.message()),
         };
         info!(self.logger, "move cutover: range is ours"; "plan" => plan.id, "config" => config.num);
+        if let Some(first) = self.move_started.remove(&plan.id) {
+            metrics()
+                .moves
+                .duration
+                .observe(first.elapsed().as_secs_f64());
+        }
         if config.num == self.replica.state().config().num + 1 {
             self.propose(Command::Config(config)).await?;
         }

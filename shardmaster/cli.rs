@@ -1,7 +1,9 @@
 //! Command line and start-up of a shard master replica (the `shardmaster` binary;
 //! `shardctl` can start one too, for the playground).
 
+use crate::logging::Process;
 use crate::node::{self, NodeSpec};
+use crate::observability::ObservabilityArgs;
 use crate::server;
 use crate::shardmaster::{self, MasterService, MasterState, MoveLimits};
 use anyhow::Context;
@@ -58,9 +60,8 @@ pub struct Args {
     /// the source keeps serving it).
     #[arg(long, default_value_t = 60_000)]
     pub move_catch_up_ms: u64,
-    /// Log level: error, warn, info, debug.
-    #[arg(long, default_value = "info")]
-    pub log_level: String,
+    #[command(flatten)]
+    pub observability: ObservabilityArgs,
     /// Test only: serve the `Faults` service, which cuts, drops and delays this
     /// node's outbound Raft traffic on request. Hidden from --help.
     #[arg(long = crate::faults::FLAG, hide = true)]
@@ -79,7 +80,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         listen,
         advertise,
     } = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen, args.advertise)?;
-    let logger = server::logger(&args.log_level, format!("master-{}", args.id));
+    let logger = args
+        .observability
+        .start(Process::Replica {
+            role: "shardmaster",
+            group: 0,
+            node: args.id,
+        })
+        .await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -111,12 +119,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ));
     slog::info!(logger, "shard master replica serving"; "listen" => &listen, "advertise" => &advertise);
     let shutdown = node.shutdown();
-    let routes = node.add_services(tonic::service::Routes::new(shardmaster::server(
-        MasterService::new(
-            node.replica.clone(),
-            Duration::from_millis(args.down_after_ms),
-        ),
-    )));
+    let service = MasterService::new(
+        node.replica.clone(),
+        Duration::from_millis(args.down_after_ms),
+    );
+    service.report_metrics();
+    let routes = node.add_services(tonic::service::Routes::new(shardmaster::server(service)));
     let mut names = vec![shardmaster::SERVICE_NAME];
     if node.faults.is_some() {
         names.push(crate::faults::SERVICE_NAME);

@@ -55,6 +55,35 @@ impl Liveness {
             .insert((beat.gid, beat.node_id), (Instant::now(), beat));
     }
 
+    /// How many nodes of `config`'s groups are unknown, up and down (for metrics).
+    pub fn counts(&self, config: &Config) -> [usize; 3] {
+        let inner = self.inner.lock().expect("poisoned");
+        let now = Instant::now();
+        let mut counts = [0; 3];
+        for group in &config.groups {
+            for node in &group.nodes {
+                let heard = inner.beats.get(&(group.gid, node.id));
+                counts[self.state(&inner, heard, now) as usize] += 1;
+            }
+        }
+        counts
+    }
+
+    fn state(
+        &self,
+        inner: &Inner,
+        heard: Option<&(Instant, HeartbeatRequest)>,
+        now: Instant,
+    ) -> State {
+        match (heard, inner.leading) {
+            (_, None) => State::Unknown,
+            (Some((at, _)), _) if now - *at <= self.down_after => State::Up,
+            (Some(_), _) => State::Down,
+            (None, Some((_, since))) if now - since <= self.down_after => State::Unknown,
+            (None, Some(_)) => State::Down,
+        }
+    }
+
     /// The health of every node of `config`'s groups.
     pub fn report(&self, config: &Config) -> Vec<NodeHealth> {
         let inner = self.inner.lock().expect("poisoned");
@@ -63,13 +92,7 @@ impl Liveness {
         for group in &config.groups {
             for node in &group.nodes {
                 let heard = inner.beats.get(&(group.gid, node.id));
-                let liveness = match (heard, inner.leading) {
-                    (_, None) => State::Unknown,
-                    (Some((at, _)), _) if now - *at <= self.down_after => State::Up,
-                    (Some(_), _) => State::Down,
-                    (None, Some((_, since))) if now - since <= self.down_after => State::Unknown,
-                    (None, Some(_)) => State::Down,
-                };
+                let liveness = self.state(&inner, heard, now);
                 out.push(NodeHealth {
                     gid: group.gid,
                     node_id: node.id,

@@ -7,17 +7,19 @@ use crate::proto::master_command::Command;
 use crate::proto::shard_master_server::ShardMaster;
 use crate::proto::{
     AddNodeRequest, CancelMoveRequest, Config, ConfigReply, FinishMoveRequest, HeartbeatReply,
-    HeartbeatRequest, JoinRequest, LeaveRequest, MoveRequest, QueryRequest, RemoveNodeRequest,
-    ReportMoveReply, ReportMoveRequest, SplitRequest, StatusReply, StatusRequest,
+    HeartbeatRequest, JoinRequest, LeaveRequest, MovePhase, MoveRequest, QueryRequest,
+    RemoveNodeRequest, ReportMoveReply, ReportMoveRequest, SplitRequest, StatusReply,
+    StatusRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::status;
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Code, Request, Response, Status};
 
 pub struct MasterService {
     replica: Replica<MasterState>,
-    liveness: Liveness,
+    liveness: Arc<Liveness>,
 }
 
 impl MasterService {
@@ -25,16 +27,48 @@ impl MasterService {
     pub fn new(replica: Replica<MasterState>, down_after: Duration) -> MasterService {
         MasterService {
             replica,
-            liveness: Liveness::new(down_after),
+            liveness: Arc::new(Liveness::new(down_after)),
         }
     }
 
     /// Keeps the liveness table in step with this replica's leadership.
     fn observe_role(&self) -> bool {
-        let status = self.replica.status();
-        let leading = status.role == Role::Leader;
-        self.liveness.observe(leading.then_some(status.term));
-        leading
+        observe_role(&self.replica, &self.liveness)
+    }
+
+    /// Sets the shard master's gauges at each metrics scrape: the latest
+    /// configuration, the live moves by phase, and (on the leader) the kvnodes by
+    /// liveness.
+    pub fn report_metrics(&self) {
+        let replica = self.replica.clone();
+        let liveness = self.liveness.clone();
+        crate::metrics::metrics().on_scrape(move || {
+            let m = crate::metrics::metrics();
+            observe_role(&replica, &liveness);
+            let (latest, moves) = {
+                let state = replica.state();
+                (state.latest().clone(), state.moves())
+            };
+            m.master.config_num.set(latest.num as i64);
+            let [unknown, up, down] = liveness.counts(&latest);
+            m.master.set_nodes("unknown", unknown);
+            m.master.set_nodes("up", up);
+            m.master.set_nodes("down", down);
+            let in_phase = |phase: MovePhase| {
+                moves
+                    .iter()
+                    .filter(|p| !p.queued && p.phase() == phase)
+                    .count()
+            };
+            m.moves
+                .set_plans("queued", moves.iter().filter(|p| p.queued).count());
+            m.moves
+                .set_plans("copying", in_phase(MovePhase::MoveCopying));
+            m.moves
+                .set_plans("catching_up", in_phase(MovePhase::MoveCatchingUp));
+            m.moves
+                .set_plans("cutting_over", in_phase(MovePhase::MoveCuttingOver));
+        });
     }
 
     async fn execute(&self, command: Command) -> Result<Response<ConfigReply>, Status> {
@@ -52,6 +86,14 @@ impl MasterService {
             .map_err(|e| Status::internal(e.to_string()))?
             .ok_or_else(|| Status::internal(format!("configuration {num} not applied")))
     }
+}
+
+/// Keeps `liveness` in step with the replica's leadership; true if it leads.
+fn observe_role(replica: &Replica<MasterState>, liveness: &Liveness) -> bool {
+    let status = replica.status();
+    let leading = status.role == Role::Leader;
+    liveness.observe(leading.then_some(status.term));
+    leading
 }
 
 /// Proposes `command` and waits for its outcome: the configuration number it produced.

@@ -6,8 +6,11 @@
 
 pub mod config;
 pub mod faults;
+pub mod logging;
 pub mod membership;
+pub mod metrics;
 pub mod node;
+pub mod observability;
 pub mod proto;
 pub mod replica;
 pub mod server;

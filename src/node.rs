@@ -174,6 +174,7 @@ pub fn start<S: StateMachine>(
     };
     let engine = Engine::open(&spec.data_dir, &identity)?;
     let fresh = engine.is_fresh();
+    crate::metrics::metrics().set_storage(engine.stats());
     let (raft_store, sm_store) = engine.into_stores()?;
     if fresh && !spec.initial_peers.is_empty() {
         anyhow::ensure!(

@@ -1,5 +1,5 @@
 //! gRPC server plumbing shared by every server: reflection (v1 and v1alpha, which
-//! grpcurl 1.8 speaks), grpc.health.v1, message limits and graceful shutdown.
+//! grpcurl 1.8 speaks), grpc.health.v1, message limits and graceful shutdown. (Logging: `src/logging.rs`.)
 
 use std::future::Future;
 use tokio::net::TcpListener;
@@ -46,6 +46,7 @@ pub async fn serve(
     // incoming stream, or Nagle's algorithm adds ~40 ms to replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
+        .layer(crate::metrics::GrpcMetricsLayer)
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -69,17 +70,4 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-/// A terminal logger at `level` ("error", "warn", "info", "debug").
-pub fn logger(level: &str, component: String) -> slog::Logger {
-    use slog::Drain;
-    let level = level.parse().unwrap_or(slog::Level::Info);
-    let decorator = slog_term::TermDecorator::new().stderr().build();
-    let drain = slog_term::FullFormat::new(decorator).build().fuse();
-    let drain = slog_async::Async::new(drain)
-        .build()
-        .filter_level(level)
-        .fuse();
-    slog::Logger::root(drain, slog::o!("node" => component))
 }

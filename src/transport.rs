@@ -165,6 +165,7 @@ impl Transport for GrpcTransport {
             Some(peer) => {
                 if peer.queue.try_send(msg).is_err() {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::metrics().dropped_outbound.inc();
                 }
             }
             None => {
@@ -517,10 +518,14 @@ impl Raft for RaftService {
             self.check_group(batch.group)?;
             self.check_timing(&batch)?;
             self.transport.learn_peer(batch.from, &batch.from_addr);
-            for raw in &batch.messages {
+            for (i, raw) in batch.messages.iter().enumerate() {
                 let msg = decode_message(raw)?;
                 if self.events.try_send(NetEvent::Message(msg)).is_err() {
                     // The driver is overloaded or stopped: drop, Raft retransmits.
+                    let dropped = batch.messages.len() - i;
+                    crate::metrics::metrics()
+                        .dropped_inbound
+                        .inc_by(dropped as u64);
                     break;
                 }
             }

@@ -108,6 +108,21 @@ fn playground_serves_survives_a_kill_and_stops_cleanly_on_sigint() {
             p.name,
             p.log.display()
         );
+        // Its metrics answer at the address the table shows.
+        let addr = p
+            .metrics
+            .strip_prefix("http://")
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .unwrap_or_else(|| panic!("{}: metrics URL {:?}", p.name, p.metrics));
+        let scraped = http("GET", addr, "/metrics", b"", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{}: scrape {addr}: {e}", p.name));
+        assert_eq!(scraped.status, 200, "{}", p.name);
+        assert!(
+            scraped.text().contains("shardkv_node_info{"),
+            "{}: {}",
+            p.name,
+            scraped.text()
+        );
     }
     // It tells the user how to reach it, at the moved ports.
     for hint in [

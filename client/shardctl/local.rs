@@ -7,7 +7,8 @@ use crate::Ctx;
 use clap::Subcommand;
 use shardkv::client::playground::{self, PlaygroundArgs};
 use shardkv::client::router::{self, RouterOptions};
-use shardkv::{kvnode, server, shardmaster};
+use shardkv::logging::Process;
+use shardkv::{kvnode, shardmaster};
 use std::process::ExitCode;
 
 #[derive(Subcommand, Debug)]
@@ -59,7 +60,10 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Playground(args) => playground::main(args).await?,
         Command::Router(options) => {
-            let logger = server::logger("info", "router".into());
+            let logger = options
+                .observability
+                .start(Process::Other { role: "router" })
+                .await?;
             router::run(
                 ctx.masters().to_vec(),
                 ctx.client_options(),

@@ -7,6 +7,7 @@ use super::{
     LeaseView, NetEvent, PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role,
     StateMachine, Transport,
 };
+use crate::metrics::metrics;
 use crate::storage::{RaftStore, SmStore, StagedSnapshot};
 use prost::Message as _;
 use protobuf::Message as _;
@@ -104,6 +105,7 @@ pub fn start<S: StateMachine>(
     };
     raft_config.validate()?;
     let node = RawNode::new(&raft_config, store.clone(), &logger)?;
+    crate::logging::set_term(node.raft.term);
     for (id, addr) in &applied_state.peers {
         if *id != options.id {
             transport.set_peer(*id, addr);
@@ -247,6 +249,7 @@ impl<S: StateMachine> Driver<S> {
                     return;
                 }
                 let before = self.node.raft.raft_log.last_index();
+                metrics().raft.proposed_commands.inc();
                 let _ = self.node.propose(Vec::new(), command);
                 self.track(before, Pending::Command(reply));
             }
@@ -257,6 +260,7 @@ impl<S: StateMachine> Driver<S> {
                 }
                 let before = self.node.raft.raft_log.last_index();
                 let (cc, context) = change.into_conf_change();
+                metrics().raft.proposed_membership_changes.inc();
                 let _ = self.node.propose_conf_change(context, cc);
                 self.track(before, Pending::ConfChange(reply));
             }
@@ -297,12 +301,15 @@ impl<S: StateMachine> Driver<S> {
             return;
         }
         let waiters = std::mem::take(&mut self.read_batch);
+        let reads = &metrics().raft;
         if let Some(index) = self.lease_read_index() {
+            reads.lease_reads.inc_by(waiters.len() as u64);
             self.reads_confirmed.push_back((index, waiters));
             // Usually applied already: answer now, not at the next Ready.
             self.release_reads();
             return;
         }
+        reads.read_index_reads.inc_by(waiters.len() as u64);
         let id = self.next_read_id;
         self.next_read_id += 1;
         self.node.read_index(id.to_be_bytes().to_vec());
@@ -424,8 +431,10 @@ impl<S: StateMachine> Driver<S> {
             NetEvent::Unreachable(to) => self.node.report_unreachable(to),
             NetEvent::SnapshotSent { to, ok } => {
                 let status = if ok {
+                    metrics().raft.snapshots_sent_ok.inc();
                     SnapshotStatus::Finish
                 } else {
+                    metrics().raft.snapshots_sent_failed.inc();
                     SnapshotStatus::Failure
                 };
                 self.node.report_snapshot(to, status);
@@ -561,6 +570,7 @@ impl<S: StateMachine> Driver<S> {
         self.peers = applied.peers;
         self.applied = index;
         self.applied_term = snapshot.get_metadata().term;
+        metrics().raft.snapshots_received.inc();
         info!(self.logger, "installed snapshot"; "index" => index);
         Ok(())
     }
@@ -697,12 +707,18 @@ impl<S: StateMachine> Driver<S> {
 
     fn publish_status(&self) {
         let raft = &self.node.raft;
+        crate::logging::set_term(raft.term);
+        let m = &metrics().raft;
+        m.term.set(raft.term as i64);
+        m.commit_index.set(raft.raft_log.committed as i64);
+        m.applied_index.set(self.applied as i64);
         let role = match raft.state {
             StateRole::Follower => Role::Follower,
             StateRole::Candidate => Role::Candidate,
             StateRole::PreCandidate => Role::PreCandidate,
             StateRole::Leader => Role::Leader,
         };
+        m.set_role(role);
         let conf_state = raft.prs().conf().to_conf_state();
         // A live peer answers every heartbeat; three missed ones mean it is gone. (Raft's
         // own recent_active is refreshed only once per election timeout: too stale to
@@ -741,6 +757,9 @@ impl<S: StateMachine> Driver<S> {
                 || s.progress != progress
                 || s.removed != self.removed
                 || s.lease_until != lease_until;
+            if s.leader_id != raft.leader_id && raft.leader_id != 0 {
+                m.leader_changes.inc();
+            }
             s.role = role;
             s.term = raft.term;
             s.leader_id = raft.leader_id;

@@ -359,6 +359,7 @@ impl<S: StateMachine> Replica<S> {
     /// returns is linearizable.
     pub async fn read_barrier(&self) -> Result<(), ReplicaError> {
         if self.lease.holds() {
+            crate::metrics::metrics().raft.lease_reads.inc();
             return Ok(());
         }
         self.call(|reply| Request::Read { reply }).await

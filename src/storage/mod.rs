@@ -181,12 +181,55 @@ impl Engine {
         self.fresh
     }
 
+    /// A handle for reading the engine's sizes (for metrics).
+    pub fn stats(&self) -> StorageStats {
+        StorageStats {
+            db: self.db.clone(),
+        }
+    }
+
     /// Splits the engine into the Raft log store and the state-machine store, which
     /// share the database (and its journal, so one fsync covers both).
     pub fn into_stores(self) -> Result<(RaftStore, SmStore)> {
         let sm = SmStore::new(self.db.clone(), self.sm_gen, self.sm);
         let raft = RaftStore::open(self.db, self.raft, self.log, sm.clone())?;
         Ok((raft, sm))
+    }
+}
+
+/// Reads the database's sizes and compaction counts, for the metrics scrape.
+#[derive(Clone)]
+pub struct StorageStats {
+    db: Database,
+}
+
+/// The engine's sizes at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageSample {
+    pub disk_bytes: u64,
+    pub memtable_bytes: u64,
+    pub journals: u64,
+    pub active_compactions: u64,
+    pub compactions_completed: u64,
+}
+
+impl std::fmt::Debug for StorageStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StorageStats")
+    }
+}
+
+impl StorageStats {
+    /// The sizes now. fjall's write-buffer and compaction counters are marked
+    /// experimental there; the disk size is 0 if a file vanished while it was summed.
+    pub fn sample(&self) -> StorageSample {
+        StorageSample {
+            disk_bytes: self.db.disk_space().unwrap_or(0),
+            memtable_bytes: self.db.write_buffer_size(),
+            journals: self.db.journal_count() as u64,
+            active_compactions: self.db.active_compactions() as u64,
+            compactions_completed: self.db.compactions_completed() as u64,
+        }
     }
 }
 

@@ -465,6 +465,8 @@ pub struct PlaygroundProc {
     pub name: String,
     pub addr: String,
     pub pid: u32,
+    /// Its metrics URL (`http://127.0.0.1:PORT/metrics`).
+    pub metrics: String,
     pub log: PathBuf,
 }
 
@@ -571,14 +573,15 @@ impl Playground {
                 break;
             }
             let cells: Vec<&str> = line.split_whitespace().collect();
-            assert_eq!(cells.len(), 4, "unexpected table row {line:?}");
+            assert_eq!(cells.len(), 5, "unexpected table row {line:?}");
             self.procs.push(PlaygroundProc {
                 name: cells[0].to_owned(),
                 addr: cells[1].to_owned(),
                 pid: cells[2]
                     .parse()
                     .unwrap_or_else(|e| panic!("pid in {line:?}: {e}")),
-                log: PathBuf::from(cells[3]),
+                metrics: cells[3].to_owned(),
+                log: PathBuf::from(cells[4]),
             });
         }
         assert!(!self.procs.is_empty(), "empty process table");
