@@ -51,6 +51,15 @@ print("cutover (seconds after the move started):")
 for at, text in cutover:
     print(f"  +{at - started:7.3f} s  {text}")
 slow = move_moving.get("slow_requests") or []
+frozen = [at for at, text in cutover if "source frozen" in text]
+ours = [at for at, text in cutover if "range is ours" in text]
+if frozen and ours:
+    begin, end = min(frozen), max(ours)
+    caught = [s["ms"] for s in slow
+              if s["started_unix_ms"] / 1000 <= end and s["started_unix_ms"] / 1000 + s["ms"] / 1000 >= begin]
+    worst_caught = f"the slowest {max(caught):.1f} ms" if caught else "none"
+    print(f"cutover window {1000 * (end - begin):.1f} ms; requests over --slow-ms that overlap it: "
+          f"{len(caught)}, {worst_caught}")
 print(f"requests to the moving range over --slow-ms during the move's run: {len(slow)}")
 for s in slow:
     at = s["started_unix_ms"] / 1000
