@@ -34,6 +34,7 @@ use crate::proto::kv_client::KvClient;
 use crate::proto::{
     CompareAndSwapRequest, Config, DeleteRequest, GetRequest, PutRequest, RequestId, ScanRequest,
 };
+use crate::security::{Dialer, SecureChannel};
 use crate::status;
 use backon::BackoffBuilder;
 use std::collections::{BTreeSet, HashMap};
@@ -42,7 +43,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// Most writes of one client whose seq may be outstanding at once (from the lowest
@@ -118,6 +118,10 @@ pub struct ClientOptions {
     /// out together in one Batch call, with at most this many such calls in flight
     /// per server; 0 sends each request as its own call. Default 2.
     pub batch_calls_per_server: usize,
+    /// How connections are made: plaintext by default; TLS trusting a CA, a client
+    /// certificate and a bearer token with [`Dialer::with_ca_pem`],
+    /// [`Dialer::with_identity_pem`] and [`Dialer::with_token`].
+    pub dialer: Dialer,
 }
 
 impl Default for ClientOptions {
@@ -129,6 +133,7 @@ impl Default for ClientOptions {
             scan_page_size: 1000,
             max_reply_bytes: 64 << 20,
             batch_calls_per_server: 2,
+            dialer: Dialer::default(),
         }
     }
 }
@@ -193,7 +198,7 @@ impl Client {
         );
         let client = Client {
             inner: Arc::new(Inner {
-                masters: MasterClient::new(masters, options.call_deadline)?,
+                masters: MasterClient::new(masters, options.call_deadline, &options.dialer)?,
                 master_addrs: masters.join(","),
                 options,
                 config: RwLock::new(Arc::new(Config::initial())),
@@ -389,7 +394,9 @@ impl Client {
             return Ok(server.clone());
         }
         let options = &self.inner.options;
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = options
+            .dialer
+            .endpoint(addr)
             .map_err(|e| Error::Internal(format!("bad server address {addr:?}: {e}")))?
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
@@ -397,8 +404,8 @@ impl Client {
             // waiting for the attempt timeout.
             .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = options.dialer.connect_lazy(endpoint);
         let kv = KvClient::new(channel)
             .max_decoding_message_size(options.max_reply_bytes)
             .max_encoding_message_size(usize::MAX);
@@ -584,7 +591,7 @@ fn moving(config: &Config, key: &[u8]) -> bool {
 /// One server's connection, and its request coalescer unless batching is off.
 #[derive(Clone)]
 struct Server {
-    kv: KvClient<Channel>,
+    kv: KvClient<SecureChannel>,
     coalescer: Option<Coalescer>,
 }
 

@@ -5,18 +5,18 @@ use super::retry::{backoff, is_transient};
 use crate::proto::error_detail::Kind;
 use crate::proto::shard_master_client::ShardMasterClient;
 use crate::proto::{Config, QueryRequest};
+use crate::security::{Dialer, SecureChannel};
 use crate::status;
 use backon::Retryable;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 /// Connections to every shard-master replica (opened lazily, reused).
 pub struct MasterClient {
     addrs: Vec<String>,
-    channels: Vec<Channel>,
+    channels: Vec<SecureChannel>,
     /// The replica tried first: the last known leader.
     preferred: AtomicUsize,
     deadline: Duration,
@@ -29,17 +29,24 @@ pub struct MasterClient {
 }
 
 impl MasterClient {
-    /// A client of the replicas at `addrs` (host:port). Calls give up after `deadline`.
-    pub fn new(addrs: &[String], deadline: Duration) -> anyhow::Result<MasterClient> {
+    /// A client of the replicas at `addrs` (host:port), connecting through `dialer`.
+    /// Calls give up after `deadline`.
+    pub fn new(
+        addrs: &[String],
+        deadline: Duration,
+        dialer: &Dialer,
+    ) -> anyhow::Result<MasterClient> {
         anyhow::ensure!(!addrs.is_empty(), "no shard master address given");
         let channels = addrs
             .iter()
             .map(|a| {
                 check_addr(a)?;
-                Ok(Endpoint::from_shared(format!("http://{a}"))?
-                    .connect_timeout(Duration::from_secs(1))
-                    .timeout(Duration::from_secs(5))
-                    .connect_lazy())
+                Ok(dialer.connect_lazy(
+                    dialer
+                        .endpoint(a)?
+                        .connect_timeout(Duration::from_secs(1))
+                        .timeout(Duration::from_secs(5)),
+                ))
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(MasterClient {
@@ -55,7 +62,7 @@ impl MasterClient {
     /// until it succeeds, fails for good, or the deadline passes.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Status>
     where
-        F: Fn(ShardMasterClient<Channel>) -> Fut,
+        F: Fn(ShardMasterClient<SecureChannel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         // Replicas that refused the connection in this call, one bit each.

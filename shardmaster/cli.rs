@@ -70,6 +70,8 @@ pub struct Args {
     #[arg(long = crate::faults::TICK_MULTIPLIER_FLAG, hide = true, default_value_t = 1.0,
           requires = "enable_fault_injection", value_parser = crate::faults::parse_tick_multiplier)]
     pub test_tick_multiplier: f64,
+    #[command(flatten)]
+    pub security: crate::security::ServerArgs,
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
@@ -80,6 +82,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         advertise,
     } = node::resolve_addresses(args.id, args.peers.as_deref(), args.listen, args.advertise)?;
     let logger = server::logger(&args.log_level, format!("master-{}", args.id));
+    let security = args.security.load()?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -96,6 +99,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tick_multiplier: args.test_tick_multiplier,
             compact_threshold: args.compact_threshold,
             fault_injection: args.enable_fault_injection,
+            dialer: security.dialer().clone(),
         },
         MasterState::new(),
         logger.clone(),
@@ -121,6 +125,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if node.faults.is_some() {
         names.push(crate::faults::SERVICE_NAME);
     }
-    server::serve(listener, routes, &names, shutdown).await?;
+    server::serve(listener, routes, &names, &security, shutdown).await?;
     node.exit_status()
 }

@@ -10,6 +10,7 @@ pub mod membership;
 pub mod node;
 pub mod proto;
 pub mod replica;
+pub mod security;
 pub mod server;
 pub mod status;
 pub mod storage;
