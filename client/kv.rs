@@ -231,8 +231,11 @@ impl Client {
     /// Fetches the latest configuration from the shard master, caches it and returns it.
     pub async fn refresh(&self) -> Result<Arc<Config>, Error> {
         let seen = self.config().num;
-        self.refresh_after(seen, Instant::now() + self.inner.options.call_deadline)
-            .await
+        // The shard master client stops at the call deadline itself, saying why no
+        // replica answered (a refused TLS handshake, say): let it end first.
+        let grace = Duration::from_millis(500);
+        let deadline = Instant::now() + self.inner.options.call_deadline + grace;
+        self.refresh_after(seen, deadline).await
     }
 
     /// Refreshes the configuration unless another caller already moved past `seen`.
@@ -263,8 +266,9 @@ impl Client {
     fn master_error(&self, e: &Status) -> Error {
         match e.code() {
             Code::DeadlineExceeded => Error::Unavailable(format!(
-                "cannot reach the shard master at {}: no replica answered within {:?}",
-                self.inner.master_addrs, self.inner.options.call_deadline
+                "cannot reach the shard master at {}: {}",
+                self.inner.master_addrs,
+                e.message()
             )),
             Code::Unavailable | Code::Cancelled | Code::Unknown => Error::Unavailable(format!(
                 "cannot reach the shard master at {}: {}",
@@ -701,7 +705,8 @@ fn is_transport(status: &Status) -> bool {
 }
 
 /// A transport status's message with its causes ("tcp connect error: Connection refused").
-fn transport_message(status: &Status) -> String {
+/// `status`'s message with the causes under it (a refused TLS handshake says why there).
+pub(crate) fn transport_message(status: &Status) -> String {
     let mut message = status.message().to_owned();
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {

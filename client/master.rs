@@ -1,6 +1,7 @@
 //! A client of the shard master's replicas: finds the leader (following not-leader
 //! hints), retries transient failures with backoff under a deadline.
 
+use super::kv::transport_message;
 use super::retry::{backoff, is_transient};
 use crate::proto::error_detail::Kind;
 use crate::proto::shard_master_client::ShardMasterClient;
@@ -26,6 +27,8 @@ pub struct MasterClient {
     /// deadline would only hide that. Afterwards refusals are retried: replicas that
     /// were reached before are restarting.
     reached: AtomicBool,
+    /// Said when no replica ever answered: the TLS settings a secured cluster needs.
+    unanswered_hint: &'static str,
 }
 
 impl MasterClient {
@@ -55,6 +58,7 @@ impl MasterClient {
             preferred: AtomicUsize::new(0),
             deadline,
             reached: AtomicBool::new(false),
+            unanswered_hint: dialer.unanswered_hint(),
         })
     }
 
@@ -67,6 +71,8 @@ impl MasterClient {
     {
         // Replicas that refused the connection in this call, one bit each.
         let refused = AtomicU64::new(0);
+        // The last failure, so a deadline says why (a TLS handshake refused, say).
+        let last_error = std::sync::Mutex::new(None::<String>);
         let everyone = if self.channels.len() >= 64 {
             u64::MAX
         } else {
@@ -87,6 +93,7 @@ impl MasterClient {
             }
             if let Err(e) = &result {
                 self.redirect(i, e);
+                *last_error.lock().expect("poisoned") = Some(transport_message(e));
             }
             result
         };
@@ -100,9 +107,17 @@ impl MasterClient {
             ))),
             Ok(result) => result,
             Err(_) => Err(Status::deadline_exceeded(format!(
-                "no shard master replica of {} answered within {:?}",
-                self.addrs.join(","),
-                self.deadline
+                "no replica answered within {:?}{}{}",
+                self.deadline,
+                match last_error.into_inner().expect("poisoned") {
+                    Some(e) => format!("; the last error: {e}"),
+                    None => String::new(),
+                },
+                if self.reached.load(Ordering::Relaxed) {
+                    ""
+                } else {
+                    self.unanswered_hint
+                }
             ))),
         }
     }

@@ -152,13 +152,14 @@ fn a_tls_playground_serves_its_certificates_and_refuses_everyone_else() {
         &flags,
         &quick,
     );
-    for (what, ran) in [
-        ("plaintext", &plaintext),
-        ("no client certificate", &no_cert),
-        ("another CA", &wrong_ca),
+    for (what, ran, says) in [
+        ("plaintext", &plaintext, "--tls-ca"),
+        ("no client certificate", &no_cert, "--tls-cert"),
+        ("another CA", &wrong_ca, "invalid peer certificate"),
     ] {
         assert_eq!(ran.code, Some(2), "{what}: {}", ran.describe());
         assert!(!ran.stdout.contains("red"), "{what}: {}", ran.describe());
+        assert!(ran.stderr.contains(says), "{what}: {}", ran.describe());
     }
 
     runtime.block_on(async {

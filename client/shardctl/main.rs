@@ -149,7 +149,12 @@ impl Ctx {
     /// An error from the shard master, in words.
     pub fn master_error(&self, status: Status) -> anyhow::Error {
         match status.code() {
-            Code::DeadlineExceeded | Code::Cancelled => anyhow::anyhow!(
+            Code::DeadlineExceeded => anyhow::anyhow!(
+                "cannot reach the shard master at {}: {}",
+                self.masters_text(),
+                status.message()
+            ),
+            Code::Cancelled => anyhow::anyhow!(
                 "cannot reach the shard master at {}: no replica answered within {:?}",
                 self.masters_text(),
                 self.deadline()

@@ -67,9 +67,16 @@ impl Dialer {
         Ok(self)
     }
 
-    /// True if channels use TLS.
-    pub fn is_tls(&self) -> bool {
-        self.ca.is_some()
+    /// What to check when no server would talk to this dialer: the settings it
+    /// lacks that a secured cluster asks for ("" when it has them all).
+    pub fn unanswered_hint(&self) -> &'static str {
+        match (&self.ca, &self.identity) {
+            (None, _) => " (if the servers use TLS, give their CA with --tls-ca)",
+            (Some(_), None) => {
+                " (if the servers require client certificates, give --tls-cert and --tls-key)"
+            }
+            (Some(_), Some(_)) => "",
+        }
     }
 
     /// The endpoint of the server at `addr` (HOST:PORT), `https` with this dialer's
