@@ -247,3 +247,46 @@ fn read_token(path: &Path, flag: &str) -> anyhow::Result<String> {
     );
     Ok(token)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn incomplete_or_empty_settings_are_refused_with_the_flag_at_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n").unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "x").unwrap();
+        let half = ClientArgs {
+            tls_cert: Some(pem.clone()),
+            ..ClientArgs::default()
+        };
+        let e = half.dialer().unwrap_err().to_string();
+        assert!(e.contains("--tls-key"), "{e}");
+        let no_ca = ClientArgs {
+            tls_key: Some(pem.clone()),
+            ..half
+        };
+        let e = no_ca.dialer().unwrap_err().to_string();
+        assert!(e.contains("--tls-ca"), "{e}");
+        let e = ClientArgs {
+            token_file: Some(empty.clone()),
+            ..ClientArgs::default()
+        }
+        .dialer()
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--token-file") && e.contains("empty"), "{e}");
+        let e = ServerArgs {
+            admin_token_file: Some(dir.path().join("missing")),
+            ..ServerArgs::default()
+        }
+        .load()
+        .err()
+        .unwrap();
+        assert!(format!("{e:#}").contains("--admin-token-file"), "{e:#}");
+        assert!(ClientArgs::default().dialer().is_ok());
+    }
+}
