@@ -103,6 +103,7 @@ impl Role {
     /// The role of the DER certificate `der`: its first OU that names one.
     pub fn of_certificate(der: &[u8]) -> Option<Role> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        // Bound first: the iterator borrows `cert`.
         let role = cert
             .subject()
             .iter_organizational_unit()
@@ -203,7 +204,7 @@ impl Policy {
             Class::Data if matches!(caller.cert, Some(Some(_))) => Ok(()),
             Class::Data if token_is(&self.data_token) || token_is(&self.admin_token) => Ok(()),
             Class::Data => Err(refuse(
-                "a data credential (the data or admin token, or a client certificate)",
+                "a data credential (the data or admin token, or a client certificate with a role)",
             )),
         }
     }

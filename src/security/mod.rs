@@ -51,9 +51,9 @@ pub struct ServerArgs {
     /// certificate with OU=admin.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// File holding the data token: data RPCs (get, put, scan, query, ...) then need it,
-    /// the admin token or a CA-signed client certificate. This server sends it on its
-    /// own calls to the shard master.
+    /// File holding the data token: data RPCs (get, put, scan, query, ...) then need
+    /// it, the admin token or a CA-signed client certificate with a role. This server
+    /// sends it on its own calls to the shard master.
     #[arg(long, value_name = "FILE")]
     pub data_token_file: Option<PathBuf>,
 }
