@@ -3,9 +3,11 @@
 # start_playground BIN [CLEANUP]: starts `BIN/shardctl playground` in the current
 # directory and waits until it is up. When the script exits, the playground is
 # stopped and waited for (so its ports are free for the next run), then CLEANUP
-# (a shell command) runs.
+# (a shell command) runs. PLAYGROUND_ARGS: more flags of `shardctl playground`
+# (e.g. --tls).
 start_playground() {
-  "$1/shardctl" playground >pg.log 2>&1 &
+  # shellcheck disable=SC2086 # PLAYGROUND_ARGS is a list of flags
+  "$1/shardctl" playground ${PLAYGROUND_ARGS:-} >pg.log 2>&1 &
   playground=$!
   # shellcheck disable=SC2064 # expand the pid and cleanup now
   trap "kill -INT $playground 2>/dev/null || true; wait $playground || true; ${2:-}" EXIT

@@ -11,11 +11,11 @@ use crate::proto::batch_op::Op;
 use crate::proto::batch_result::Result as OpResult;
 use crate::proto::kv_client::KvClient;
 use crate::proto::{BatchOp, BatchRequest};
+use crate::security::SecureChannel;
 use crate::status;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tonic::transport::Channel;
 use tonic::Status;
 
 /// A batch stops growing at this many requests...
@@ -36,7 +36,7 @@ impl Coalescer {
     /// Starts the task that sends the queued requests to `kv`, in at most
     /// `calls_in_flight` Batch calls at a time, each given up after `call_timeout`.
     pub(crate) fn start(
-        kv: KvClient<Channel>,
+        kv: KvClient<SecureChannel>,
         calls_in_flight: usize,
         call_timeout: Duration,
     ) -> Coalescer {
@@ -59,7 +59,7 @@ impl Coalescer {
 }
 
 async fn drain(
-    kv: KvClient<Channel>,
+    kv: KvClient<SecureChannel>,
     mut waiting: mpsc::UnboundedReceiver<(Op, Reply)>,
     calls_in_flight: usize,
     call_timeout: Duration,
@@ -92,7 +92,7 @@ async fn drain(
     }
 }
 
-async fn send(mut kv: KvClient<Channel>, batch: Vec<(Op, Reply)>, call_timeout: Duration) {
+async fn send(mut kv: KvClient<SecureChannel>, batch: Vec<(Op, Reply)>, call_timeout: Duration) {
     let (ops, replies): (Vec<BatchOp>, Vec<Reply>) = batch
         .into_iter()
         .map(|(op, reply)| (BatchOp { op: Some(op) }, reply))

@@ -34,6 +34,7 @@ use crate::proto::kv_client::KvClient;
 use crate::proto::{
     CompareAndSwapRequest, Config, DeleteRequest, GetRequest, PutRequest, RequestId, ScanRequest,
 };
+use crate::security::{Dialer, SecureChannel};
 use crate::status;
 use backon::BackoffBuilder;
 use std::collections::{BTreeSet, HashMap};
@@ -42,7 +43,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 /// Most writes of one client whose seq may be outstanding at once (from the lowest
@@ -118,6 +118,10 @@ pub struct ClientOptions {
     /// out together in one Batch call, with at most this many such calls in flight
     /// per server; 0 sends each request as its own call. Default 2.
     pub batch_calls_per_server: usize,
+    /// How connections are made: plaintext by default; TLS trusting a CA, a client
+    /// certificate and a bearer token with [`Dialer::with_ca_pem`],
+    /// [`Dialer::with_identity_pem`] and [`Dialer::with_token`].
+    pub dialer: Dialer,
 }
 
 impl Default for ClientOptions {
@@ -129,6 +133,7 @@ impl Default for ClientOptions {
             scan_page_size: 1000,
             max_reply_bytes: 64 << 20,
             batch_calls_per_server: 2,
+            dialer: Dialer::default(),
         }
     }
 }
@@ -193,7 +198,7 @@ impl Client {
         );
         let client = Client {
             inner: Arc::new(Inner {
-                masters: MasterClient::new(masters, options.call_deadline)?,
+                masters: MasterClient::new(masters, options.call_deadline, &options.dialer)?,
                 master_addrs: masters.join(","),
                 options,
                 config: RwLock::new(Arc::new(Config::initial())),
@@ -226,8 +231,11 @@ impl Client {
     /// Fetches the latest configuration from the shard master, caches it and returns it.
     pub async fn refresh(&self) -> Result<Arc<Config>, Error> {
         let seen = self.config().num;
-        self.refresh_after(seen, Instant::now() + self.inner.options.call_deadline)
-            .await
+        // The shard master client stops at the call deadline itself, saying why no
+        // replica answered (a refused TLS handshake, say): let it end first.
+        let grace = Duration::from_millis(500);
+        let deadline = Instant::now() + self.inner.options.call_deadline + grace;
+        self.refresh_after(seen, deadline).await
     }
 
     /// Refreshes the configuration unless another caller already moved past `seen`.
@@ -258,8 +266,9 @@ impl Client {
     fn master_error(&self, e: &Status) -> Error {
         match e.code() {
             Code::DeadlineExceeded => Error::Unavailable(format!(
-                "cannot reach the shard master at {}: no replica answered within {:?}",
-                self.inner.master_addrs, self.inner.options.call_deadline
+                "cannot reach the shard master at {}: {}",
+                self.inner.master_addrs,
+                e.message()
             )),
             Code::Unavailable | Code::Cancelled | Code::Unknown => Error::Unavailable(format!(
                 "cannot reach the shard master at {}: {}",
@@ -389,7 +398,9 @@ impl Client {
             return Ok(server.clone());
         }
         let options = &self.inner.options;
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = options
+            .dialer
+            .endpoint(addr)
             .map_err(|e| Error::Internal(format!("bad server address {addr:?}: {e}")))?
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true)
@@ -397,8 +408,8 @@ impl Client {
             // waiting for the attempt timeout.
             .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = options.dialer.connect_lazy(endpoint);
         let kv = KvClient::new(channel)
             .max_decoding_message_size(options.max_reply_bytes)
             .max_encoding_message_size(usize::MAX);
@@ -609,7 +620,7 @@ fn moving(config: &Config, key: &[u8]) -> bool {
 /// One server's connection, and its request coalescer unless batching is off.
 #[derive(Clone)]
 struct Server {
-    kv: KvClient<Channel>,
+    kv: KvClient<SecureChannel>,
     coalescer: Option<Coalescer>,
 }
 
@@ -725,7 +736,8 @@ fn is_transport(status: &Status) -> bool {
 }
 
 /// A transport status's message with its causes ("tcp connect error: Connection refused").
-fn transport_message(status: &Status) -> String {
+/// `status`'s message with the causes under it (a refused TLS handshake says why there).
+pub(crate) fn transport_message(status: &Status) -> String {
     let mut message = status.message().to_owned();
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {

@@ -1,22 +1,23 @@
 //! A client of the shard master's replicas: finds the leader (following not-leader
 //! hints), retries transient failures with backoff under a deadline.
 
+use super::kv::transport_message;
 use super::retry::{backoff, is_transient};
 use crate::proto::error_detail::Kind;
 use crate::proto::shard_master_client::ShardMasterClient;
 use crate::proto::{Config, QueryRequest};
+use crate::security::{Dialer, SecureChannel};
 use crate::status;
 use backon::Retryable;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 /// Connections to every shard-master replica (opened lazily, reused).
 pub struct MasterClient {
     addrs: Vec<String>,
-    channels: Vec<Channel>,
+    channels: Vec<SecureChannel>,
     /// The replica tried first: the last known leader.
     preferred: AtomicUsize,
     deadline: Duration,
@@ -26,20 +27,29 @@ pub struct MasterClient {
     /// deadline would only hide that. Afterwards refusals are retried: replicas that
     /// were reached before are restarting.
     reached: AtomicBool,
+    /// Said when no replica ever answered: the TLS settings a secured cluster needs.
+    unanswered_hint: &'static str,
 }
 
 impl MasterClient {
-    /// A client of the replicas at `addrs` (host:port). Calls give up after `deadline`.
-    pub fn new(addrs: &[String], deadline: Duration) -> anyhow::Result<MasterClient> {
+    /// A client of the replicas at `addrs` (host:port), connecting through `dialer`.
+    /// Calls give up after `deadline`.
+    pub fn new(
+        addrs: &[String],
+        deadline: Duration,
+        dialer: &Dialer,
+    ) -> anyhow::Result<MasterClient> {
         anyhow::ensure!(!addrs.is_empty(), "no shard master address given");
         let channels = addrs
             .iter()
             .map(|a| {
                 check_addr(a)?;
-                Ok(Endpoint::from_shared(format!("http://{a}"))?
-                    .connect_timeout(Duration::from_secs(1))
-                    .timeout(Duration::from_secs(5))
-                    .connect_lazy())
+                Ok(dialer.connect_lazy(
+                    dialer
+                        .endpoint(a)?
+                        .connect_timeout(Duration::from_secs(1))
+                        .timeout(Duration::from_secs(5)),
+                ))
             })
             .collect::<anyhow::Result<_>>()?;
         Ok(MasterClient {
@@ -48,6 +58,7 @@ impl MasterClient {
             preferred: AtomicUsize::new(0),
             deadline,
             reached: AtomicBool::new(false),
+            unanswered_hint: dialer.unanswered_hint(),
         })
     }
 
@@ -55,11 +66,13 @@ impl MasterClient {
     /// until it succeeds, fails for good, or the deadline passes.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Status>
     where
-        F: Fn(ShardMasterClient<Channel>) -> Fut,
+        F: Fn(ShardMasterClient<SecureChannel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
         // Replicas that refused the connection in this call, one bit each.
         let refused = AtomicU64::new(0);
+        // The last failure, so a deadline says why (a TLS handshake refused, say).
+        let last_error = std::sync::Mutex::new(None::<String>);
         let everyone = if self.channels.len() >= 64 {
             u64::MAX
         } else {
@@ -80,6 +93,7 @@ impl MasterClient {
             }
             if let Err(e) = &result {
                 self.redirect(i, e);
+                *last_error.lock().expect("poisoned") = Some(transport_message(e));
             }
             result
         };
@@ -93,9 +107,17 @@ impl MasterClient {
             ))),
             Ok(result) => result,
             Err(_) => Err(Status::deadline_exceeded(format!(
-                "no shard master replica of {} answered within {:?}",
-                self.addrs.join(","),
-                self.deadline
+                "no replica answered within {:?}{}{}",
+                self.deadline,
+                match last_error.into_inner().expect("poisoned") {
+                    Some(e) => format!("; the last error: {e}"),
+                    None => String::new(),
+                },
+                if self.reached.load(Ordering::Relaxed) {
+                    ""
+                } else {
+                    self.unanswered_hint
+                }
             ))),
         }
     }

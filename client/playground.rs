@@ -10,6 +10,9 @@
 use crate::client::master::MasterClient;
 use crate::proto::kv_client::KvClient;
 use crate::proto::{Group, JoinRequest, Node, NodeStatusRequest, RangeState, SplitRequest};
+use crate::security::pki::{Pki, PkiFiles};
+use crate::security::ClientArgs;
+use crate::security::Dialer;
 use anyhow::Context;
 use std::ffi::OsString;
 use std::io::Write;
@@ -57,6 +60,11 @@ pub struct PlaygroundOptions {
     /// stopped; one that fails again right after each restart is given up on.
     #[arg(long)]
     pub auto_restart: bool,
+    /// Run everything over mutual TLS: a throwaway CA and certificates (OU server,
+    /// admin, data) are made in DIR/tls and kept for the next run; servers refuse
+    /// clients without one, and admin calls need the admin certificate.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// `shardctl playground [OPTIONS] [restart NAME]`.
@@ -558,8 +566,21 @@ pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
         .map(|i| format!("{i}={}", layout.master_addr(i)))
         .collect::<Vec<_>>()
         .join(",");
+    let tls = opts.tls.then(|| playground_pki(&dir)).transpose()?;
+    // The playground itself calls as an admin (splits, joins).
+    let dialer = match &tls {
+        Some(files) => ClientArgs::for_files(&files.ca, &files.admin).dialer()?,
+        None => Dialer::default(),
+    };
     let mut procs = Supervisor::new(opts.auto_restart);
-    let started = start_all(&opts, &layout, &masters, &master_peers, &dir, &mut procs);
+    let started = start_all(
+        &opts,
+        &layout,
+        (&masters, &master_peers),
+        tls.as_ref(),
+        &dir,
+        &mut procs,
+    );
     if let Err(e) = started {
         procs.stop().await;
         return Err(e);
@@ -567,7 +588,7 @@ pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
 
     let deadline = Instant::now() + Duration::from_secs(opts.startup_timeout);
     let result = tokio::select! {
-        r = bootstrap(&opts, &layout, &masters, deadline) => r,
+        r = bootstrap(&opts, &layout, &masters, &dialer, deadline) => r,
         _ = stop_requested.recv() => {
             eprintln!("interrupted while starting: stopping every process of the playground...");
             procs.stop().await;
@@ -582,7 +603,7 @@ pub async fn run(opts: PlaygroundOptions) -> anyhow::Result<()> {
             logs.display()
         )));
     }
-    print_summary(&procs.procs, &dir, &masters, &layout);
+    print_summary(&procs.procs, &dir, &masters, &layout, tls.as_ref());
     loop {
         tokio::select! {
             _ = stop_requested.recv() => break,
@@ -631,17 +652,46 @@ impl StopSignals {
     }
 }
 
+/// The playground's certificates in `dir`/tls: made on the first run with `--tls`,
+/// reused afterwards.
+fn playground_pki(dir: &Path) -> anyhow::Result<PkiFiles> {
+    let tls_dir = dir.join("tls");
+    let files = PkiFiles::at(&tls_dir);
+    if files.ca.exists() {
+        return Ok(files);
+    }
+    Pki::generate("shardkv playground CA")?.write(&tls_dir)
+}
+
+/// The flags that put a server on mutual TLS with the playground's certificates.
+fn server_tls_args(files: &PkiFiles) -> Vec<OsString> {
+    vec![
+        "--tls-cert".into(),
+        files.server.0.clone().into(),
+        "--tls-key".into(),
+        files.server.1.clone().into(),
+        "--tls-ca".into(),
+        files.ca.clone().into(),
+        "--client-cert-auth".into(),
+        "--admin-token-file".into(),
+        files.admin_token.clone().into(),
+    ]
+}
+
 /// Starts every server process and the router, appending them to `procs`.
+/// `masters`: the shard masters' addresses, and their `--peers` list.
 fn start_all(
     opts: &PlaygroundOptions,
     layout: &Layout,
-    masters: &[String],
-    master_peers: &str,
+    (masters, master_peers): (&[String], &str),
+    tls: Option<&PkiFiles>,
     dir: &Path,
     procs: &mut Supervisor,
 ) -> anyhow::Result<()> {
+    let server_tls = tls.map(server_tls_args).unwrap_or_default();
     for i in 1..=opts.replicas {
         let mut c = server_command("shardmaster")?;
+        c.args(&server_tls);
         c.args([
             "--id",
             &i.to_string(),
@@ -659,6 +709,7 @@ fn start_all(
             .join(",");
         for id in 1..=opts.nodes_per_group {
             let mut c = server_command("kvnode")?;
+            c.args(&server_tls);
             c.args(["--gid", &gid.to_string(), "--id", &id.to_string()])
                 .args(["--peers", &peers, "--masters", &masters.join(",")])
                 .arg("--data-dir")
@@ -667,6 +718,9 @@ fn start_all(
         }
     }
     let mut router = Command::new(std::env::current_exe()?);
+    if let Some(files) = tls {
+        router.args(ClientArgs::for_files(&files.ca, &files.data).to_args());
+    }
     router.args([
         "--masters",
         &masters.join(","),
@@ -693,9 +747,10 @@ async fn bootstrap(
     opts: &PlaygroundOptions,
     layout: &Layout,
     masters: &[String],
+    dialer: &Dialer,
     deadline: Instant,
 ) -> anyhow::Result<()> {
-    let client = MasterClient::new(masters, Duration::from_secs(5))?;
+    let client = MasterClient::new(masters, Duration::from_secs(5), dialer)?;
     let config = retry_until(deadline, "the shard master to elect a leader", || {
         client.query(None)
     })
@@ -742,7 +797,7 @@ async fn bootstrap(
     let latest = client.query(None).await?;
     for group in &latest.groups {
         retry_until(deadline, "every group to serve its ranges", || {
-            group_serves(group, latest.num)
+            group_serves(dialer, group, latest.num)
         })
         .await?;
     }
@@ -751,11 +806,13 @@ async fn bootstrap(
 
 /// Succeeds when some node of `group` leads it at configuration `num` with every range
 /// it holds serving.
-async fn group_serves(group: &Group, num: u64) -> Result<(), tonic::Status> {
+async fn group_serves(dialer: &Dialer, group: &Group, num: u64) -> Result<(), tonic::Status> {
     for node in &group.nodes {
-        let Ok(mut client) = KvClient::connect(format!("http://{}", node.addr)).await else {
+        let Ok(endpoint) = dialer.endpoint(&node.addr) else {
             continue;
         };
+        let mut client =
+            KvClient::new(dialer.connect_lazy(endpoint.connect_timeout(Duration::from_secs(1))));
         let Ok(status) = client.node_status(NodeStatusRequest {}).await else {
             continue;
         };
@@ -791,7 +848,13 @@ where
     }
 }
 
-fn print_summary(procs: &[Proc], dir: &Path, masters: &[String], layout: &Layout) {
+fn print_summary(
+    procs: &[Proc],
+    dir: &Path,
+    masters: &[String],
+    layout: &Layout,
+    tls: Option<&PkiFiles>,
+) {
     println!("shardkv playground is up. Data and logs: {}", dir.display());
     println!();
     println!(
@@ -818,7 +881,22 @@ fn print_summary(procs: &[Proc], dir: &Path, masters: &[String], layout: &Layout
     println!("  curl -X PUT -d \"value-for-apple\" http://{router}/keys/apple");
     println!("  curl http://{router}/keys/apple");
     println!("  export SHARDKV_MASTERS={}", masters.join(","));
-    println!("  shardctl status");
+    if let Some(files) = tls {
+        let (ca, (cert, key)) = (files.ca.display(), &files.admin);
+        let (cert, key) = (cert.display(), key.display());
+        println!("  export SHARDKV_TLS_CA={ca} SHARDKV_TLS_CERT={cert} SHARDKV_TLS_KEY={key}");
+        println!("  shardctl status");
+        println!(
+            "  grpcurl -cacert {ca} -cert {cert} -key {key} {} shardkv.v1.ShardMaster/Query",
+            masters[0]
+        );
+        println!(
+            "  (or, instead of the admin certificate, the admin token: --token-file {})",
+            files.admin_token.display()
+        );
+    } else {
+        println!("  shardctl status");
+    }
     println!();
     println!("Kill any process with `kill -9 PID`; the playground says when one exits.");
     println!(

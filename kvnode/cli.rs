@@ -92,6 +92,8 @@ pub struct Args {
     #[arg(long = crate::faults::TICK_MULTIPLIER_FLAG, hide = true, default_value_t = 1.0,
           requires = "enable_fault_injection", value_parser = crate::faults::parse_tick_multiplier)]
     pub test_tick_multiplier: f64,
+    #[command(flatten)]
+    pub security: crate::security::ServerArgs,
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
@@ -111,7 +113,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             node: args.id,
         })
         .await?;
-    let masters = Arc::new(MasterClient::new(&args.masters, Duration::from_secs(2))?);
+    let security = args.security.load()?;
+    let masters = Arc::new(MasterClient::new(
+        &args.masters,
+        Duration::from_secs(2),
+        security.dialer(),
+    )?);
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -128,6 +135,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tick_multiplier: args.test_tick_multiplier,
             compact_threshold: args.compact_threshold,
             fault_injection: args.enable_fault_injection,
+            dialer: security.dialer().clone(),
         },
         KvState::new(args.gid),
         logger.clone(),
@@ -139,6 +147,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         kvnode::MovePacing::new(args.move_rate_mib, args.move_chunk_kib),
         logger.clone(),
         node.faults.clone(),
+        security.dialer().clone(),
     ));
     tokio::spawn(kvnode::run_heartbeats(
         node.replica.clone(),
@@ -167,7 +176,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if node.faults.is_some() {
         names.push(crate::faults::SERVICE_NAME);
     }
-    server::serve(listener, routes, &names, shutdown).await?;
+    server::serve(listener, routes, &names, &security, shutdown).await?;
     if node.replica.status().removed {
         // Planned (`shardctl node remove`): not an error.
         slog::info!(logger, "this node was removed from its group and has stopped; its data directory cannot be used again";

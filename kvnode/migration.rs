@@ -16,6 +16,7 @@ use crate::proto::{
     ReleaseRequest, ReportMoveRequest,
 };
 use crate::replica::{Replica, Role};
+use crate::security::{Dialer, SecureChannel};
 use anyhow::Context;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use slog::{debug, info, Logger};
@@ -24,7 +25,6 @@ use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
 
 /// Configurations applied per step at most.
 const MAX_CONFIGS_PER_STEP: usize = 64;
@@ -93,7 +93,7 @@ impl MoveRate {
 
 /// Runs forever, doing work only while this replica leads its group. `faults` is
 /// the test-only fault table (`None` in production): it also governs the transfer
-/// calls to other groups.
+/// calls to other groups. `dialer` opens the connections to other groups' nodes.
 pub async fn run_migrations(
     replica: Replica<KvState>,
     masters: Arc<MasterClient>,
@@ -101,10 +101,12 @@ pub async fn run_migrations(
     pacing: MovePacing,
     logger: Logger,
     faults: Option<Arc<Faults>>,
+    dialer: Dialer,
 ) {
     let mut worker = Worker {
         replica,
         masters,
+        dialer,
         channels: HashMap::new(),
         preferred: HashMap::new(),
         chunk_bytes: pacing.chunk_bytes,
@@ -129,7 +131,8 @@ pub async fn run_migrations(
 struct Worker {
     replica: Replica<KvState>,
     masters: Arc<MasterClient>,
-    channels: HashMap<String, Channel>,
+    dialer: Dialer,
+    channels: HashMap<String, SecureChannel>,
     /// Per group, the node that answered last: tried first (the leader, usually).
     preferred: HashMap<u64, String>,
     /// Bytes of records asked for per pull, copy or delta round.
@@ -209,14 +212,16 @@ impl Worker {
         Ok(())
     }
 
-    fn channel(&mut self, addr: &str) -> anyhow::Result<Channel> {
+    fn channel(&mut self, addr: &str) -> anyhow::Result<SecureChannel> {
         if let Some(c) = self.channels.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
+        let channel = self.dialer.connect_lazy(
+            self.dialer
+                .endpoint(addr)?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(10)),
+        );
         self.channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }
@@ -224,7 +229,7 @@ impl Worker {
     /// Calls `call` on each node of `nodes` in turn until one answers.
     async fn call_any<T, F, Fut>(&mut self, nodes: &[Node], call: F) -> anyhow::Result<T>
     where
-        F: Fn(RangeTransferClient<Channel>) -> Fut,
+        F: Fn(RangeTransferClient<SecureChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         self.call_group(0, nodes, call).await
@@ -239,7 +244,7 @@ impl Worker {
         call: F,
     ) -> anyhow::Result<T>
     where
-        F: Fn(RangeTransferClient<Channel>) -> Fut,
+        F: Fn(RangeTransferClient<SecureChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let mut nodes = nodes.to_vec();

@@ -71,6 +71,8 @@ pub struct Args {
     #[arg(long = crate::faults::TICK_MULTIPLIER_FLAG, hide = true, default_value_t = 1.0,
           requires = "enable_fault_injection", value_parser = crate::faults::parse_tick_multiplier)]
     pub test_tick_multiplier: f64,
+    #[command(flatten)]
+    pub security: crate::security::ServerArgs,
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
@@ -88,6 +90,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             node: args.id,
         })
         .await?;
+    let security = args.security.load()?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -104,6 +107,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tick_multiplier: args.test_tick_multiplier,
             compact_threshold: args.compact_threshold,
             fault_injection: args.enable_fault_injection,
+            dialer: security.dialer().clone(),
         },
         MasterState::new(),
         logger.clone(),
@@ -129,6 +133,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     if node.faults.is_some() {
         names.push(crate::faults::SERVICE_NAME);
     }
-    server::serve(listener, routes, &names, shutdown).await?;
+    server::serve(listener, routes, &names, &security, shutdown).await?;
     node.exit_status()
 }

@@ -13,6 +13,7 @@ pub mod node;
 pub mod observability;
 pub mod proto;
 pub mod replica;
+pub mod security;
 pub mod server;
 pub mod status;
 pub mod storage;

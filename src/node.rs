@@ -104,6 +104,8 @@ pub struct NodeSpec {
     /// Test-only: build a fault table into the transport and offer the `Faults`
     /// service (hidden flag `--enable-fault-injection`).
     pub fault_injection: bool,
+    /// Opens the connections to the other members (TLS when configured).
+    pub dialer: crate::security::Dialer,
 }
 
 /// A started replica and the services to mount on the node's gRPC server.
@@ -207,6 +209,7 @@ pub fn start<S: StateMachine>(
         timing,
         events_tx.clone(),
         faults.clone(),
+        spec.dialer,
     );
     let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
     let raft_service = RaftServer::new(RaftService::new(

@@ -1,6 +1,9 @@
 //! gRPC server plumbing shared by every server: reflection (v1 and v1alpha, which
-//! grpcurl 1.8 speaks), grpc.health.v1, message limits and graceful shutdown. (Logging: `src/logging.rs`.)
+//! grpcurl 1.8 speaks), grpc.health.v1, TLS and access control
+//! ([`crate::security`]), the metrics layer, message limits and graceful shutdown.
+//! (Logging: `src/logging.rs`.)
 
+use crate::security::ServerSecurity;
 use std::future::Future;
 use tokio::net::TcpListener;
 use tonic::service::Routes;
@@ -9,10 +12,12 @@ use tonic_health::ServingStatus;
 /// Serves `routes` plus reflection and health on `listener` until `shutdown` resolves.
 /// `services` are the fully-qualified names reported as SERVING by the health service;
 /// reflection lists those of them that are public, membership and health.
+/// `security` gives the TLS acceptor and the access policy every call is checked against.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     services: &[&str],
+    security: &ServerSecurity,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -45,8 +50,14 @@ pub async fn serve(
     // With a listener of our own, tonic ignores Server::tcp_nodelay: set it on the
     // incoming stream, or Nagle's algorithm adds ~40 ms to replies.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = security.tls() {
+        builder = builder.tls_config(tls)?;
+    }
+    // Metrics outside the guard, so refused calls are counted too.
+    builder
         .layer(crate::metrics::GrpcMetricsLayer)
+        .layer(security.guard())
         .add_routes(routes)
         .add_service(health_service)
         .add_service(reflection_v1)

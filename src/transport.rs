@@ -21,6 +21,7 @@ use crate::proto::raft_client::RaftClient;
 use crate::proto::raft_server::Raft;
 use crate::proto::{RaftAck, RaftBatch, RaftTiming, SnapshotChunk, SnapshotEnd, SnapshotRecord};
 use crate::replica::{NetEvent, Transport};
+use crate::security::{Dialer, SecureChannel};
 use crate::storage::{OutgoingSnapshot, SmStore};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use protobuf::Message as _;
@@ -31,7 +32,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Messages queued for one peer before further ones are dropped.
@@ -59,7 +59,7 @@ struct Peer {
     addr: String,
     queue: mpsc::Sender<Message>,
     /// For snapshots (the message stream has a connection of its own).
-    channel: Channel,
+    channel: SecureChannel,
 }
 
 /// Outbound side of the Raft transport of one group.
@@ -75,18 +75,21 @@ pub struct GrpcTransport {
     faults: Option<Arc<Faults>>,
     /// This node's Raft timing, sent with every batch and required of every peer.
     timing: RaftTiming,
+    /// Opens the connections to peers (TLS, this node's certificate).
+    dialer: Dialer,
 }
 
 impl GrpcTransport {
     /// Creates the transport of `group`; reports go to `events`. Must be called inside
     /// the tokio runtime that should run the network tasks. `faults` is the test-only
-    /// fault table (`None` in production).
+    /// fault table (`None` in production). `dialer` opens every connection to a peer.
     pub fn new(
         group: u64,
         me: (u64, String),
         timing: RaftTiming,
         events: mpsc::Sender<NetEvent>,
         faults: Option<Arc<Faults>>,
+        dialer: Dialer,
     ) -> Arc<GrpcTransport> {
         Arc::new(GrpcTransport {
             group,
@@ -97,6 +100,7 @@ impl GrpcTransport {
             runtime: tokio::runtime::Handle::current(),
             faults,
             timing,
+            dialer,
         })
     }
 }
@@ -111,21 +115,21 @@ impl Transport for GrpcTransport {
         if peers.get(&id).is_some_and(|p| p.addr == addr) {
             return;
         }
-        let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+        let endpoint = match self.dialer.endpoint(addr) {
             Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
             Err(_) => return,
         };
         let _guard = self.runtime.enter();
-        let channel = endpoint
-            .clone()
-            .timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = self
+            .dialer
+            .connect_lazy(endpoint.clone().timeout(Duration::from_secs(5)));
         // No call timeout: the stream lives as long as the connection does.
-        let stream_channel = endpoint
-            .http2_keep_alive_interval(KEEPALIVE)
-            .keep_alive_timeout(KEEPALIVE)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let stream_channel = self.dialer.connect_lazy(
+            endpoint
+                .http2_keep_alive_interval(KEEPALIVE)
+                .keep_alive_timeout(KEEPALIVE)
+                .keep_alive_while_idle(true),
+        );
         let (queue, rx) = mpsc::channel(PEER_QUEUE);
         // What every batch to this peer says besides its messages.
         let header = RaftBatch {
@@ -228,7 +232,7 @@ impl GrpcTransport {
 async fn send_loop(
     header: RaftBatch,
     (peer, peer_addr): (u64, String),
-    channel: Channel,
+    channel: SecureChannel,
     mut queue: mpsc::Receiver<Message>,
     events: mpsc::Sender<NetEvent>,
     faults: Option<Arc<Faults>>,
@@ -370,7 +374,7 @@ impl StreamDigest {
 /// `faults` (test only) can make the read fail part way.
 async fn stream_snapshot(
     group: u64,
-    channel: Channel,
+    channel: SecureChannel,
     msg: Message,
     snapshot: OutgoingSnapshot,
     faults: Option<Arc<Faults>>,

@@ -17,10 +17,10 @@ use shardkv::proto::{
     MoveRequest, Node, NodeStatusReply, NodeStatusRequest, RangeState, RequestId, SplitRequest,
     StatusRequest,
 };
+use shardkv::security::{Dialer, SecureChannel};
 use std::future::Future;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 /// How long `leave` and `move --wait` wait for data when --timeout is not given.
@@ -190,7 +190,8 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default();
             let wait = wait.saturating_sub(started.elapsed());
             let took = started.elapsed()
-                + wait_until_served(a.key.as_bytes(), &nodes, config.num, wait).await?;
+                + wait_until_served(ctx.dialer(), a.key.as_bytes(), &nodes, config.num, wait)
+                    .await?;
             match ctx.output() {
                 Output::Json => print_json(&serde_json::json!({
                     "message": what,
@@ -262,7 +263,7 @@ pub(crate) async fn execute<F, Fut>(
     call: F,
 ) -> anyhow::Result<Config>
 where
-    F: Fn(ShardMasterClient<Channel>) -> Fut,
+    F: Fn(ShardMasterClient<SecureChannel>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<ConfigReply>, Status>>,
 {
     let reply = master
@@ -345,7 +346,7 @@ async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result
         .collect();
     let removed = wait_until_removed(master, a.gid, owned.len(), wait).await?;
     let wait = wait.saturating_sub(started.elapsed());
-    let outcome = wait_until_empty(a.gid, &nodes, &owned, removed.num, wait).await?;
+    let outcome = wait_until_empty(ctx.dialer(), a.gid, &nodes, &owned, removed.num, wait).await?;
     match ctx.output() {
         Output::Json => print_json(&serde_json::json!({
             "message": message,
@@ -433,6 +434,7 @@ struct Drained {
 /// `leave_num` or later (unreachable nodes do not hold the wait up once a reachable
 /// node is empty: the deletion is committed in the group's log).
 async fn wait_until_empty(
+    dialer: &Dialer,
     gid: u64,
     nodes: &[Node],
     owned: &[KeyRange],
@@ -440,7 +442,7 @@ async fn wait_until_empty(
     wait: Duration,
 ) -> anyhow::Result<Drained> {
     let started = Instant::now();
-    let channels = node_channels(nodes)?;
+    let channels = node_channels(dialer, nodes)?;
     let bar = ProgressBar::new(owned.len() as u64);
     bar.set_style(
         ProgressStyle::with_template(
@@ -528,19 +530,21 @@ async fn wait_until_empty(
     }
 }
 
-fn node_channels(nodes: &[Node]) -> anyhow::Result<Vec<Channel>> {
+fn node_channels(dialer: &Dialer, nodes: &[Node]) -> anyhow::Result<Vec<SecureChannel>> {
     nodes
         .iter()
         .map(|n| {
-            Ok(Endpoint::from_shared(format!("http://{}", n.addr))?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(2))
-                .connect_lazy())
+            Ok(dialer.connect_lazy(
+                dialer
+                    .endpoint(&n.addr)?
+                    .connect_timeout(Duration::from_secs(1))
+                    .timeout(Duration::from_secs(2)),
+            ))
         })
         .collect()
 }
 
-async fn node_status(channel: &Channel) -> Result<NodeStatusReply, Status> {
+async fn node_status(channel: &SecureChannel) -> Result<NodeStatusReply, Status> {
     let reply = KvClient::new(channel.clone())
         .node_status(NodeStatusRequest {})
         .await?;
@@ -591,13 +595,14 @@ async fn wait_for_plan(
 /// configuration `num` or later and serves the range holding `key`; returns how long
 /// that took.
 async fn wait_until_served(
+    dialer: &Dialer,
     key: &[u8],
     nodes: &[Node],
     num: u64,
     wait: Duration,
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let channels = node_channels(nodes)?;
+    let channels = node_channels(dialer, nodes)?;
     let bar = ProgressBar::new_spinner().with_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] waiting for the range's data  {msg}",
     )?);

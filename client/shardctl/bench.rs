@@ -159,6 +159,7 @@ impl Target {
             let options = ClientOptions {
                 call_deadline: ctx.deadline(),
                 batch_calls_per_server: args.batch_calls,
+                dialer: ctx.dialer().clone(),
                 ..ClientOptions::default()
             };
             Ok(Target::Shardkv(

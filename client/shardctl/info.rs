@@ -13,10 +13,10 @@ use shardkv::proto::{
     Config, KeyRange, Liveness, NodeHealth, NodeStatusReply, NodeStatusRequest, StatusReply,
     StatusRequest,
 };
+use shardkv::security::SecureChannel;
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
 
 /// Longest wait for one replica's status.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,11 +60,14 @@ async fn query(ctx: &Ctx, a: QueryArgs) -> anyhow::Result<()> {
     }
 }
 
-fn channel(addr: &str, ctx: &Ctx) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(STATUS_TIMEOUT.min(ctx.deadline()))
-        .connect_lazy())
+fn channel(addr: &str, ctx: &Ctx) -> anyhow::Result<SecureChannel> {
+    let dialer = ctx.dialer();
+    Ok(dialer.connect_lazy(
+        dialer
+            .endpoint(addr)?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(STATUS_TIMEOUT.min(ctx.deadline())),
+    ))
 }
 
 #[derive(Serialize)]

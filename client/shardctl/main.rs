@@ -74,6 +74,8 @@ struct Global {
     /// the wait of `leave`: default 600).
     #[arg(long, global = true, help_heading = "Global options", value_name = "SECS", value_parser = parse_secs)]
     timeout: Option<Duration>,
+    #[command(flatten)]
+    security: shardkv::security::ClientArgs,
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -108,6 +110,8 @@ pub struct Ctx {
     masters: Vec<String>,
     output: Output,
     timeout: Option<Duration>,
+    /// How every connection is made (--tls-ca, --tls-cert, --token-file).
+    dialer: shardkv::security::Dialer,
 }
 
 impl Ctx {
@@ -125,6 +129,10 @@ impl Ctx {
         self.output
     }
 
+    pub fn dialer(&self) -> &shardkv::security::Dialer {
+        &self.dialer
+    }
+
     pub fn masters(&self) -> &[String] {
         &self.masters
     }
@@ -135,13 +143,18 @@ impl Ctx {
 
     /// A client of the shard master replicas.
     pub fn master(&self) -> anyhow::Result<MasterClient> {
-        MasterClient::new(&self.masters, self.deadline())
+        MasterClient::new(&self.masters, self.deadline(), &self.dialer)
     }
 
     /// An error from the shard master, in words.
     pub fn master_error(&self, status: Status) -> anyhow::Error {
         match status.code() {
-            Code::DeadlineExceeded | Code::Cancelled => anyhow::anyhow!(
+            Code::DeadlineExceeded => anyhow::anyhow!(
+                "cannot reach the shard master at {}: {}",
+                self.masters_text(),
+                status.message()
+            ),
+            Code::Cancelled => anyhow::anyhow!(
                 "cannot reach the shard master at {}: no replica answered within {:?}",
                 self.masters_text(),
                 self.deadline()
@@ -161,6 +174,7 @@ impl Ctx {
         ClientOptions {
             call_deadline: self.deadline(),
             attempt_timeout: defaults.attempt_timeout.min(self.deadline()),
+            dialer: self.dialer.clone(),
             ..defaults
         }
     }
@@ -202,10 +216,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let dialer = match cli.global.security.dialer() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let ctx = Ctx {
         masters,
         output: cli.global.output,
         timeout: cli.global.timeout,
+        dialer,
     };
     match run(&ctx, cli.command).await {
         Ok(code) => code,

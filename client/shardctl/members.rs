@@ -15,12 +15,12 @@ use shardkv::proto::{
     AddMemberRequest, AddNodeRequest, Group, Node, RemoveMemberRequest, RemoveNodeRequest,
     TransferLeaderRequest,
 };
+use shardkv::security::SecureChannel;
 use shardkv::status;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
 
 /// How long adding a node may take when --timeout is not given: it must catch up.
@@ -136,10 +136,16 @@ async fn run_master(ctx: &Ctx, command: MasterCommand) -> anyhow::Result<ExitCod
                     addr: a.addr.clone(),
                 }),
             };
-            let reply = at_leader(what, &masters, ctx.timeout_or(DEFAULT_ADD_WAIT), |mut c| {
-                let r = request.clone();
-                async move { c.add_member(r).await }
-            })
+            let reply = at_leader(
+                ctx,
+                what,
+                &masters,
+                ctx.timeout_or(DEFAULT_ADD_WAIT),
+                |mut c| {
+                    let r = request.clone();
+                    async move { c.add_member(r).await }
+                },
+            )
             .await?;
             outln!(
                 "replica {} ({}) is a voting member of the shard master (voters {:?}); add it to --masters",
@@ -149,7 +155,7 @@ async fn run_master(ctx: &Ctx, command: MasterCommand) -> anyhow::Result<ExitCod
             );
         }
         MasterCommand::Remove(a) => {
-            let reply = at_leader(what, &masters, ctx.deadline(), |mut c| async move {
+            let reply = at_leader(ctx, what, &masters, ctx.deadline(), |mut c| async move {
                 c.remove_member(RemoveMemberRequest { id: a.id }).await
             })
             .await?;
@@ -161,7 +167,7 @@ async fn run_master(ctx: &Ctx, command: MasterCommand) -> anyhow::Result<ExitCod
         }
         MasterCommand::TransferLeader(a) => {
             let to = a.to.unwrap_or(0);
-            let reply = at_leader(what, &masters, ctx.deadline(), |mut c| async move {
+            let reply = at_leader(ctx, what, &masters, ctx.deadline(), |mut c| async move {
                 c.transfer_leader(TransferLeaderRequest { to }).await
             })
             .await?;
@@ -195,6 +201,7 @@ async fn run_node(ctx: &Ctx, command: NodeCommand) -> anyhow::Result<ExitCode> {
             };
             let wait = ctx.timeout_or(DEFAULT_ADD_WAIT);
             at_leader(
+                ctx,
                 &format!("group {}", group.gid),
                 &node_addrs(&group),
                 wait,
@@ -233,6 +240,7 @@ async fn run_node(ctx: &Ctx, command: NodeCommand) -> anyhow::Result<ExitCode> {
             })
             .await?;
             at_leader(
+                ctx,
                 &format!("group {}", group.gid),
                 &node_addrs(&group),
                 ctx.deadline(),
@@ -246,6 +254,7 @@ async fn run_node(ctx: &Ctx, command: NodeCommand) -> anyhow::Result<ExitCode> {
             let group = group_of(a.gid)?;
             let to = a.to.unwrap_or(0);
             let reply = at_leader(
+                ctx,
                 &format!("group {}", group.gid),
                 &node_addrs(&group),
                 ctx.deadline(),
@@ -261,13 +270,14 @@ async fn run_node(ctx: &Ctx, command: NodeCommand) -> anyhow::Result<ExitCode> {
 /// Calls `call` on the leader of a Raft group (`what`, at `addrs`), trying its nodes
 /// in turn and following not-leader hints, until it answers or `deadline` passes.
 async fn at_leader<T, F, Fut>(
+    ctx: &Ctx,
     what: &str,
     addrs: &[String],
     deadline: Duration,
     call: F,
 ) -> anyhow::Result<T>
 where
-    F: Fn(MembershipClient<Channel>) -> Fut,
+    F: Fn(MembershipClient<SecureChannel>) -> Fut,
     Fut: Future<Output = Result<Response<T>, Status>>,
 {
     let start = Instant::now();
@@ -279,9 +289,12 @@ where
             queue.extend(addrs.iter().cloned());
         }
         let Some(addr) = queue.pop_front() else { break };
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
+        let dialer = ctx.dialer();
+        let channel = dialer.connect_lazy(
+            dialer
+                .endpoint(&addr)?
+                .connect_timeout(Duration::from_secs(1)),
+        );
         let remaining = deadline.saturating_sub(start.elapsed());
         if remaining.is_zero() {
             break;
