@@ -172,6 +172,7 @@ impl ShardMaster for MasterService {
             replica: Some(replica),
             latest_config_num: latest.num,
             nodes: self.liveness.report(&latest),
+            ranges: self.liveness.range_stats(&latest),
             moves,
         }))
     }
