@@ -111,12 +111,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     ));
     slog::info!(logger, "shard master replica serving"; "listen" => &listen, "advertise" => &advertise);
     let shutdown = node.shutdown();
-    let routes = node.add_services(tonic::service::Routes::new(shardmaster::server(
-        MasterService::new(
-            node.replica.clone(),
-            Duration::from_millis(args.down_after_ms),
-        ),
-    )));
+    let service = MasterService::new(
+        node.replica.clone(),
+        Duration::from_millis(args.down_after_ms),
+    );
+    tokio::spawn(service.scheduler(logger.clone()));
+    let routes = node.add_services(tonic::service::Routes::new(shardmaster::server(service)));
     let mut names = vec![shardmaster::SERVICE_NAME];
     if node.faults.is_some() {
         names.push(crate::faults::SERVICE_NAME);
