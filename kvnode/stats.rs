@@ -13,7 +13,8 @@
 //! writes: the sizes are approximate, as the scheduler needs them.
 //!
 //! Load is counted per one-second bucket over [`WINDOW_SECS`]; accessed keys are
-//! kept in a bounded sample with counts (halved when full, so old accesses fade),
+//! kept in a bounded sample with counts (halved when full and once per window, so
+//! old accesses fade),
 //! from which the key that divides the load in two, or a single hot key that holds
 //! most of it, is read.
 
@@ -73,19 +74,30 @@ struct Entry {
     reads: Window,
     writes: Window,
     sample: BTreeMap<Vec<u8>, u64>,
+    /// The second the sample was last halved.
+    sample_halved: u64,
 }
 
 impl Entry {
-    fn touch(&mut self, key: &[u8]) {
+    fn halve_sample(&mut self) {
+        self.sample.retain(|_, c| {
+            *c /= 2;
+            *c > 0
+        });
+    }
+
+    fn touch(&mut self, key: &[u8], second: u64) {
+        // Once per window, so the sample follows the load of the last seconds.
+        if second >= self.sample_halved + WINDOW_SECS as u64 {
+            self.sample_halved = second;
+            self.halve_sample();
+        }
         if let Some(c) = self.sample.get_mut(key) {
             *c += 1;
             return;
         }
         if self.sample.len() >= SAMPLE_KEYS {
-            self.sample.retain(|_, c| {
-                *c /= 2;
-                *c > 0
-            });
+            self.halve_sample();
         }
         if self.sample.len() < SAMPLE_KEYS {
             self.sample.insert(key.to_vec(), 1);
@@ -177,7 +189,7 @@ impl RangeStatsTable {
         let second = self.second();
         if let Some(e) = self.entry(key) {
             e.reads.add(second);
-            e.touch(key);
+            e.touch(key, second);
         }
     }
 
@@ -187,7 +199,7 @@ impl RangeStatsTable {
         let second = self.second();
         if let Some(e) = self.entry(key) {
             e.writes.add(second);
-            e.touch(key);
+            e.touch(key, second);
             let size = |v: Option<usize>| v.map_or(0, |n| (key.len() + n) as i64);
             e.keys += after.is_some() as i64 - before.is_some() as i64;
             e.bytes += size(after) - size(before);

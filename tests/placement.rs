@@ -229,3 +229,149 @@ async fn a_joining_group_receives_a_third_of_the_bytes() {
         "group 3 holds {third:.2} of {bytes:?}"
     );
 }
+
+/// Reads `keys` from `tasks` concurrent tasks for `length`; returns the reads done.
+async fn read_load(kv: &Client, keys: &[Vec<u8>], tasks: usize, length: Duration) -> u64 {
+    let until = tokio::time::Instant::now() + length;
+    let one = |t: usize| async move {
+        let mut n = 0u64;
+        while tokio::time::Instant::now() < until {
+            let key = &keys[(n as usize * 7 + t * 13) % keys.len()];
+            kv.get(key).await.expect("load read");
+            n += 1;
+        }
+        n
+    };
+    futures::future::join_all((0..tasks).map(one))
+        .await
+        .into_iter()
+        .sum()
+}
+
+/// A range read far over the split load is split where its load divides and the
+/// halves end on different groups; a range whose load is one key reports the key
+/// and is not split.
+#[tokio::test]
+async fn a_hot_range_splits_by_load_and_a_hot_key_is_reported() {
+    let cluster = cluster(2, &[1, 2]).await;
+    set(
+        &cluster,
+        SchedulerSettings {
+            split_load: 100.0,
+            ..Default::default()
+        },
+        &[],
+    )
+    .await;
+    let kv = client(&cluster).await;
+    let spread: Vec<Vec<u8>> = (0..64).map(|i| format!("h-{i:02}").into_bytes()).collect();
+    for k in &spread {
+        kv.put(k, b"v").await.expect("put");
+    }
+    kv.put(b"x-hot", b"v").await.expect("put");
+
+    // One hot key: reported, never split.
+    let hot = vec![b"x-hot".to_vec()];
+    let load = read_load(&kv, &hot, 8, Duration::from_secs(12));
+    let reported = async {
+        expect_within(
+            SETTLE_WAIT,
+            "the hot key in the range statistics",
+            || async {
+                status(&cluster)
+                    .await
+                    .ranges
+                    .iter()
+                    .any(|r| r.hot_key == b"x-hot" && r.reads_per_sec > 100.0)
+            },
+        )
+        .await
+    };
+    let (reads, ()) = tokio::join!(load, reported);
+    println!("hot key: {reads} reads");
+    let config = cluster.latest_config().await.expect("config");
+    assert_eq!(
+        config.ranges.len(),
+        1,
+        "a single hot key was split: {config:?}"
+    );
+    assert!(history(&cluster).await.is_empty());
+
+    // Load spread over 64 keys: split where it divides, halves on two groups.
+    let load = read_load(&kv, &spread, 8, Duration::from_secs(40));
+    let spread_out = async {
+        expect_within(
+            SETTLE_WAIT,
+            "the hot range's halves on two groups",
+            || async {
+                let Ok(config) = cluster.latest_config().await else {
+                    return false;
+                };
+                let owners: std::collections::BTreeSet<u64> =
+                    spread.iter().map(|k| config.owner(k).1).collect();
+                owners.len() == 2 && config.moves.is_empty()
+            },
+        )
+        .await
+    };
+    let (reads, ()) = tokio::join!(load, spread_out);
+    println!("spread load: {reads} reads");
+    let h = history(&cluster).await;
+    assert!(
+        h.iter()
+            .any(|d| d.kind() == Kind::Split && d.why.contains("load")),
+        "{h:?}"
+    );
+    assert!(h.iter().any(|d| d.kind() == Kind::Move), "{h:?}");
+}
+
+/// Deleting most of the data merges the pieces it had been split into.
+#[tokio::test]
+async fn deleting_most_data_merges_ranges() {
+    let cluster = cluster(1, &[1]).await;
+    set(
+        &cluster,
+        SchedulerSettings {
+            split_bytes: SPLIT,
+            split_load: 1e9,
+            // The pieces of the splits may merge a second after.
+            hold_ms: 1000,
+            ..Default::default()
+        },
+        &[],
+    )
+    .await;
+    let kv = client(&cluster).await;
+    let data = values("d", 96, 256 << 10);
+    put_all(&kv, &data).await;
+    expect_within(SETTLE_WAIT, "24 MiB split into pieces", || async {
+        cluster
+            .latest_config()
+            .await
+            .is_ok_and(|c| c.ranges.len() >= 6)
+    })
+    .await;
+    let split = cluster.latest_config().await.expect("config").ranges.len();
+    // Two values are left (512 KiB): every two neighbours together are under a
+    // quarter of the split size, so the pieces merge round after round.
+    let kept = |k: &[u8]| k.ends_with(b"00") || k.ends_with(b"50");
+    for (k, _) in data.iter().filter(|(k, _)| !kept(k)) {
+        kv.delete(k).await.expect("delete");
+    }
+    expect_within(SETTLE_WAIT, "the emptied pieces merged", || async {
+        cluster
+            .latest_config()
+            .await
+            .is_ok_and(|c| c.ranges.len() <= 2)
+    })
+    .await;
+    let h = history(&cluster).await;
+    let merges = h.iter().filter(|d| d.kind() == Kind::Merge).count();
+    assert!(
+        merges >= split - 2,
+        "{merges} merges of {split} ranges: {h:?}"
+    );
+    for (k, v) in data.iter().filter(|(k, _)| kept(k)) {
+        assert_eq!(kv.get(k).await.expect("read").as_ref(), Some(v));
+    }
+}
