@@ -27,8 +27,9 @@
 //! * a move is planned only when a group is outside ±20% of the mean, and only a
 //!   range smaller than the gap between the two groups, so the gap shrinks and the
 //!   order of the two never flips back and forth;
-//! * a range the scheduler moved is not moved again for `hold_ms`, nor are the
-//!   pieces of a range it split merged; a range an operator moved or split is
+//! * a range the scheduler moved is not moved back to the group it left for
+//!   `hold_ms` (it may move on: a join changes the mean), nor are the pieces of a
+//!   range it split merged for as long; a range an operator moved or split is
 //!   neither moved nor merged for `manual_hold_ms` (overlap counts, so the pieces
 //!   of a split range too);
 //! * at most one move per group at a time: a group with any plan (queued or live)
@@ -83,7 +84,8 @@ pub fn default_settings() -> SchedulerSettings {
 /// What happened to a range recently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// The scheduler moved it: not moved again for `hold_ms`.
+    /// The scheduler moved it away from `Recent::from_gid`: not moved back there
+    /// for `hold_ms`.
     Moved,
     /// The scheduler split it: its pieces are not merged for `hold_ms` (their load
     /// is counted from zero after a split, so they look cold at first).
@@ -98,6 +100,8 @@ pub struct Recent {
     pub range: KeyRange,
     pub at_ms: u64,
     pub event: Event,
+    /// Moved: the group it left.
+    pub from_gid: Gid,
 }
 
 fn overlaps(a: &KeyRange, b: &KeyRange) -> bool {
@@ -122,8 +126,11 @@ struct Slot<'a> {
     stats: Option<&'a RangeStats>,
     /// Has a move plan, or was decided on this round.
     taken: bool,
-    /// Moved or split recently: not to be moved, not to be merged.
+    /// Moved or split by an operator recently: not to be moved.
     hold_move: bool,
+    /// The groups the scheduler moved it away from recently: not to go back there.
+    left: Vec<Gid>,
+    /// Split recently: not to be merged.
     hold_merge: bool,
 }
 
@@ -166,16 +173,18 @@ pub fn schedule(
         .iter()
         .filter_map(|r| Some((r.range.as_ref()?, r.gid)))
         .map(|(range, gid)| {
+            let live = |m: &&Recent| {
+                let hold = match m.event {
+                    Event::Manual => settings.manual_hold_ms,
+                    Event::Moved | Event::Split => settings.hold_ms,
+                };
+                now_ms < m.at_ms.saturating_add(hold) && overlaps(&m.range, range)
+            };
             let held = |events: &[Event]| {
-                recent.iter().any(|m| {
-                    let hold = match m.event {
-                        Event::Manual => settings.manual_hold_ms,
-                        Event::Moved | Event::Split => settings.hold_ms,
-                    };
-                    events.contains(&m.event)
-                        && now_ms < m.at_ms.saturating_add(hold)
-                        && overlaps(&m.range, range)
-                })
+                recent
+                    .iter()
+                    .filter(live)
+                    .any(|m| events.contains(&m.event))
             };
             Slot {
                 range,
@@ -186,7 +195,13 @@ pub fn schedule(
                 taken: gid == 0
                     || leaving.contains(&gid)
                     || config.moves.iter().any(|p| p.range.as_ref() == Some(range)),
-                hold_move: held(&[Event::Moved, Event::Manual]),
+                hold_move: held(&[Event::Manual]),
+                left: recent
+                    .iter()
+                    .filter(live)
+                    .filter(|m| m.event == Event::Moved)
+                    .map(|m| m.from_gid)
+                    .collect(),
                 hold_merge: held(&[Event::Split, Event::Manual]),
             }
         })
@@ -349,11 +364,15 @@ fn balance(
     }
 }
 
-/// The movable range of `gid` with the smallest score (ties: key order).
-fn pick(slots: &[Slot], gid: Gid, score: impl Fn(&Slot) -> Option<f64>) -> Option<usize> {
+/// The range of `gid` movable to `to` with the smallest score (ties: key order).
+fn pick(
+    slots: &[Slot],
+    (gid, to): (Gid, Gid),
+    score: impl Fn(&Slot) -> Option<f64>,
+) -> Option<usize> {
     let mut best: Option<(f64, usize)> = None;
     for (i, s) in slots.iter().enumerate() {
-        if s.gid != gid || s.taken || s.hold_move {
+        if s.gid != gid || s.taken || s.hold_move || s.left.contains(&to) {
             continue;
         }
         if let Some(v) = score(s) {
@@ -383,7 +402,7 @@ fn byte_move(
     if from == to || !(outside(ft.0) || outside(tt.0)) || gap <= min_gap {
         return None;
     }
-    let i = pick(slots, from, |s| {
+    let i = pick(slots, (from, to), |s| {
         let b = s.bytes();
         (b > 0 && b < gap).then(|| gap.abs_diff(2 * b) as f64)
     })?;
@@ -418,7 +437,7 @@ fn load_move(
         return None;
     }
     let byte_gap = ht.0.abs_diff(ct.0);
-    let i = pick(slots, hot, |s| {
+    let i = pick(slots, (hot, cold), |s| {
         let (l, b) = (s.load(), s.bytes());
         let after = (ht.0 - b).abs_diff(ct.0 + b);
         (l > 0.0 && l < gap && after <= byte_gap.max(min_gap)).then(|| (gap - 2.0 * l).abs())
@@ -675,6 +694,7 @@ mod tests {
             },
             at_ms: 100,
             event: Event::Split,
+            from_gid: 0,
         }];
         assert_eq!(schedule(&c, &s, &no_balance, &recent, 1000).len(), 1);
         assert_eq!(schedule(&c, &s, &no_balance, &recent, 1100).len(), 2);
@@ -731,6 +751,7 @@ mod tests {
             range: c.ranges[0].range.clone().unwrap(),
             at_ms: 0,
             event: Event::Manual,
+            from_gid: 0,
         }];
         assert!(schedule(&c, &s, &settings(), &recent, 4999).is_empty());
         // 8 MiB is not smaller than the gap: a lone range is never moved back and
@@ -741,6 +762,32 @@ mod tests {
         assert_eq!(d.len(), 0, "both pieces overlap the manual move");
         let d = schedule(&c2, &s2, &settings(), &recent, 5000);
         assert_eq!(kinds(&d), [(Kind::Move, "[\"\", \"g\")".to_owned())]);
+    }
+
+    #[test]
+    fn a_moved_range_does_not_go_back_within_hold_ms_but_may_move_on() {
+        // [g, m) came from group 1 to group 2; group 2 is now the heaviest.
+        let c = config(&["g", "m"], &[1, 2, 2], 3);
+        let s = stats(&c, &[(2 * MIB, 0.0), (3 * MIB, 0.0), (3 * MIB, 0.0)]);
+        let moved = |range: KeyRange| Recent {
+            range,
+            at_ms: 0,
+            event: Event::Moved,
+            from_gid: 1,
+        };
+        let recent = [moved(c.ranges[1].range.clone().unwrap())];
+        let d = schedule(&c, &s, &settings(), &recent, 10);
+        assert_eq!(kinds(&d), [(Kind::Move, "[\"g\", \"m\")".to_owned())]);
+        assert_eq!(d[0].to_gid, 3, "on to the lightest, group 3");
+        // Back toward the group it left: not within hold_ms.
+        let two = config(&["g", "m"], &[1, 2, 2], 2);
+        let s = stats(&two, &[(0, 0.0), (3 * MIB, 0.0), (3 * MIB, 0.0)]);
+        let both = [
+            moved(two.ranges[1].range.clone().unwrap()),
+            moved(two.ranges[2].range.clone().unwrap()),
+        ];
+        assert!(schedule(&two, &s, &settings(), &both, 10).is_empty());
+        assert_eq!(schedule(&two, &s, &settings(), &both, 1000).len(), 1);
     }
 
     #[test]
@@ -808,6 +855,7 @@ mod tests {
                             range: c.ranges[i].range.clone().unwrap(),
                             at_ms: 50,
                             event: if manual { Event::Manual } else { Event::Moved },
+                            from_gid: 1,
                         })
                         .collect();
                     for p in 0..plans.min(n) {

@@ -123,6 +123,7 @@ impl MasterState {
                     range: d.range.clone()?,
                     at_ms: d.at_ms,
                     event,
+                    from_gid: d.from_gid,
                 })
             })
             .collect()

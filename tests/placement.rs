@@ -21,7 +21,11 @@ use std::time::Duration;
 const MIB: u64 = 1 << 20;
 const SPLIT: u64 = 4 * MIB;
 const SETTLE_WAIT: Duration = Duration::from_secs(60);
-const BALANCE_WAIT: Duration = Duration::from_secs(120);
+const BALANCE_WAIT: Duration = Duration::from_secs(180);
+
+/// One test at a time: each runs a cluster and moves tens of MiB live, and on a
+/// small machine several at once starve each other's heartbeats and moves.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One master, `groups` groups of one replica each (placement does not depend on
 /// replication, and the machine is small), all joined.
@@ -95,9 +99,15 @@ fn within(bytes: &BTreeMap<u64, u64>, band: f64) -> bool {
         .all(|&b| (b as f64 - mean).abs() <= band * mean)
 }
 
-/// Waits until no move is under way and every group is within ±20% of the mean
-/// bytes; returns the configuration and the bytes per group.
-async fn wait_balanced(cluster: &KvCluster, what: &str) -> (Config, BTreeMap<u64, u64>) {
+/// Waits until the ranges hold at least `min_total` bytes (the statistics have
+/// caught up with what was written), no move is under way, every group is within
+/// ±20% of the mean bytes and no range is over `max_range` bytes; returns the
+/// configuration and the bytes per group.
+async fn wait_balanced(
+    cluster: &KvCluster,
+    (min_total, max_range): (u64, u64),
+    what: &str,
+) -> (Config, BTreeMap<u64, u64>) {
     let seen = std::sync::Mutex::new(None);
     expect_within(BALANCE_WAIT, what, || async {
         let s = status(cluster).await;
@@ -107,7 +117,9 @@ async fn wait_balanced(cluster: &KvCluster, what: &str) -> (Config, BTreeMap<u64
         let Some(bytes) = group_bytes(&config, &s.ranges) else {
             return false;
         };
-        let done = config.moves.is_empty() && within(&bytes, 0.2);
+        let small = s.ranges.iter().all(|r| r.bytes <= max_range);
+        let counted = bytes.values().sum::<u64>() >= min_total;
+        let done = counted && config.moves.is_empty() && within(&bytes, 0.2) && small;
         println!(
             "{what}: {} ranges, bytes per group {bytes:?}",
             config.ranges.len()
@@ -147,6 +159,7 @@ async fn put_all(kv: &Client, data: &[(Vec<u8>, Vec<u8>)]) {
 /// no write lost (the bulk values read back too).
 #[tokio::test]
 async fn a_growing_prefix_splits_and_spreads_by_bytes() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let seed = seed();
     let cluster = cluster(2, &[1, 2]).await;
     set(
@@ -167,7 +180,13 @@ async fn a_growing_prefix_splits_and_spreads_by_bytes() {
     let kv = client(&cluster).await;
     let data = values("p", 256, 256 << 10);
     put_all(&kv, &data).await;
-    let (config, bytes) = wait_balanced(&cluster, "64 MiB spread over 2 groups").await;
+    let max_range = SPLIT + (256 << 10);
+    let (config, bytes) = wait_balanced(
+        &cluster,
+        (60 * MIB, max_range),
+        "64 MiB spread over 2 groups",
+    )
+    .await;
     let s = status(&cluster).await;
     let pieces: Vec<&RangeStats> = s.ranges.iter().filter(|r| r.bytes > MIB).collect();
     // Each split cuts a range of just over 4 MiB near its middle: 64 MiB ends in
@@ -177,12 +196,6 @@ async fn a_growing_prefix_splits_and_spreads_by_bytes() {
         "{} pieces over 1 MiB in {config:?}",
         pieces.len()
     );
-    for p in &s.ranges {
-        assert!(
-            p.bytes <= SPLIT + (256 << 10),
-            "a range over the split size: {p:?}"
-        );
-    }
     assert!(bytes.values().all(|&b| b > 20 * MIB), "{bytes:?}");
     let h = history(&cluster).await;
     assert!(h
@@ -202,14 +215,18 @@ async fn a_growing_prefix_splits_and_spreads_by_bytes() {
 }
 
 /// A third group joining a balanced two-group cluster ends with about a third of
-/// the bytes (within ±20% of the mean).
+/// the bytes (within ±20% of the mean). The split size is small enough for the
+/// pieces to allow that: a move only ever shrinks the gap between two groups, so
+/// 8 pieces over 3 groups would stop at 3/3/2.
 #[tokio::test]
 async fn a_joining_group_receives_a_third_of_the_bytes() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut cluster = cluster(2, &[1, 2]).await;
     set(
         &cluster,
         SchedulerSettings {
-            split_bytes: SPLIT,
+            // Pieces of 0.5 to 1 MiB: fine enough for a third within ±20%.
+            split_bytes: MIB,
             split_load: 1e9,
             ..Default::default()
         },
@@ -218,10 +235,10 @@ async fn a_joining_group_receives_a_third_of_the_bytes() {
     .await;
     let kv = client(&cluster).await;
     put_all(&kv, &values("j", 96, 256 << 10)).await;
-    wait_balanced(&cluster, "24 MiB over 2 groups").await;
+    wait_balanced(&cluster, (22 * MIB, u64::MAX), "24 MiB over 2 groups").await;
     cluster.add_group(3);
     cluster.join(&[3]).await;
-    let (_, bytes) = wait_balanced(&cluster, "24 MiB over 3 groups").await;
+    let (_, bytes) = wait_balanced(&cluster, (22 * MIB, u64::MAX), "24 MiB over 3 groups").await;
     assert_eq!(bytes.len(), 3);
     let third = bytes[&3] as f64 / bytes.values().sum::<u64>() as f64;
     assert!(
@@ -253,6 +270,7 @@ async fn read_load(kv: &Client, keys: &[Vec<u8>], tasks: usize, length: Duration
 /// and is not split.
 #[tokio::test]
 async fn a_hot_range_splits_by_load_and_a_hot_key_is_reported() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let cluster = cluster(2, &[1, 2]).await;
     set(
         &cluster,
@@ -328,6 +346,7 @@ async fn a_hot_range_splits_by_load_and_a_hot_key_is_reported() {
 /// Deleting most of the data merges the pieces it had been split into.
 #[tokio::test]
 async fn deleting_most_data_merges_ranges() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let cluster = cluster(1, &[1]).await;
     set(
         &cluster,

@@ -39,7 +39,8 @@ pub struct SetArgs {
     /// Decide nothing (maintenance).
     #[arg(long)]
     paused: Option<bool>,
-    /// Milliseconds a range the scheduler moved or split is left alone.
+    /// Milliseconds a range the scheduler moved is not moved back, and the pieces of
+    /// a range it split are not merged.
     #[arg(long)]
     hold_ms: Option<u64>,
     /// Milliseconds a range an operator moved or split is left alone.
