@@ -1,16 +1,14 @@
 //! Reports this node to the shard master's leader on an interval: liveness, Raft role
-//! and term, applied configuration, and per-range key counts and bytes.
+//! and term, applied configuration and, from the leader, the size and load of each
+//! range the group owns (`stats.rs`).
 
-use super::state::{range_stats, KvState};
+use super::state::{count_range, KvState};
 use crate::client::master::MasterClient;
-use crate::proto::{HeartbeatRequest, RangeStats};
-use crate::replica::Replica;
+use crate::proto::HeartbeatRequest;
+use crate::replica::{Replica, Role};
 use slog::{debug, Logger};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Range statistics cost a scan of the data: refresh them every this many beats.
-const STATS_EVERY: u64 = 30;
 
 pub async fn run_heartbeats(
     replica: Replica<KvState>,
@@ -21,41 +19,22 @@ pub async fn run_heartbeats(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut stats: Vec<RangeStats> = Vec::new();
-    for beat in 0u64.. {
+    loop {
         ticker.tick().await;
-        let (gid, config_num, held, store) = {
-            let state = replica.state();
-            (
-                state.gid(),
-                state.config().num,
-                state.held().to_vec(),
-                state.store_handle(),
-            )
-        };
-        let stale =
-            stats.len() != held.len() || stats.iter().zip(&held).any(|(s, h)| s.range != h.range);
-        if beat % STATS_EVERY == 0 || stale {
-            let counted = tokio::task::spawn_blocking(move || {
-                held.iter()
-                    .map(|h| {
-                        let range = h.range.clone().unwrap_or_default();
-                        let (keys, bytes) = range_stats(&store, &range).unwrap_or_default();
-                        RangeStats {
-                            range: Some(range),
-                            state: h.state,
-                            keys,
-                            bytes,
-                        }
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await;
-            if let Ok(counted) = counted {
-                stats = counted;
-            }
-        }
         let status = replica.status();
+        let leader = status.role == Role::Leader;
+        if leader {
+            seed(&replica).await;
+        }
+        let (gid, config_num, ranges) = {
+            let state = replica.state();
+            let ranges = if leader {
+                state.range_stats()
+            } else {
+                Vec::new()
+            };
+            (state.gid(), state.config().num, ranges)
+        };
         let request = HeartbeatRequest {
             gid,
             node_id: status.id,
@@ -63,7 +42,7 @@ pub async fn run_heartbeats(
             role: status.role.as_str().to_owned(),
             term: status.term,
             applied_config: config_num,
-            ranges: stats.clone(),
+            ranges,
         };
         let sent = masters
             .call(|mut c| {
@@ -74,5 +53,28 @@ pub async fn run_heartbeats(
         if let Err(e) = sent {
             debug!(logger, "heartbeat not delivered"; "error" => e.message());
         }
+    }
+}
+
+/// Counts the ranges whose size is unknown or has drifted, on a blocking thread and
+/// outside the state lock.
+async fn seed(replica: &Replica<KvState>) {
+    let (jobs, view) = replica.state().seed_jobs();
+    if jobs.is_empty() {
+        return;
+    }
+    let counted = tokio::task::spawn_blocking(move || {
+        jobs.into_iter()
+            .map(|job| {
+                let count = count_range(&view, &job.range);
+                (job, count)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let Ok(counted) = counted else { return };
+    let state = replica.state();
+    for (job, count) in counted {
+        state.seeded(&job, count);
     }
 }

@@ -7,6 +7,7 @@ mod heartbeat;
 mod migration;
 mod service;
 mod state;
+mod stats;
 
 pub use heartbeat::run_heartbeats;
 pub use migration::{run_migrations, MovePacing};

@@ -15,12 +15,13 @@
 //! writes go on may mix old and new values, but every write applied after the plan
 //! is recorded, so replaying the results over it in order ends in the source's state.
 
+use super::stats::{RangeStatsTable, SeedJob};
 use crate::proto::kv_command::Command;
 use crate::proto::kv_reply::Reply;
 use crate::proto::{
     ClientSession, CompareAndSwapReply, Config, DeleteReply, HeldRange, HeldRanges, KeyRange,
     KeyValue, KvCommand, KvReply, MoveChunk, MoveDelta, MoveState, MoveStates, PutReply, RangeOp,
-    RangeState, RequestId, SessionEntry,
+    RangeState, RangeStats, RequestId, SessionEntry,
 };
 use crate::replica::StateMachine;
 use crate::storage::{ApplyBatch, KeyBounds, SmStore, StoreView};
@@ -192,6 +193,9 @@ pub struct KvState {
     /// writes after it arrive as deltas); a live read would chase new keys ahead of
     /// its cursor. Not persisted: after a restart the copy resumes on a new view.
     copy_views: Mutex<HashMap<u64, StoreView>>,
+    /// Size and load of the ranges the applied configuration gives this group (in
+    /// memory: reads count through `&self`).
+    stats: Mutex<RangeStatsTable>,
 }
 
 impl KvState {
@@ -205,6 +209,51 @@ impl KvState {
             ended: Vec::new(),
             delta_pos: (0, 0),
             copy_views: Mutex::default(),
+            stats: Mutex::default(),
+        }
+    }
+
+    fn stats(&self) -> std::sync::MutexGuard<'_, RangeStatsTable> {
+        self.stats.lock().expect("poisoned")
+    }
+
+    /// Follows the ranges the applied configuration gives this group.
+    fn follow_stats(&self) {
+        let gid = self.gid;
+        let owned = self.config.ranges.iter().filter(|r| r.gid == gid);
+        self.stats().follow(owned.filter_map(|r| r.range.as_ref()));
+    }
+
+    /// The statistics of the ranges this group owns, each with the state of the held
+    /// range containing it.
+    pub fn range_stats(&self) -> Vec<RangeStats> {
+        let mut out = self.stats().report();
+        for s in &mut out {
+            let start = s
+                .range
+                .as_ref()
+                .map(|r| r.start.as_slice())
+                .unwrap_or_default();
+            s.state = self
+                .held
+                .iter()
+                .find(|h| h.range.as_ref().is_some_and(|r| r.contains(start)))
+                .map_or(0, |h| h.state);
+        }
+        out
+    }
+
+    /// The ranges whose size must be counted, and one view to count them in (taken
+    /// now, under the state lock: writes from here on are counted on top of it).
+    pub fn seed_jobs(&self) -> (Vec<SeedJob>, StoreView) {
+        (self.stats().seed_jobs(), self.store().view())
+    }
+
+    /// The result of a seed job (see [`count_range`]); a failed count is tried again.
+    pub fn seeded(&self, job: &SeedJob, count: anyhow::Result<RangeCount>) {
+        match count {
+            Ok(c) => self.stats().seeded(job, c.keys, c.bytes, c.middle),
+            Err(_) => self.stats().invalidate(&job.range.start),
         }
     }
 
@@ -302,6 +351,7 @@ impl KvState {
         if let Err(e) = self.serving_range(key) {
             return Ok(Err(e));
         }
+        self.stats().read(key);
         Ok(Ok(self.store().get(&data_key(key))?))
     }
 
@@ -319,6 +369,7 @@ impl KvState {
             Ok(r) => r.clone(),
             Err(e) => return Ok(Err(e)),
         };
+        self.stats().read(start);
         // Stop at whichever comes first: the request's end or the range's.
         let (stop, resume_at_range_end) = match (end.is_empty(), range.end.is_empty()) {
             (_, true) => (end.to_vec(), false),
@@ -511,6 +562,21 @@ impl KvState {
         );
     }
 
+    /// Runs `write` of `key` and adds what it changed to the range's statistics.
+    fn counted_write(
+        &self,
+        key: &[u8],
+        batch: &mut ApplyBatch,
+        write: impl FnOnce(&mut ApplyBatch) -> anyhow::Result<Reply>,
+    ) -> anyhow::Result<Reply> {
+        let stored = data_key(key);
+        let before = batch.get(&stored)?.map(|v| v.len());
+        let reply = write(batch)?;
+        let after = batch.get(&stored)?.map(|v| v.len());
+        self.stats().wrote(key, before, after);
+        Ok(reply)
+    }
+
     /// Applies a client write: checks ownership, answers a retry from the session,
     /// otherwise runs `write` and remembers its reply.
     fn client_write(
@@ -526,7 +592,7 @@ impl KvState {
         }
         let id = id.unwrap_or_default();
         if id.client_id == 0 {
-            let reply = write(batch)?;
+            let reply = self.counted_write(key, batch, write)?;
             self.record(index, key, None, batch)?;
             return Ok(Ok(KvReply { reply: Some(reply) }));
         }
@@ -547,7 +613,7 @@ impl KvState {
             }));
         }
         let reply = KvReply {
-            reply: Some(write(batch)?),
+            reply: Some(self.counted_write(key, batch, write)?),
         };
         let entry = SessionEntry {
             seq: id.seq,
@@ -614,6 +680,7 @@ impl KvState {
                     return done;
                 };
                 let cursor = last.key.clone();
+                self.stats().invalidate(&range.start);
                 for record in chunk.records {
                     match record.key.first() {
                         Some(&DATA) if range.contains(&record.key[1..]) => {
@@ -859,6 +926,7 @@ impl KvState {
         self.held = held_ranges(self.gid, &self.config, &next);
         self.follow_plans(&next, batch)?;
         self.config = next;
+        self.follow_stats();
         batch.put(KEY_CONFIG, self.config.encode_to_vec());
         self.save_held(batch);
         self.save_moves(batch);
@@ -958,17 +1026,46 @@ impl KvState {
     }
 }
 
-/// Number of keys and bytes (keys plus values) of `range` in `store`.
-pub fn range_stats(store: &SmStore, range: &KeyRange) -> anyhow::Result<(u64, u64)> {
+/// What one scan of a range counted.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RangeCount {
+    pub keys: u64,
+    /// Keys plus values.
+    pub bytes: u64,
+    /// A key near the middle by bytes (empty when the range holds fewer than two keys).
+    pub middle: Vec<u8>,
+}
+
+/// Keys at most this many per count of a range: the middle is chosen among them.
+const MIDDLE_SAMPLES: usize = 128;
+
+/// Counts `range` in `view` in one pass with bounded memory: the keys at every
+/// `step` bytes are remembered, and when there are too many every other one is
+/// dropped and the step doubles.
+pub fn count_range(view: &StoreView, range: &KeyRange) -> anyhow::Result<RangeCount> {
     let (start, end) = data_bounds(range);
-    let mut keys = 0;
-    let mut bytes = 0;
-    for item in store.range((Bound::Included(start), end)) {
+    let mut count = RangeCount::default();
+    let mut marks: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut step = 1u64;
+    for item in view.range((Bound::Included(start), end)) {
         let (k, v) = item?;
-        keys += 1;
-        bytes += (k.len() - 1 + v.len()) as u64;
+        if count.keys > 0 && marks.last().is_none_or(|(at, _)| count.bytes >= at + step) {
+            marks.push((count.bytes, k[1..].to_vec()));
+            if marks.len() > MIDDLE_SAMPLES {
+                marks = marks.into_iter().step_by(2).collect();
+                step *= 2;
+            }
+        }
+        count.keys += 1;
+        count.bytes += (k.len() - 1 + v.len()) as u64;
     }
-    Ok((keys, bytes))
+    let half = count.bytes / 2;
+    count.middle = marks
+        .into_iter()
+        .min_by_key(|(at, _)| at.abs_diff(half))
+        .map(|(_, k)| k)
+        .unwrap_or_default();
+    Ok(count)
 }
 
 /// The ranges group `gid` holds in configuration `next`, coming from `prev`.
@@ -1093,6 +1190,8 @@ impl StateMachine for KvState {
         self.delta_pos = (0, 0);
         self.copy_views.lock().expect("poisoned").clear();
         self.store = Some(store.clone());
+        *self.stats() = RangeStatsTable::default();
+        self.follow_stats();
         Ok(())
     }
 }
@@ -1192,6 +1291,40 @@ mod tests {
         let (pairs, resume) = h.state.scan(b"d", b"", 100, 1 << 20).unwrap().unwrap();
         assert_eq!(pairs.len(), 2);
         assert!(resume.is_empty());
+    }
+
+    #[test]
+    fn range_stats_are_seeded_once_then_follow_the_writes() {
+        let mut h = Harness::new(1);
+        h.exec(Command::Config(config(1, &["n"], &[1, 2])));
+        for i in 0..100u32 {
+            h.put(&format!("a{i:03}"), &[b'x'; 96], None).unwrap();
+        }
+        let (jobs, view) = h.state.seed_jobs();
+        assert_eq!(jobs.len(), 1, "only [\"\", n) is group 1's");
+        // Written after the view: counted on top of the seed, not in it.
+        h.put("a000", &[b'x'; 10], None).unwrap();
+        h.apply(Command::Delete(DeleteRequest {
+            key: "a001".into(),
+            id: None,
+        }))
+        .unwrap();
+        let count = count_range(&view, &jobs[0].range).unwrap();
+        assert_eq!((count.keys, count.bytes), (100, 100 * 100));
+        let middle = String::from_utf8(count.middle.clone()).unwrap();
+        assert!(("a048".."a053").contains(&middle.as_str()), "{middle}");
+        h.state.seeded(&jobs[0], Ok(count));
+        h.get("a002");
+        let stats = h.state.range_stats();
+        assert_eq!(stats.len(), 1);
+        let s = &stats[0];
+        assert!(s.sized);
+        assert_eq!((s.keys, s.bytes), (99, 100 * 100 - 86 - 100));
+        assert_eq!(s.state(), RangeState::Serving);
+        assert!(
+            h.state.seed_jobs().0.is_empty(),
+            "no scan while the counts hold"
+        );
     }
 
     #[test]

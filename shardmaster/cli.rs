@@ -128,6 +128,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_millis(args.down_after_ms),
     );
     service.report_metrics();
+    tokio::spawn(service.scheduler(logger.clone()));
     let routes = node.add_services(tonic::service::Routes::new(shardmaster::server(service)));
     let mut names = vec![shardmaster::SERVICE_NAME];
     if node.faults.is_some() {

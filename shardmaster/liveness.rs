@@ -6,7 +6,7 @@
 //! `down_after` period it reports unheard nodes as UNKNOWN rather than DOWN, after
 //! which silence means DOWN.
 
-use crate::proto::{Config, HeartbeatRequest, Liveness as State, NodeHealth};
+use crate::proto::{Config, HeartbeatRequest, Liveness as State, NodeHealth, RangeStats};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -82,6 +82,35 @@ impl Liveness {
             (None, Some((_, since))) if now - since <= self.down_after => State::Unknown,
             (None, Some(_)) => State::Down,
         }
+    }
+
+    /// The statistics of `config`'s ranges, each as its owner's leader (the beat of
+    /// the highest term within `down_after`) last reported it; a range that owner
+    /// did not report (not sized yet, or just split) is missing.
+    pub fn range_stats(&self, config: &Config) -> Vec<RangeStats> {
+        let inner = self.inner.lock().expect("poisoned");
+        let now = Instant::now();
+        let mut leaders: HashMap<u64, &HeartbeatRequest> = HashMap::new();
+        for (at, beat) in inner.beats.values() {
+            if beat.role != "leader" || now - *at > self.down_after {
+                continue;
+            }
+            let newer = leaders.get(&beat.gid).is_none_or(|b| b.term < beat.term);
+            if newer {
+                leaders.insert(beat.gid, beat);
+            }
+        }
+        config
+            .ranges
+            .iter()
+            .filter_map(|r| {
+                let beat = leaders.get(&r.gid)?;
+                beat.ranges
+                    .iter()
+                    .find(|s| s.sized && s.range == r.range)
+                    .cloned()
+            })
+            .collect()
     }
 
     /// The health of every node of `config`'s groups.

@@ -5,6 +5,7 @@ mod balance;
 pub mod cli;
 mod liveness;
 mod moves;
+mod placement;
 mod service;
 mod state;
 

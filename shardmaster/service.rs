@@ -7,14 +7,15 @@ use crate::proto::master_command::Command;
 use crate::proto::shard_master_server::ShardMaster;
 use crate::proto::{
     AddNodeRequest, CancelMoveRequest, Config, ConfigReply, FinishMoveRequest, HeartbeatReply,
-    HeartbeatRequest, JoinRequest, LeaveRequest, MovePhase, MoveRequest, QueryRequest,
-    RemoveNodeRequest, ReportMoveReply, ReportMoveRequest, SplitRequest, StatusReply,
-    StatusRequest,
+    HeartbeatRequest, JoinRequest, LeaveRequest, MasterCommand, MovePhase, MoveRequest,
+    QueryRequest, RemoveNodeRequest, ReportMoveReply, ReportMoveRequest, SchedulerReply,
+    SchedulerRequest, SetSchedulerRequest, SplitRequest, StatusReply, StatusRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::status;
+use slog::Logger;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tonic::{Code, Request, Response, Status};
 
 pub struct MasterService {
@@ -28,6 +29,20 @@ impl MasterService {
         MasterService {
             replica,
             liveness: Arc::new(Liveness::new(down_after)),
+        }
+    }
+
+    /// The placement scheduler's loop, on this replica whenever it leads (it reads
+    /// the ranges' statistics from the heartbeats this service receives).
+    pub fn scheduler(&self, logger: Logger) -> impl std::future::Future<Output = ()> + use<> {
+        super::placement::run_scheduler(self.replica.clone(), self.liveness.clone(), logger)
+    }
+
+    fn scheduler_reply(&self) -> SchedulerReply {
+        let state = self.replica.state();
+        SchedulerReply {
+            settings: Some(*state.settings()),
+            history: state.history(),
         }
     }
 
@@ -101,12 +116,40 @@ pub(crate) async fn propose(
     replica: &Replica<MasterState>,
     command: Command,
 ) -> Result<u64, Status> {
-    let outcome: Outcome = replica.propose(command).await?;
+    let outcome: Outcome = replica
+        .propose(MasterCommand {
+            command: Some(command),
+            at_ms: now_ms(),
+        })
+        .await?;
     outcome.map_err(|e| Status::new(Code::from_i32(e.code), e.message))
+}
+
+/// Wall-clock milliseconds since the Unix epoch (what the history shows as "when").
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[tonic::async_trait]
 impl ShardMaster for MasterService {
+    /// Any replica answers from what it has applied.
+    async fn scheduler(
+        &self,
+        _: Request<SchedulerRequest>,
+    ) -> Result<Response<SchedulerReply>, Status> {
+        Ok(Response::new(self.scheduler_reply()))
+    }
+
+    async fn set_scheduler(
+        &self,
+        r: Request<SetSchedulerRequest>,
+    ) -> Result<Response<SchedulerReply>, Status> {
+        propose(&self.replica, Command::SetScheduler(r.into_inner())).await?;
+        Ok(Response::new(self.scheduler_reply()))
+    }
+
     async fn join(&self, r: Request<JoinRequest>) -> Result<Response<ConfigReply>, Status> {
         self.execute(Command::Join(r.into_inner())).await
     }
@@ -214,6 +257,7 @@ impl ShardMaster for MasterService {
             replica: Some(replica),
             latest_config_num: latest.num,
             nodes: self.liveness.report(&latest),
+            ranges: self.liveness.range_stats(&latest),
             moves,
         }))
     }

@@ -7,17 +7,25 @@
 //! at one position of its own log. Their progress, reported by the destinations, is
 //! kept beside the configurations.
 //!
+//! The placement scheduler's settings and its bounded history of decisions (its
+//! own, and the operators' moves and splits, which it respects for a while) live
+//! here too, so a new leader carries on from them.
+//!
 //! Stored keys: `c` + num (big-endian) -> `Config`; `s` + client id -> `MasterOutcome`;
-//! `p` + plan id -> `MovePlan` (last reported progress).
+//! `p` + plan id -> `MovePlan` (last reported progress); `g` -> `SchedulerSettings`;
+//! `h` + sequence number (big-endian) -> `PlacementDecision`.
 
 use super::balance::rebalance;
+use super::placement::{self, Event, Recent};
 use crate::config::MAX_KEY_BYTES;
 use crate::proto::master_command::Command;
 use crate::proto::master_outcome::Result as OutcomeResult;
+use crate::proto::placement_decision::Kind;
 use crate::proto::{
     AddNodeRequest, CancelMoveRequest, CommandError, Config, FinishMoveRequest, Group, JoinRequest,
-    KeyRange, LeaveRequest, MasterCommand, MasterOutcome, MovePlan, MoveRequest, RangeAssignment,
-    RemoveNodeRequest, RequestId, SplitRequest,
+    KeyRange, LeaveRequest, MasterCommand, MasterOutcome, MovePlan, MoveRequest, PlacementDecision,
+    RangeAssignment, RemoveNodeRequest, RequestId, ScheduleCommand, SchedulerSettings,
+    SetSchedulerRequest, SplitRequest,
 };
 use crate::replica::StateMachine;
 use crate::storage::{ApplyBatch, SmStore};
@@ -27,6 +35,15 @@ use tonic::Code;
 
 /// Clients whose last outcome is remembered; the least recently active is forgotten first.
 const MAX_SESSIONS: usize = 10_000;
+/// Placement decisions remembered (the oldest is forgotten first).
+pub const MAX_HISTORY: usize = 256;
+const KEY_SETTINGS: &[u8] = b"g";
+
+fn history_key(seq: u64) -> Vec<u8> {
+    let mut k = b"h".to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
 
 /// What applying a command answers: the number of the configuration it produced
 /// (or the latest one, for a change that changed nothing), or why it was refused.
@@ -67,14 +84,96 @@ pub struct MasterState {
     session_order: BTreeSet<(u64, u64)>,
     /// Plan id -> the destination's last progress report.
     progress: HashMap<u64, MovePlan>,
+    settings: SchedulerSettings,
+    /// (sequence number, decision), oldest first.
+    history: std::collections::VecDeque<(u64, PlacementDecision)>,
 }
 
 impl MasterState {
     pub fn new() -> MasterState {
         MasterState {
             latest: Config::initial(),
+            settings: placement::default_settings(),
             ..Default::default()
         }
+    }
+
+    /// The placement scheduler's settings.
+    pub fn settings(&self) -> &SchedulerSettings {
+        &self.settings
+    }
+
+    /// The remembered placement decisions, oldest first.
+    pub fn history(&self) -> Vec<PlacementDecision> {
+        self.history.iter().map(|(_, d)| d.clone()).collect()
+    }
+
+    /// What the scheduler must respect: the remembered moves and splits.
+    pub fn recent(&self) -> Vec<Recent> {
+        self.history
+            .iter()
+            .filter_map(|(_, d)| {
+                let event = match (d.manual, d.kind()) {
+                    (true, _) => Event::Manual,
+                    (false, Kind::Move) => Event::Moved,
+                    (false, Kind::Split) => Event::Split,
+                    (false, Kind::Merge) => return None,
+                };
+                Some(Recent {
+                    range: d.range.clone()?,
+                    at_ms: d.at_ms,
+                    event,
+                    from_gid: d.from_gid,
+                })
+            })
+            .collect()
+    }
+
+    fn record(&mut self, decision: PlacementDecision, batch: &mut ApplyBatch) {
+        let seq = self.history.back().map_or(0, |(s, _)| s + 1);
+        batch.put(history_key(seq), decision.encode_to_vec());
+        self.history.push_back((seq, decision));
+        while self.history.len() > MAX_HISTORY {
+            let (old, _) = self.history.pop_front().expect("non-empty");
+            batch.delete(history_key(old));
+        }
+    }
+
+    /// Applies a scheduler round: the decisions that still fit, as one configuration.
+    fn schedule(&mut self, round: ScheduleCommand, batch: &mut ApplyBatch) -> Outcome {
+        let mut next = self.latest.clone();
+        next.num += 1;
+        let done = placement::apply(&mut next, &round.decisions);
+        let Some(next) = settle(next, !done.is_empty()) else {
+            return Ok(self.latest.num);
+        };
+        for d in done {
+            let d = PlacementDecision {
+                at_ms: round.at_ms,
+                config_num: next.num,
+                ..d
+            };
+            self.record(d, batch);
+        }
+        self.install(next, batch);
+        Ok(self.latest.num)
+    }
+
+    /// Makes `next` the latest configuration.
+    fn install(&mut self, next: Config, batch: &mut ApplyBatch) {
+        batch.put(config_key(next.num), next.encode_to_vec());
+        // Progress of plans that ended (done or cancelled) is forgotten.
+        let ended: Vec<u64> = self
+            .progress
+            .keys()
+            .filter(|id| !next.moves.iter().any(|p| p.id == **id))
+            .copied()
+            .collect();
+        for id in ended {
+            self.progress.remove(&id);
+            batch.delete(progress_key(id));
+        }
+        self.latest = next;
     }
 
     /// The newest configuration this replica has applied.
@@ -127,6 +226,27 @@ impl MasterState {
         }
     }
 
+    fn remember_outcome(
+        &mut self,
+        index: u64,
+        id: RequestId,
+        result: &Outcome,
+        batch: &mut ApplyBatch,
+    ) {
+        if id.client_id == 0 {
+            return;
+        }
+        let outcome = MasterOutcome {
+            seq: id.seq,
+            index,
+            result: Some(match result {
+                Ok(n) => OutcomeResult::ConfigNum(*n),
+                Err(e) => OutcomeResult::Error(e.clone()),
+            }),
+        };
+        self.remember(id.client_id, outcome, batch);
+    }
+
     fn remember(&mut self, client: u64, outcome: MasterOutcome, batch: &mut ApplyBatch) {
         if let Some(old) = self.sessions.get(&client) {
             self.session_order.remove(&(old.index, client));
@@ -154,6 +274,7 @@ impl From<Command> for MasterCommand {
     fn from(command: Command) -> MasterCommand {
         MasterCommand {
             command: Some(command),
+            at_ms: 0,
         }
     }
 }
@@ -163,6 +284,7 @@ impl StateMachine for MasterState {
     type Response = Outcome;
 
     fn apply(&mut self, index: u64, command: MasterCommand, batch: &mut ApplyBatch) -> Outcome {
+        let at_ms = command.at_ms;
         let Some(command) = command.command else {
             return self.undecodable();
         };
@@ -188,37 +310,38 @@ impl StateMachine for MasterState {
                 Err(refuse(Code::NotFound, "no such move plan"))
             };
         }
+        let command = match command {
+            Command::Schedule(round) => return self.schedule(round, batch),
+            Command::SetScheduler(r) => {
+                let result = updated(&self.settings, r).map(|settings| {
+                    batch.put(KEY_SETTINGS, settings.encode_to_vec());
+                    self.settings = settings;
+                    self.latest.num
+                });
+                self.remember_outcome(index, id, &result, batch);
+                return result;
+            }
+            other => other,
+        };
+        let manual = manual_decision(&self.latest, &command, at_ms);
         let result = match next_config(&self.latest, command) {
             Ok(Some(next)) => {
-                batch.put(config_key(next.num), next.encode_to_vec());
-                // Progress of plans that ended (done or cancelled) is forgotten.
-                let ended: Vec<u64> = self
-                    .progress
-                    .keys()
-                    .filter(|id| !next.moves.iter().any(|p| p.id == **id))
-                    .copied()
-                    .collect();
-                for id in ended {
-                    self.progress.remove(&id);
-                    batch.delete(progress_key(id));
+                if let Some(d) = manual {
+                    self.record(
+                        PlacementDecision {
+                            config_num: next.num,
+                            ..d
+                        },
+                        batch,
+                    );
                 }
-                self.latest = next;
+                self.install(next, batch);
                 Ok(self.latest.num)
             }
             Ok(None) => Ok(self.latest.num),
             Err(e) => Err(e),
         };
-        if id.client_id != 0 {
-            let outcome = MasterOutcome {
-                seq: id.seq,
-                index,
-                result: Some(match &result {
-                    Ok(n) => OutcomeResult::ConfigNum(*n),
-                    Err(e) => OutcomeResult::Error(e.clone()),
-                }),
-            };
-            self.remember(id.client_id, outcome, batch);
-        }
+        self.remember_outcome(index, id, &result, batch);
         result
     }
 
@@ -245,6 +368,17 @@ impl StateMachine for MasterState {
             let plan = MovePlan::decode(&*item?.1)?;
             self.progress.insert(plan.id, plan);
         }
+        self.settings = match store.get(KEY_SETTINGS)? {
+            Some(raw) => SchedulerSettings::decode(raw.as_slice())?,
+            None => placement::default_settings(),
+        };
+        self.history.clear();
+        for item in store.prefix(b"h") {
+            let (key, value) = item?;
+            let seq = u64::from_be_bytes(key[1..].try_into()?);
+            self.history
+                .push_back((seq, PlacementDecision::decode(&*value)?));
+        }
         self.store = Some(store.clone());
         Ok(())
     }
@@ -259,7 +393,8 @@ fn request_id(command: &Command) -> RequestId {
         Command::AddNode(r) => &r.id,
         Command::RemoveNode(r) => &r.id,
         Command::CancelMove(r) => &r.id,
-        Command::FinishMove(_) | Command::ReportMove(_) => &None,
+        Command::SetScheduler(r) => &r.id,
+        Command::FinishMove(_) | Command::ReportMove(_) | Command::Schedule(_) => &None,
     };
     id.unwrap_or_default()
 }
@@ -278,9 +413,15 @@ pub fn next_config(current: &Config, command: Command) -> Result<Option<Config>,
         Command::RemoveNode(r) => remove_node(&mut next, r)?,
         Command::CancelMove(r) => cancel_move(&mut next, r)?,
         Command::FinishMove(r) => finish_move(&mut next, r)?,
-        // Progress changes no configuration (MasterState::apply handles it).
-        Command::ReportMove(_) => false,
+        // Progress, settings and rounds are MasterState::apply's.
+        Command::ReportMove(_) | Command::SetScheduler(_) | Command::Schedule(_) => false,
     };
+    Ok(settle(next, changed))
+}
+
+/// `next` after the rules every new configuration follows (void plans dropped,
+/// leaving groups drained, queued plans started), or None if nothing changed.
+fn settle(mut next: Config, changed: bool) -> Option<Config> {
     // A plan whose range was split, given away or whose groups left (or are leaving:
     // the range would only have to move again) is void: its source still holds the
     // range, so nothing is lost.
@@ -295,7 +436,88 @@ pub fn next_config(current: &Config, command: Command) -> Result<Option<Config>,
     });
     drain_leaving(&mut next);
     activate_queued(&mut next);
-    Ok((changed || next.moves != planned || next.groups != groups).then_some(next))
+    (changed || next.moves != planned || next.groups != groups).then_some(next)
+}
+
+/// An operator's move or split of `current`, for the history (the scheduler
+/// respects it); None for anything else.
+fn manual_decision(current: &Config, command: &Command, at_ms: u64) -> Option<PlacementDecision> {
+    let (kind, key, to_gid) = match command {
+        Command::Move(r) => (Kind::Move, &r.key, r.gid),
+        Command::Split(r) => (Kind::Split, &r.key, 0),
+        _ => return None,
+    };
+    let (range, from_gid) = current.owner(key);
+    Some(PlacementDecision {
+        kind: kind as i32,
+        range: Some(range.clone()),
+        at: if kind == Kind::Split {
+            key.clone()
+        } else {
+            Vec::new()
+        },
+        from_gid: if kind == Kind::Move { from_gid } else { 0 },
+        to_gid,
+        why: "by an operator".into(),
+        at_ms,
+        manual: true,
+        ..Default::default()
+    })
+}
+
+/// `current` changed as `request` says, or why not (and then nothing changes).
+fn updated(
+    current: &SchedulerSettings,
+    request: SetSchedulerRequest,
+) -> Result<SchedulerSettings, CommandError> {
+    const MIN_SPLIT: u64 = 64 << 10;
+    const MAX_SPLIT: u64 = 4 << 30;
+    const MAX_HOLD_MS: u64 = 7 * 24 * 3600 * 1000;
+    let bad = |m: String| Err(refuse(Code::InvalidArgument, m));
+    let r = request.settings.unwrap_or_default();
+    let mut next = *current;
+    if r.split_bytes != 0 {
+        if !(MIN_SPLIT..=MAX_SPLIT).contains(&r.split_bytes) {
+            return bad(format!(
+                "split_bytes: {} is outside {MIN_SPLIT}..={MAX_SPLIT}",
+                r.split_bytes
+            ));
+        }
+        next.split_bytes = r.split_bytes;
+    }
+    if r.split_load != 0.0 {
+        if !r.split_load.is_finite() || r.split_load < 1.0 {
+            return bad(format!(
+                "split_load: {} must be at least 1 op/s",
+                r.split_load
+            ));
+        }
+        next.split_load = r.split_load;
+    }
+    for (value, field, name) in [
+        (r.hold_ms, &mut next.hold_ms, "hold_ms"),
+        (r.manual_hold_ms, &mut next.manual_hold_ms, "manual_hold_ms"),
+    ] {
+        if value > MAX_HOLD_MS {
+            return bad(format!("{name}: {value} is over {MAX_HOLD_MS} (a week)"));
+        }
+        if value != 0 {
+            *field = value;
+        }
+    }
+    for flag in &request.set_flags {
+        match flag.as_str() {
+            "merge" => next.merge = r.merge,
+            "balance" => next.balance = r.balance,
+            "paused" => next.paused = r.paused,
+            other => {
+                return bad(format!(
+                    "set_flags: unknown setting {other:?} (merge, balance, paused)"
+                ))
+            }
+        }
+    }
+    Ok(next)
 }
 
 /// The plan moving the range that contains `key` (or plan `id`, when not 0).
@@ -1209,5 +1431,171 @@ mod tests {
         );
         assert!(joined.moves.iter().all(|p| p.dest != 2));
         assert!(joined.moves.iter().any(|p| p.dest == 3));
+    }
+
+    #[test]
+    fn scheduler_settings_refuse_bad_values_and_change_nothing() {
+        let current = placement::default_settings();
+        let set = |settings: SchedulerSettings, flags: &[&str]| {
+            updated(
+                &current,
+                SetSchedulerRequest {
+                    settings: Some(settings),
+                    set_flags: flags.iter().map(|f| f.to_string()).collect(),
+                    id: None,
+                },
+            )
+        };
+        let none = SchedulerSettings::default();
+        for (bad, field) in [
+            (
+                SchedulerSettings {
+                    split_bytes: 1,
+                    ..none
+                },
+                "split_bytes",
+            ),
+            (
+                SchedulerSettings {
+                    split_load: f64::NAN,
+                    ..none
+                },
+                "split_load",
+            ),
+            (
+                SchedulerSettings {
+                    split_load: -3.0,
+                    ..none
+                },
+                "split_load",
+            ),
+            (
+                SchedulerSettings {
+                    hold_ms: u64::MAX,
+                    ..none
+                },
+                "hold_ms",
+            ),
+        ] {
+            let e = set(bad, &[]).expect_err(field);
+            assert_eq!(Code::from_i32(e.code), Code::InvalidArgument);
+            assert!(e.message.starts_with(field), "{}", e.message);
+        }
+        let e = set(none, &["merge", "sideways"]).unwrap_err();
+        assert!(e.message.contains("\"sideways\""), "{}", e.message);
+        // Zeros and unnamed flags leave the rest as it was.
+        let pause = SchedulerSettings {
+            split_bytes: 4 << 20,
+            paused: true,
+            merge: false,
+            ..none
+        };
+        let s = set(pause, &["paused"]).unwrap();
+        assert_eq!(s.split_bytes, 4 << 20);
+        assert!(s.paused && s.merge && s.balance);
+        assert_eq!(s.split_load, current.split_load);
+    }
+
+    #[test]
+    fn a_round_is_one_configuration_and_the_history_stays_bounded() {
+        use crate::storage::{Engine, Identity};
+        let dir = tempfile::tempdir().unwrap();
+        let identity = Identity {
+            cluster: "t".into(),
+            role: "shardmaster".into(),
+            group: 0,
+            node: 1,
+        };
+        let (_, store) = Engine::open(dir.path(), &identity)
+            .unwrap()
+            .into_stores()
+            .unwrap();
+        let mut state = MasterState::new();
+        state.restore(&store).unwrap();
+        let mut index = 10;
+        let mut run = |state: &mut MasterState, command: Command, at_ms: u64| {
+            index += 1;
+            let mut batch = store.batch();
+            let command = MasterCommand {
+                command: Some(command),
+                at_ms,
+            };
+            let out = state.apply(index, command, &mut batch);
+            store.commit(batch, (index, 1), None).unwrap();
+            out
+        };
+        run(&mut state, join_cmd(vec![group(1, &[1])]), 0).unwrap();
+        run(&mut state, join_cmd(vec![group(2, &[1])]), 0).unwrap();
+        let split = |state: &MasterState, at: &str| PlacementDecision {
+            kind: Kind::Split as i32,
+            range: Some(state_range(state, at)),
+            at: at.into(),
+            why: "test".into(),
+            ..Default::default()
+        };
+        // An operator's split is recorded as manual, with the proposer's clock.
+        run(
+            &mut state,
+            Command::Split(SplitRequest {
+                key: "m".into(),
+                id: None,
+            }),
+            99,
+        )
+        .unwrap();
+        let last = state.history().pop().unwrap();
+        assert!(last.manual && last.at_ms == 99);
+        assert_eq!(state.recent().last().unwrap().event, Event::Manual);
+        let before = state.latest().num;
+        let round = ScheduleCommand {
+            decisions: vec![split(&state, "c"), split(&state, "x")],
+            at_ms: 77,
+        };
+        run(&mut state, Command::Schedule(round.clone()), 0).unwrap();
+        assert_eq!(
+            state.latest().num,
+            before + 1,
+            "one configuration for the round"
+        );
+        assert_eq!(state.latest().ranges.len(), 4);
+        let h = state.history();
+        assert_eq!(h.len(), 3);
+        assert!(h[1..]
+            .iter()
+            .all(|d| d.at_ms == 77 && d.config_num == before + 1));
+        // The same round again fits nothing: no configuration, no history.
+        run(&mut state, Command::Schedule(round), 0).unwrap();
+        assert_eq!((state.latest().num, state.history().len()), (before + 1, 3));
+        for i in 0..MAX_HISTORY + 5 {
+            let key = format!("z{i:04}");
+            let round = ScheduleCommand {
+                decisions: vec![split(&state, &key)],
+                at_ms: i as u64,
+            };
+            run(&mut state, Command::Schedule(round), 0).unwrap();
+        }
+        assert_eq!(state.history().len(), MAX_HISTORY);
+        // The settings and the history survive a restart.
+        run(
+            &mut state,
+            Command::SetScheduler(SetSchedulerRequest {
+                settings: Some(SchedulerSettings {
+                    split_bytes: 1 << 20,
+                    ..Default::default()
+                }),
+                set_flags: Vec::new(),
+                id: None,
+            }),
+            0,
+        )
+        .unwrap();
+        let mut again = MasterState::new();
+        again.restore(&store).unwrap();
+        assert_eq!(again.history(), state.history());
+        assert_eq!(again.settings().split_bytes, 1 << 20);
+    }
+
+    fn state_range(state: &MasterState, key: &str) -> KeyRange {
+        state.latest().owner(key.as_bytes()).0.clone()
     }
 }

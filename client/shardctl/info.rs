@@ -1,7 +1,7 @@
 //! Read-only views of the cluster: configurations and the health of every replica.
 
 use crate::output::{
-    self, print_json, range_text, state_text, ConfigJson, Output, RangeJson, Table,
+    self, print_json, range_text, state_text, AssignmentJson, ConfigJson, Output, RangeJson, Table,
 };
 use crate::Ctx;
 use clap::{Args, Subcommand};
@@ -10,8 +10,8 @@ use serde::Serialize;
 use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
-    Config, KeyRange, Liveness, NodeHealth, NodeStatusReply, NodeStatusRequest, StatusReply,
-    StatusRequest,
+    Config, KeyRange, Liveness, NodeHealth, NodeStatusReply, NodeStatusRequest, RangeStats,
+    StatusReply, StatusRequest,
 };
 use shardkv::security::SecureChannel;
 use std::collections::HashMap;
@@ -54,10 +54,43 @@ async fn query(ctx: &Ctx, a: QueryArgs) -> anyhow::Result<()> {
         .query(a.num)
         .await
         .map_err(|s| ctx.master_error(s))?;
+    // Statistics are of the latest configuration's ranges; an older configuration
+    // shows those of its ranges that still exist.
+    let statuses = master_statuses(ctx).await?;
+    let stats = leader_of(&statuses)
+        .map(|r| r.ranges.clone())
+        .unwrap_or_default();
     match ctx.output() {
-        Output::Json => print_json(&ConfigJson::from(&config)),
-        Output::Table => output::print_config_table(&config),
+        Output::Json => print_json(&ConfigJson::with_stats(&config, &stats)),
+        Output::Table => output::print_config_table_with_stats(&config, &stats),
     }
+}
+
+/// Every shard master replica's status, asked directly (not through the leader),
+/// all at once.
+async fn master_statuses(ctx: &Ctx) -> anyhow::Result<Vec<Result<StatusReply, String>>> {
+    let channels = ctx
+        .masters
+        .iter()
+        .map(|a| channel(a, ctx))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(join_all(channels.into_iter().map(|c| async move {
+        ShardMasterClient::new(c)
+            .status(StatusRequest {})
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|e| output::call_error_text(&e))
+    }))
+    .await)
+}
+
+/// The leader's answer: liveness, move progress and range statistics are known to
+/// the leader only.
+fn leader_of(statuses: &[Result<StatusReply, String>]) -> Option<&StatusReply> {
+    statuses
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .find(|r| r.replica.as_ref().is_some_and(|x| x.role == "leader"))
 }
 
 fn channel(addr: &str, ctx: &Ctx) -> anyhow::Result<SecureChannel> {
@@ -131,6 +164,8 @@ struct StatusJson {
     masters: Vec<MasterJson>,
     #[serde(skip_serializing_if = "Option::is_none")]
     config: Option<u64>,
+    /// The latest configuration's ranges, owners and statistics.
+    ranges: Vec<AssignmentJson>,
     groups: Vec<GroupStatusJson>,
     moves: Vec<MoveJson>,
 }
@@ -271,26 +306,9 @@ fn node_json(
 }
 
 async fn status(ctx: &Ctx) -> anyhow::Result<()> {
-    // Every master replica, directly (not through the leader), all at once.
-    let master_channels = ctx
-        .masters
-        .iter()
-        .map(|a| channel(a, ctx))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let masters: Vec<Result<StatusReply, String>> =
-        join_all(master_channels.into_iter().map(|c| async move {
-            ShardMasterClient::new(c)
-                .status(StatusRequest {})
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|e| output::call_error_text(&e))
-        }))
-        .await;
-    // Liveness from heartbeats, and move progress, are known to the leader only.
-    let leader = masters
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .find(|r| r.replica.as_ref().is_some_and(|x| x.role == "leader"));
+    let masters = master_statuses(ctx).await?;
+    let leader = leader_of(&masters);
+    let stats = leader.map(|r| r.ranges.clone()).unwrap_or_default();
     let moves: Vec<MoveJson> = leader
         .map(|r| {
             r.moves
@@ -378,12 +396,16 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
     let report = StatusJson {
         masters,
         config: config.as_ref().ok().map(|c| c.num),
+        ranges: config
+            .as_ref()
+            .map(|c| output::assignments(c, &stats))
+            .unwrap_or_default(),
         groups,
         moves,
     };
     match ctx.output() {
         Output::Json => print_json(&report)?,
-        Output::Table => print_status(&report)?,
+        Output::Table => print_status(&report, config.as_ref().ok(), &stats)?,
     }
     // The replicas that could be reached are shown; a master that cannot answer is an error.
     config.map(|_| ())
@@ -393,7 +415,11 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map(T::to_string).unwrap_or_default()
 }
 
-fn print_status(report: &StatusJson) -> anyhow::Result<()> {
+fn print_status(
+    report: &StatusJson,
+    config: Option<&Config>,
+    stats: &[RangeStats],
+) -> anyhow::Result<()> {
     outln!("SHARD MASTER");
     let mut t = Table::new(&["ID", "ADDR", "ROLE", "TERM", "APPLIED", "LATEST CONFIG"]);
     for m in &report.masters {
@@ -420,9 +446,12 @@ fn print_status(report: &StatusJson) -> anyhow::Result<()> {
             outln!("plan {}: {}", m.plan, m.text);
         }
     }
-    let Some(num) = report.config else {
+    let (Some(num), Some(config)) = (report.config, config) else {
         return Ok(());
     };
+    outln!();
+    outln!("RANGES (configuration {num})");
+    output::print_ranges(config, stats)?;
     if report.groups.is_empty() {
         outln!();
         outln!("configuration {num} has no groups");

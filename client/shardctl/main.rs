@@ -22,6 +22,7 @@ mod info;
 mod local;
 mod members;
 mod output;
+mod scheduler;
 mod verify;
 
 use clap::{Args, Parser, Subcommand};
@@ -98,6 +99,9 @@ enum Commands {
     Members(members::Command),
     #[command(flatten)]
     Local(local::Command),
+    /// The placement scheduler: automatic splits, merges and moves (show, set, history).
+    #[command(subcommand)]
+    Scheduler(scheduler::Command),
     /// Measure throughput and latency with a closed-loop workload.
     Bench(bench::BenchArgs),
     /// Check the cluster for linearizability: run a recorded concurrent workload on
@@ -194,6 +198,7 @@ async fn run(ctx: &Ctx, command: Commands) -> anyhow::Result<ExitCode> {
         Commands::Local(c) => local::run(ctx, c).await,
         Commands::Bench(a) => bench::run(ctx, a).await,
         Commands::Verify(a) => verify::run(ctx, a).await,
+        Commands::Scheduler(c) => scheduler::run(ctx, c).await,
     }
 }
 

@@ -2,7 +2,7 @@
 
 use clap::ValueEnum;
 use serde::Serialize;
-use shardkv::proto::{Config, KeyRange, MovePhase, MovePlan, RangeState};
+use shardkv::proto::{Config, KeyRange, MovePhase, MovePlan, RangeState, RangeStats};
 
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -250,6 +250,64 @@ pub struct AssignmentJson {
     #[serde(flatten)]
     pub range: RangeJson,
     pub gid: u64,
+    /// As the owner's leader last reported it (absent when not known).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<StatsJson>,
+}
+
+/// Size and load of one range.
+#[derive(Serialize)]
+pub struct StatsJson {
+    pub keys: u64,
+    pub bytes: u64,
+    pub reads_per_sec: f64,
+    pub writes_per_sec: f64,
+    /// A single key with most of the range's load: it cannot be split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hot_key: Option<String>,
+}
+
+impl StatsJson {
+    /// The statistics of `range` among `stats`.
+    pub fn find(stats: &[RangeStats], range: Option<&KeyRange>) -> Option<StatsJson> {
+        let s = stats.iter().find(|s| s.range.as_ref() == range)?;
+        Some(StatsJson {
+            keys: s.keys,
+            bytes: s.bytes,
+            reads_per_sec: s.reads_per_sec,
+            writes_per_sec: s.writes_per_sec,
+            hot_key: (!s.hot_key.is_empty()).then(|| text(&s.hot_key)),
+        })
+    }
+
+    /// The table cells: keys, size, reads/s, writes/s, note.
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.keys.to_string(),
+            size_text(self.bytes),
+            format!("{:.1}", self.reads_per_sec),
+            format!("{:.1}", self.writes_per_sec),
+            self.hot_key
+                .as_ref()
+                .map(|k| format!("hot key {k:?} (not split)"))
+                .unwrap_or_default(),
+        ]
+    }
+}
+
+/// Bytes in binary units: `512 B`, `3.5 MiB`.
+pub fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 #[derive(Serialize)]
@@ -267,18 +325,29 @@ pub struct ConfigJson {
     pub groups: Vec<GroupJson>,
 }
 
+/// `config`'s ranges with their owners and, where known, their statistics.
+pub fn assignments(config: &Config, stats: &[RangeStats]) -> Vec<AssignmentJson> {
+    config
+        .ranges
+        .iter()
+        .map(|r| AssignmentJson {
+            range: RangeJson::from(r.range.as_ref()),
+            gid: r.gid,
+            stats: StatsJson::find(stats, r.range.as_ref()),
+        })
+        .collect()
+}
+
 impl ConfigJson {
     pub fn from(config: &Config) -> ConfigJson {
+        ConfigJson::with_stats(config, &[])
+    }
+
+    /// With the statistics of the ranges `stats` holds.
+    pub fn with_stats(config: &Config, stats: &[RangeStats]) -> ConfigJson {
         ConfigJson {
             num: config.num,
-            ranges: config
-                .ranges
-                .iter()
-                .map(|r| AssignmentJson {
-                    range: RangeJson::from(r.range.as_ref()),
-                    gid: r.gid,
-                })
-                .collect(),
+            ranges: assignments(config, stats),
             groups: config
                 .groups
                 .iter()
@@ -301,17 +370,13 @@ impl ConfigJson {
 
 /// Prints a configuration: its ranges and owners, then its groups and their nodes.
 pub fn print_config_table(config: &Config) -> anyhow::Result<()> {
+    print_config_table_with_stats(config, &[])
+}
+
+/// [`print_config_table`] with the ranges' statistics, where `stats` has them.
+pub fn print_config_table_with_stats(config: &Config, stats: &[RangeStats]) -> anyhow::Result<()> {
     outln!("configuration {}", config.num);
-    let mut ranges = Table::new(&["RANGE", "GID"]);
-    for r in &config.ranges {
-        let owner = if r.gid == 0 {
-            "- (no group)".to_owned()
-        } else {
-            r.gid.to_string()
-        };
-        ranges.row(vec![range_text(r.range.as_ref()), owner]);
-    }
-    ranges.print()?;
+    print_ranges(config, stats)?;
     outln!();
     if config.groups.is_empty() {
         outln!("no groups");
@@ -332,6 +397,27 @@ pub fn print_config_table(config: &Config) -> anyhow::Result<()> {
         groups.row(vec![gid, nodes.join(", ")]);
     }
     groups.print()
+}
+
+/// The ranges of `config`, their owners and, when any is known, their statistics.
+pub fn print_ranges(config: &Config, stats: &[RangeStats]) -> anyhow::Result<()> {
+    let mut header = vec!["RANGE", "GID"];
+    if !stats.is_empty() {
+        header.extend(["KEYS", "SIZE", "READS/S", "WRITES/S", "NOTE"]);
+    }
+    let mut ranges = Table::new(&header);
+    for r in &config.ranges {
+        let owner = if r.gid == 0 {
+            "- (no group)".to_owned()
+        } else {
+            r.gid.to_string()
+        };
+        let mut row = vec![range_text(r.range.as_ref()), owner];
+        let stats = StatsJson::find(stats, r.range.as_ref());
+        row.extend(stats.map(|s| s.cells()).unwrap_or_default());
+        ranges.row(row);
+    }
+    ranges.print()
 }
 
 #[cfg(test)]

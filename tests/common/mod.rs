@@ -1066,7 +1066,9 @@ async fn send_command(
         Command::RemoveNode(r) => client.remove_node(r).await,
         Command::CancelMove(r) => client.cancel_move(r).await,
         Command::FinishMove(r) => client.finish_move(r).await,
-        Command::ReportMove(_) => return Err(Status::unimplemented("not a config change")),
+        Command::ReportMove(_) | Command::SetScheduler(_) | Command::Schedule(_) => {
+            return Err(Status::unimplemented("not a config change"))
+        }
     }?;
     reply
         .into_inner()
@@ -1084,7 +1086,8 @@ pub fn set_request_id(command: &mut Command, id: RequestId) {
         Command::AddNode(r) => &mut r.id,
         Command::RemoveNode(r) => &mut r.id,
         Command::CancelMove(r) => &mut r.id,
-        Command::FinishMove(_) | Command::ReportMove(_) => return,
+        Command::SetScheduler(r) => &mut r.id,
+        Command::FinishMove(_) | Command::ReportMove(_) | Command::Schedule(_) => return,
     };
     *slot = Some(id);
 }
