@@ -1201,7 +1201,6 @@ mod tests {
     use super::*;
     use crate::proto::{
         ClientWrites, CompareAndSwapRequest, DeleteRequest, Group, InstallChunk, Node, PutRequest,
-        RangeAssignment,
     };
     use crate::storage::{Engine, Identity};
 
@@ -1702,8 +1701,6 @@ mod tests {
     }
 
     fn config(num: u64, bounds: &[&str], owners: &[u64]) -> Config {
-        let mut starts: Vec<Vec<u8>> = vec![Vec::new()];
-        starts.extend(bounds.iter().map(|b| b.as_bytes().to_vec()));
         let groups = [1u64, 2, 3]
             .iter()
             .map(|gid| Group {
@@ -1716,20 +1713,8 @@ mod tests {
             })
             .collect();
         Config {
-            num,
-            ranges: starts
-                .iter()
-                .enumerate()
-                .map(|(i, s)| RangeAssignment {
-                    range: Some(KeyRange {
-                        start: s.clone(),
-                        end: starts.get(i + 1).cloned().unwrap_or_default(),
-                    }),
-                    gid: owners[i],
-                })
-                .collect(),
             groups,
-            moves: Vec::new(),
+            ..Config::cut_at(num, bounds, owners)
         }
     }
 

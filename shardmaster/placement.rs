@@ -589,28 +589,14 @@ mod tests {
 
     /// Ranges cut at `bounds`, owned by `owners`, groups 1..=`groups`.
     fn config(bounds: &[&str], owners: &[Gid], groups: u64) -> Config {
-        let mut starts: Vec<Vec<u8>> = vec![Vec::new()];
-        starts.extend(bounds.iter().map(|b| b.as_bytes().to_vec()));
         Config {
-            num: 7,
-            ranges: starts
-                .iter()
-                .enumerate()
-                .map(|(i, s)| RangeAssignment {
-                    range: Some(KeyRange {
-                        start: s.clone(),
-                        end: starts.get(i + 1).cloned().unwrap_or_default(),
-                    }),
-                    gid: owners[i],
-                })
-                .collect(),
             groups: (1..=groups)
                 .map(|gid| Group {
                     gid,
                     ..Default::default()
                 })
                 .collect(),
-            moves: Vec::new(),
+            ..Config::cut_at(7, bounds, owners)
         }
     }
 

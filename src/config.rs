@@ -65,13 +65,11 @@ impl Config {
     pub fn group(&self, gid: u64) -> Option<&Group> {
         self.groups.iter().find(|g| g.gid == gid)
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn split_config(bounds: &[&str], owners: &[u64]) -> Config {
+    /// Test fixture: configuration `num` with the key space cut at `bounds`, range
+    /// `i` owned by `owners[i]`, no groups and no moves.
+    #[cfg(test)]
+    pub fn cut_at(num: u64, bounds: &[&str], owners: &[u64]) -> Config {
         let mut starts: Vec<Vec<u8>> = vec![Vec::new()];
         starts.extend(bounds.iter().map(|b| b.as_bytes().to_vec()));
         let ranges = starts
@@ -86,11 +84,20 @@ mod tests {
             })
             .collect();
         Config {
-            num: 1,
+            num,
             ranges,
             groups: Vec::new(),
             moves: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_config(bounds: &[&str], owners: &[u64]) -> Config {
+        Config::cut_at(1, bounds, owners)
     }
 
     #[test]
