@@ -35,6 +35,9 @@ pub const POLICY: &[(&str, Class)] = &[
     ("/shardkv.v1.ShardMaster/AddNode", Class::Admin),
     ("/shardkv.v1.ShardMaster/RemoveNode", Class::Admin),
     ("/shardkv.v1.ShardMaster/CancelMove", Class::Admin),
+    // The placement scheduler's settings are admin; reading them and the history is not.
+    ("/shardkv.v1.ShardMaster/SetScheduler", Class::Admin),
+    ("/shardkv.v1.ShardMaster/Scheduler", Class::Data),
     ("/shardkv.v1.ShardMaster/Query", Class::Data),
     ("/shardkv.v1.ShardMaster/Status", Class::Data),
     ("/shardkv.v1.ShardMaster/FinishMove", Class::Internal),
