@@ -29,9 +29,11 @@
 //!   order of the two never flips back and forth;
 //! * a range the scheduler moved is not moved back to the group it left for
 //!   `hold_ms` (it may move on: a join changes the mean), nor are the pieces of a
-//!   range it split merged for as long; a range an operator moved or split is
-//!   neither moved nor merged for `manual_hold_ms` (overlap counts, so the pieces
-//!   of a split range too);
+//!   range it split merged for as long; a range an operator moved is neither moved
+//!   nor merged for `manual_hold_ms`, and the pieces of a range an operator split
+//!   are not merged for as long (overlap counts) but may move: a split says where
+//!   ranges end, not where they live (CockroachDB's manual splits, too, only stop
+//!   merges), and the playground's pre-splits must not pin their data for 30 min;
 //! * at most one move per group at a time: a group with any plan (queued or live)
 //!   neither gives nor takes, and a round plans at most one move per group.
 //!
@@ -90,8 +92,10 @@ pub enum Event {
     /// The scheduler split it: its pieces are not merged for `hold_ms` (their load
     /// is counted from zero after a split, so they look cold at first).
     Split,
-    /// An operator moved or split it: neither moved nor merged for `manual_hold_ms`.
-    Manual,
+    /// An operator moved it: neither moved nor merged for `manual_hold_ms`.
+    ManualMove,
+    /// An operator split it: its pieces are not merged for `manual_hold_ms`.
+    ManualSplit,
 }
 
 /// Something that happened to a range recently, which the scheduler respects.
@@ -175,7 +179,7 @@ pub fn schedule(
         .map(|(range, gid)| {
             let live = |m: &&Recent| {
                 let hold = match m.event {
-                    Event::Manual => settings.manual_hold_ms,
+                    Event::ManualMove | Event::ManualSplit => settings.manual_hold_ms,
                     Event::Moved | Event::Split => settings.hold_ms,
                 };
                 now_ms < m.at_ms.saturating_add(hold) && overlaps(&m.range, range)
@@ -195,14 +199,14 @@ pub fn schedule(
                 taken: gid == 0
                     || leaving.contains(&gid)
                     || config.moves.iter().any(|p| p.range.as_ref() == Some(range)),
-                hold_move: held(&[Event::Manual]),
+                hold_move: held(&[Event::ManualMove]),
                 left: recent
                     .iter()
                     .filter(live)
                     .filter(|m| m.event == Event::Moved)
                     .map(|m| m.from_gid)
                     .collect(),
-                hold_merge: held(&[Event::Split, Event::Manual]),
+                hold_merge: held(&[Event::Split, Event::ManualMove, Event::ManualSplit]),
             }
         })
         .collect();
@@ -736,7 +740,7 @@ mod tests {
         let recent = [Recent {
             range: c.ranges[0].range.clone().unwrap(),
             at_ms: 0,
-            event: Event::Manual,
+            event: Event::ManualMove,
             from_gid: 0,
         }];
         assert!(schedule(&c, &s, &settings(), &recent, 4999).is_empty());
@@ -748,6 +752,38 @@ mod tests {
         assert_eq!(d.len(), 0, "both pieces overlap the manual move");
         let d = schedule(&c2, &s2, &settings(), &recent, 5000);
         assert_eq!(kinds(&d), [(Kind::Move, "[\"\", \"g\")".to_owned())]);
+    }
+
+    #[test]
+    fn a_manual_split_keeps_its_pieces_from_merging_but_not_from_moving() {
+        // An operator split [g, n) at m (as the playground pre-splits its key
+        // space): group 1 holds all the bytes, group 2 none.
+        let c = config(&["g", "m", "n"], &[2, 1, 1, 2], 2);
+        let s = stats(&c, &[(0, 0.0), (4 * MIB, 0.0), (4 * MIB, 0.0), (0, 0.0)]);
+        // The history records the range that was split: both pieces overlap it.
+        let recent = [Recent {
+            range: KeyRange {
+                start: b"g".to_vec(),
+                end: b"n".to_vec(),
+            },
+            at_ms: 0,
+            event: Event::ManualSplit,
+            from_gid: 0,
+        }];
+        let d = schedule(&c, &s, &settings(), &recent, 10);
+        assert_eq!(kinds(&d).len(), 1, "{d:?}");
+        assert_eq!(kinds(&d)[0].0, Kind::Move, "{d:?}");
+        // Small and cold, the two pieces would merge, but not within the hold.
+        let cold = stats(&c, &[(0, 0.0), (MIB / 4, 0.0), (MIB / 4, 0.0), (0, 0.0)]);
+        let balanced = config(&["g", "m", "n"], &[2, 1, 1, 2], 2);
+        let merges = |now| {
+            schedule(&balanced, &cold, &settings(), &recent, now)
+                .iter()
+                .filter(|d| d.kind() == Kind::Merge)
+                .count()
+        };
+        assert_eq!(merges(10), 0);
+        assert!(merges(5000) > 0);
     }
 
     #[test]
@@ -840,7 +876,11 @@ mod tests {
                         .map(|(i, manual)| Recent {
                             range: c.ranges[i].range.clone().unwrap(),
                             at_ms: 50,
-                            event: if manual { Event::Manual } else { Event::Moved },
+                            event: if manual {
+                                Event::ManualMove
+                            } else {
+                                Event::Moved
+                            },
                             from_gid: 1,
                         })
                         .collect();

@@ -114,7 +114,8 @@ impl MasterState {
             .iter()
             .filter_map(|(_, d)| {
                 let event = match (d.manual, d.kind()) {
-                    (true, _) => Event::Manual,
+                    (true, Kind::Split) => Event::ManualSplit,
+                    (true, _) => Event::ManualMove,
                     (false, Kind::Move) => Event::Moved,
                     (false, Kind::Split) => Event::Split,
                     (false, Kind::Merge) => return None,
@@ -1545,7 +1546,7 @@ mod tests {
         .unwrap();
         let last = state.history().pop().unwrap();
         assert!(last.manual && last.at_ms == 99);
-        assert_eq!(state.recent().last().unwrap().event, Event::Manual);
+        assert_eq!(state.recent().last().unwrap().event, Event::ManualSplit);
         let before = state.latest().num;
         let round = ScheduleCommand {
             decisions: vec![split(&state, "c"), split(&state, "x")],

@@ -43,7 +43,7 @@ pub struct SetArgs {
     /// a range it split are not merged.
     #[arg(long)]
     hold_ms: Option<u64>,
-    /// Milliseconds a range an operator moved or split is left alone.
+    /// Milliseconds a range an operator moved is left in place, and the pieces of one an operator split are not merged.
     #[arg(long)]
     manual_hold_ms: Option<u64>,
 }
