@@ -16,10 +16,14 @@ dir=$(mktemp -d -t "shardkv-ab-$label-XXXX")
 cd "$dir"
 if [ -n "${AB_TLS:-}" ]; then
   export PLAYGROUND_ARGS=--tls
+fi
+start_playground "$bin"
+if [ -n "${AB_TLS:-}" ]; then
+  # After the start: the playground makes these files, and would read the variables
+  # as its own client settings before they exist.
   export SHARDKV_TLS_CA=$dir/playground/tls/ca.pem
   export SHARDKV_TLS_CERT=$dir/playground/tls/data.pem SHARDKV_TLS_KEY=$dir/playground/tls/data-key.pem
 fi
-start_playground "$bin"
 "$bin/shardctl" bench --keep --workload write-only --keys 100000 --preload \
   --concurrency 64 --clients 4 --duration 1 --warmup 0 >/dev/null
 sleep 10 # let the engine settle after the preload
