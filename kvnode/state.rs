@@ -253,7 +253,7 @@ impl KvState {
     pub fn seeded(&self, job: &SeedJob, count: anyhow::Result<RangeCount>) {
         match count {
             Ok(c) => self.stats().seeded(job, c.keys, c.bytes, c.middle),
-            Err(_) => self.stats().invalidate(&job.range.start),
+            Err(_) => self.stats().invalidate(&job.range),
         }
     }
 
@@ -680,7 +680,7 @@ impl KvState {
                     return done;
                 };
                 let cursor = last.key.clone();
-                self.stats().invalidate(&range.start);
+                self.stats().invalidate(&range);
                 for record in chunk.records {
                     match record.key.first() {
                         Some(&DATA) if range.contains(&record.key[1..]) => {

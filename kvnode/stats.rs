@@ -206,11 +206,17 @@ impl RangeStatsTable {
         }
     }
 
-    /// Data of the range holding `key` changed without accounting: seed it again.
-    pub fn invalidate(&mut self, key: &[u8]) {
-        if let Some(e) = self.entry(key) {
-            e.seeded_bytes = None;
-            e.epoch += 1;
+    /// Data in `range` changed without accounting: seed every range it touches
+    /// again (a transfer's range is that of an older configuration, which may have
+    /// been split since).
+    pub fn invalidate(&mut self, range: &KeyRange) {
+        for e in self.ranges.values_mut() {
+            let overlaps = (range.end.is_empty() || e.range.start < range.end)
+                && (e.range.end.is_empty() || range.start < e.range.end);
+            if overlaps {
+                e.seeded_bytes = None;
+                e.epoch += 1;
+            }
         }
     }
 
@@ -306,16 +312,24 @@ mod tests {
         assert!(t.seed_jobs().is_empty(), "seeded and not drifted");
         // An unaccounted change makes a seed in flight void.
         let again = {
-            t.invalidate(b"a");
+            t.invalidate(&range("a", "b"));
             t.seed_jobs()
         };
-        t.invalidate(b"a");
+        t.invalidate(&range("a", "b"));
         t.seeded(&again[0], 1, 1, Vec::new());
         assert!(!t.report()[0].sized);
         // Split at "g": both halves are new, unseeded.
         let (a1, a2) = (range("", "g"), range("g", "m"));
         t.follow([&a1, &a2, &b].into_iter());
-        assert_eq!(t.seed_jobs().len(), 3 - 1, "b keeps its seed");
+        let halves = t.seed_jobs();
+        assert_eq!(halves.len(), 3 - 1, "b keeps its seed");
+        for job in &halves {
+            t.seeded(job, 0, 0, Vec::new());
+        }
+        assert!(t.seed_jobs().is_empty());
+        // An install of a range from before the split reaches both halves.
+        t.invalidate(&range("", "m"));
+        assert_eq!(t.seed_jobs().len(), 2, "both halves of the installed range");
     }
 
     #[test]
