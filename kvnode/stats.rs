@@ -211,9 +211,7 @@ impl RangeStatsTable {
     /// been split since).
     pub fn invalidate(&mut self, range: &KeyRange) {
         for e in self.ranges.values_mut() {
-            let overlaps = (range.end.is_empty() || e.range.start < range.end)
-                && (e.range.end.is_empty() || range.start < e.range.end);
-            if overlaps {
+            if e.range.overlaps(range) {
                 e.seeded_bytes = None;
                 e.epoch += 1;
             }

@@ -108,10 +108,6 @@ pub struct Recent {
     pub from_gid: Gid,
 }
 
-fn overlaps(a: &KeyRange, b: &KeyRange) -> bool {
-    (a.end.is_empty() || b.start < a.end) && (b.end.is_empty() || a.start < b.end)
-}
-
 /// True if `key` can cut `range` in two non-empty ranges.
 fn cuts(range: &KeyRange, key: &[u8]) -> bool {
     !key.is_empty()
@@ -182,7 +178,7 @@ pub fn schedule(
                     Event::ManualMove | Event::ManualSplit => settings.manual_hold_ms,
                     Event::Moved | Event::Split => settings.hold_ms,
                 };
-                now_ms < m.at_ms.saturating_add(hold) && overlaps(&m.range, range)
+                now_ms < m.at_ms.saturating_add(hold) && m.range.overlaps(range)
             };
             let held = |events: &[Event]| {
                 recent

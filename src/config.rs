@@ -16,6 +16,12 @@ impl KeyRange {
         }
     }
 
+    /// True if the two ranges share a key.
+    pub fn overlaps(&self, other: &KeyRange) -> bool {
+        (self.end.is_empty() || other.start < self.end)
+            && (other.end.is_empty() || self.start < other.end)
+    }
+
     /// True if `key` is in `[start, end)`; an empty end is +infinity.
     pub fn contains(&self, key: &[u8]) -> bool {
         key >= self.start.as_slice() && (self.end.is_empty() || key < self.end.as_slice())
