@@ -149,6 +149,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         node.faults.clone(),
         security.dialer().clone(),
     ));
+    kvnode::report_range_metrics(node.replica.clone());
     tokio::spawn(kvnode::run_heartbeats(
         node.replica.clone(),
         masters,

@@ -1,6 +1,6 @@
 //! Reports this node to the shard master's leader on an interval: liveness, Raft role
 //! and term, applied configuration and, from the leader, the size and load of each
-//! range the group owns (`stats.rs`).
+//! range the group owns (`stats.rs`), which the leader also exports as metrics.
 
 use super::state::{count_range, KvState};
 use crate::client::master::MasterClient;
@@ -9,6 +9,18 @@ use crate::replica::{Replica, Role};
 use slog::{debug, Logger};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Exports the size and load of the ranges this group owns, read at each metrics
+/// scrape; only the leader counts them.
+pub fn report_range_metrics(replica: Replica<KvState>) {
+    crate::metrics::metrics().set_ranges(move || {
+        if replica.status().role == Role::Leader {
+            replica.state().range_stats()
+        } else {
+            Vec::new()
+        }
+    });
+}
 
 pub async fn run_heartbeats(
     replica: Replica<KvState>,

@@ -9,7 +9,7 @@ mod service;
 mod state;
 mod stats;
 
-pub use heartbeat::run_heartbeats;
+pub use heartbeat::{report_range_metrics, run_heartbeats};
 pub use migration::{run_migrations, MovePacing};
 pub use service::{KvService, Limits, TransferService};
 pub use state::{KvError, KvState};

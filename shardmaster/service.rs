@@ -14,6 +14,7 @@ use crate::proto::{
 use crate::replica::{Replica, Role};
 use crate::status;
 use slog::Logger;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tonic::{Code, Request, Response, Status};
@@ -69,6 +70,27 @@ impl MasterService {
             m.master.set_nodes("unknown", unknown);
             m.master.set_nodes("up", up);
             m.master.set_nodes("down", down);
+            // (ranges, bytes) by group; a range's stats name it by its bounds, and
+            // its start is enough to find it in the configuration.
+            let mut groups: BTreeMap<u64, (usize, u64)> =
+                latest.groups.iter().map(|g| (g.gid, (0, 0))).collect();
+            let mut owner = HashMap::new();
+            for r in &latest.ranges {
+                owner.insert(start(&r.range), r.gid);
+                if let Some(g) = groups.get_mut(&r.gid) {
+                    g.0 += 1;
+                }
+            }
+            for s in liveness.range_stats(&latest) {
+                if let Some(g) = owner
+                    .get(&start(&s.range))
+                    .and_then(|gid| groups.get_mut(gid))
+                {
+                    g.1 += s.bytes;
+                }
+            }
+            m.master
+                .set_groups(groups.into_iter().map(|(gid, (n, bytes))| (gid, n, bytes)));
             let in_phase = |phase: MovePhase| {
                 moves
                     .iter()
@@ -104,6 +126,11 @@ impl MasterService {
 }
 
 /// Keeps `liveness` in step with the replica's leadership; true if it leads.
+/// A range's start key (a message's range is always set; missing reads as empty).
+fn start(range: &Option<crate::proto::KeyRange>) -> Vec<u8> {
+    range.as_ref().map(|r| r.start.clone()).unwrap_or_default()
+}
+
 fn observe_role(replica: &Replica<MasterState>, liveness: &Liveness) -> bool {
     let status = replica.status();
     let leading = status.role == Role::Leader;

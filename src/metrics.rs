@@ -9,6 +9,7 @@
 //! and allocates nothing for its metrics.
 
 use crate::logging::Process;
+use crate::proto::RangeStats;
 use crate::replica::Role;
 use axum::response::IntoResponse;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -83,6 +84,11 @@ struct PhaseLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    group: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -203,6 +209,10 @@ pub struct MasterMetrics {
     pub config_num: Gauge,
     /// kvnodes by liveness, on the leader (it holds the heartbeat table).
     nodes: Family<StateLabels, Gauge>,
+    /// Ranges each group owns in the latest configuration.
+    group_ranges: Family<GroupLabels, Gauge>,
+    /// Bytes of those ranges, as their leaders last reported them (leader only).
+    group_bytes: Family<GroupLabels, Gauge>,
 }
 
 impl MasterMetrics {
@@ -211,6 +221,20 @@ impl MasterMetrics {
         self.nodes
             .get_or_create(&StateLabels { state })
             .set(n as i64);
+    }
+
+    /// Sets each group's ranges and bytes; a group no longer in the configuration
+    /// loses its series.
+    pub fn set_groups(&self, groups: impl Iterator<Item = (u64, usize, u64)>) {
+        self.group_ranges.clear();
+        self.group_bytes.clear();
+        for (gid, ranges, bytes) in groups {
+            let labels = GroupLabels {
+                group: gid.to_string(),
+            };
+            self.group_ranges.get_or_create(&labels).set(ranges as i64);
+            self.group_bytes.get_or_create(&labels).set(bytes as i64);
+        }
     }
 }
 
@@ -230,11 +254,13 @@ pub struct Metrics {
     pub master: MasterMetrics,
     node_info: Family<NodeLabels, Gauge>,
     storage: OnceLock<crate::storage::StorageStats>,
+    ranges: OnceLock<RangeSource>,
     /// Run before each scrape, to set gauges whose values live elsewhere.
     scrape_hooks: Mutex<Vec<ScrapeHook>>,
 }
 
 type ScrapeHook = Box<dyn Fn() + Send + Sync>;
+type RangeSource = Box<dyn Fn() -> Vec<RangeStats> + Send + Sync>;
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let transport_dropped = Family::<KindLabels, Counter>::default();
@@ -251,9 +277,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         master: MasterMetrics {
             config_num: Gauge::default(),
             nodes: Family::default(),
+            group_ranges: Family::default(),
+            group_bytes: Family::default(),
         },
         node_info: Family::default(),
         storage: OnceLock::new(),
+        ranges: OnceLock::new(),
         scrape_hooks: Mutex::new(Vec::new()),
     }
 });
@@ -293,6 +322,12 @@ impl Metrics {
     /// The storage engine whose sizes are read at each scrape.
     pub fn set_storage(&self, stats: crate::storage::StorageStats) {
         let _ = self.storage.set(stats);
+    }
+
+    /// Where the scrape reads the size and load of the ranges this process reports
+    /// (a kvnode's leader: those its group owns).
+    pub fn set_ranges(&self, source: impl Fn() -> Vec<RangeStats> + Send + Sync + 'static) {
+        let _ = self.ranges.set(Box::new(source));
     }
 
     /// The metrics that apply to a process of `role` ("kvnode", "shardmaster",
@@ -382,6 +417,7 @@ impl Metrics {
         );
         r.register_collector(Box::new(StorageCollector));
         if role == "kvnode" {
+            r.register_collector(Box::new(RangeCollector));
             r.register_with_unit(
                 "range_move",
                 "Bytes of range data this group pulled as a move's destination, by phase",
@@ -410,6 +446,17 @@ impl Metrics {
                 "shardmaster_nodes",
                 "kvnodes by liveness (up: heartbeat within --down-after-ms), on the shard master's leader",
                 self.master.nodes.clone(),
+            );
+            r.register(
+                "shardmaster_group_ranges",
+                "Ranges each group owns in the latest configuration",
+                self.master.group_ranges.clone(),
+            );
+            r.register_with_unit(
+                "shardmaster_group_size",
+                "Bytes of the ranges each group owns, as its leader last reported them (0 on a follower, which receives no reports)",
+                Unit::Bytes,
+                self.master.group_bytes.clone(),
             );
         }
         r
@@ -466,6 +513,88 @@ impl prometheus_client::collector::Collector for StorageCollector {
             counter.metric_type(),
         )?;
         counter.encode(metric)
+    }
+}
+
+/// A range's labels: its bounds, bytes escaped as in a Rust byte string (an empty
+/// end is +infinity).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RangeLabels {
+    start: String,
+    end: String,
+}
+
+impl RangeLabels {
+    fn of(stats: &RangeStats) -> RangeLabels {
+        let escape = |b: &[u8]| b.escape_ascii().to_string();
+        let range = stats.range.clone().unwrap_or_default();
+        RangeLabels {
+            start: escape(&range.start),
+            end: escape(&range.end),
+        }
+    }
+}
+
+/// Reads the ranges' size and load at scrape time from the table the placement
+/// statistics keep (`kvnode/stats.rs`): one series per range this leader owns,
+/// gone with the range once it splits or moves.
+#[derive(Debug)]
+struct RangeCollector;
+
+type RangeGauge = (
+    &'static str,
+    &'static str,
+    Option<Unit>,
+    fn(&RangeStats) -> Option<f64>,
+);
+
+impl prometheus_client::collector::Collector for RangeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(source) = metrics().ranges.get() else {
+            return Ok(());
+        };
+        let ranges = source();
+        let labels: Vec<RangeLabels> = ranges.iter().map(RangeLabels::of).collect();
+        let gauges: [RangeGauge; 4] = [
+            (
+                "range_keys",
+                "Keys in a range this group's leader owns (once counted)",
+                None,
+                |s| s.sized.then_some(s.keys as f64),
+            ),
+            (
+                "range_size",
+                "Bytes of keys and values in a range this group's leader owns (once counted)",
+                Some(Unit::Bytes),
+                |s| s.sized.then_some(s.bytes as f64),
+            ),
+            (
+                "range_reads_per_second",
+                "Reads of a range over the last 10 s (each key of a Get or Batch, each Scan page)",
+                None,
+                |s| Some(s.reads_per_sec),
+            ),
+            (
+                "range_writes_per_second",
+                "Client writes applied to a range over the last 10 s",
+                None,
+                |s| Some(s.writes_per_sec),
+            ),
+        ];
+        for (name, help, unit, value) in gauges {
+            let mut metric = encoder.encode_descriptor(
+                name,
+                help,
+                unit.as_ref(),
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (stats, labels) in ranges.iter().zip(&labels) {
+                if let Some(v) = value(stats) {
+                    ConstGauge::new(v).encode(metric.encode_family(labels)?)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -71,6 +71,20 @@ fn scrape(addr: &str) -> Scrape {
     Scrape::parse(lines.into_iter()).expect("Prometheus text format")
 }
 
+/// The position of the one node whose scrape says it leads (polled: an election may
+/// be under way).
+fn leader_index(addrs: &[String]) -> usize {
+    let mut leader = None;
+    let found = poll_until(WAIT, || {
+        leader = addrs
+            .iter()
+            .position(|a| value(&scrape(a), "shardkv_raft_role", &[("role", "leader")]) == 1.0);
+        leader.is_some()
+    });
+    assert!(found, "no node leads");
+    leader.expect("found")
+}
+
 fn matches(s: &Sample, name: &str, labels: &[(&str, &str)]) -> bool {
     s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
 }
@@ -268,6 +282,35 @@ async fn servers_export_metrics_that_follow_the_traffic_and_log_json() {
     };
     assert!(reads(&after) - reads(&before) >= OPS as f64);
 
+    // Ranges: the group's leader exports the load of its one range, the whole key
+    // space, and its size once its heartbeat has counted it.
+    let loaded = poll_until(WAIT, || {
+        let s = scrape(&kv_addrs[leader_index(&kv_addrs)]);
+        let full = [("start", ""), ("end", "")];
+        value(&s, "shardkv_range_writes_per_second", &full) > 0.0
+            && value(&s, "shardkv_range_reads_per_second", &full) > 0.0
+    });
+    assert!(loaded, "the leader exported no load for its range");
+    let counted = poll_until(WAIT, || {
+        let s = scrape(&kv_addrs[leader_index(&kv_addrs)]);
+        value(&s, "shardkv_range_keys", &[]) == (OPS + 1) as f64
+            && value(&s, "shardkv_range_size_bytes", &[]) > 0.0
+    });
+    assert!(
+        counted,
+        "the leader did not export its range's {} keys",
+        OPS + 1
+    );
+    for (i, a) in kv_addrs.iter().enumerate() {
+        if i != leader_index(&kv_addrs) {
+            assert_eq!(
+                value(&scrape(a), "shardkv_range_keys", &[]),
+                0.0,
+                "follower {i}"
+            );
+        }
+    }
+
     // The shard master: one leader, its configuration, all three kvnodes up.
     let nodes_up = poll_until(WAIT, || {
         value(
@@ -277,6 +320,16 @@ async fn servers_export_metrics_that_follow_the_traffic_and_log_json() {
         ) == 3.0
     });
     assert!(nodes_up, "the shard master did not report 3 kvnodes up");
+    let sized = poll_until(WAIT, || {
+        let s = scrape(&master_addr);
+        let g1 = [("group", "1")];
+        value(&s, "shardkv_shardmaster_group_ranges", &g1) == 1.0
+            && value(&s, "shardkv_shardmaster_group_size_bytes", &g1) > 0.0
+    });
+    assert!(
+        sized,
+        "the shard master did not report group 1's range and bytes"
+    );
     let master = scrape(&master_addr);
     assert!(value(&master, "shardkv_shardmaster_config_num", &[]) >= 1.0);
     assert_eq!(
