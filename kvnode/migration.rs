@@ -38,6 +38,11 @@ const CUTOVER_LAG_BYTES: u64 = 256 << 10;
 /// Time one step spends on one live move before it looks at the configuration again
 /// (a cancellation) and reports progress.
 const MOVE_STEP: Duration = Duration::from_secs(1);
+/// Once the source is frozen the range answers nothing, so the step drives the
+/// cutover to its end without going back to its other work (garbage collection,
+/// the next tick), for up to this long: the shard master cancels a cutover stalled
+/// for 3 s anyway.
+const CUTOVER_STEP: Duration = Duration::from_secs(3);
 
 /// How a move's data travels: in chunks of at most `chunk_bytes` (one Raft entry
 /// each at the destination), at most `rate` fast.
@@ -351,7 +356,7 @@ impl Worker {
             .or_insert_with(Instant::now);
         let started = Instant::now();
         let mut lag = 0;
-        let mut frozen = false;
+        let mut frozen: Option<Instant> = None;
         let result = async {
             loop {
                 let Some(m) = self.current(plan.id) else {
@@ -360,26 +365,35 @@ impl Worker {
                 if m.ready {
                     return self.finish_move(&plan).await;
                 }
-                if started.elapsed() >= MOVE_STEP {
+                let out_of_time = match frozen {
+                    None => started.elapsed() >= MOVE_STEP,
+                    Some(at) => at.elapsed() >= CUTOVER_STEP,
+                };
+                if out_of_time {
                     return Ok(());
                 }
                 if !m.copy_done {
                     self.copy_chunk(&plan, &source, &m).await?;
                     continue;
                 }
-                let (installed, remaining) = self.delta_round(&plan, &source, &m, !frozen).await?;
+                let (installed, remaining) = self
+                    .delta_round(&plan, &source, &m, frozen.is_none())
+                    .await?;
                 lag = remaining;
-                if !frozen && remaining <= CUTOVER_LAG_BYTES && installed < self.chunk_bytes {
+                if frozen.is_none()
+                    && remaining <= CUTOVER_LAG_BYTES
+                    && installed < self.chunk_bytes
+                {
                     // Said first, so the shard master gives a cutover that stalls
                     // (the range is frozen) its shorter limit.
                     self.report(&plan, remaining, true).await;
                     self.freeze(&plan, &source).await?;
-                    frozen = true;
+                    frozen = Some(Instant::now());
                 }
             }
         }
         .await;
-        self.report(&plan, lag, frozen).await;
+        self.report(&plan, lag, frozen.is_some()).await;
         result
     }
 
