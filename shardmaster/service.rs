@@ -125,12 +125,12 @@ impl MasterService {
     }
 }
 
-/// Keeps `liveness` in step with the replica's leadership; true if it leads.
 /// A range's start key (a message's range is always set; missing reads as empty).
 fn start(range: &Option<crate::proto::KeyRange>) -> Vec<u8> {
     range.as_ref().map(|r| r.start.clone()).unwrap_or_default()
 }
 
+/// Keeps `liveness` in step with the replica's leadership; true if it leads.
 fn observe_role(replica: &Replica<MasterState>, liveness: &Liveness) -> bool {
     let status = replica.status();
     let leading = status.role == Role::Leader;
