@@ -53,16 +53,31 @@ stop_loads() {
   wait $load $moving
 }
 
+# Bytes the playground's servers have written to disk so far (write_bytes of each
+# one's /proc/PID/io: what it sent to the block layer, whatever else the machine does).
+disk_mb() {
+  local total=0 pid
+  for pid in $(pgrep -P "$playground"); do
+    total=$((total + $(awk '$1 == "write_bytes:" { print $2 }' "/proc/$pid/io" 2>/dev/null || echo 0)))
+  done
+  echo $((total / 1048576))
+}
+
 start_loads baseline
+before=$(disk_mb)
 sleep "$baseline_secs"
+echo "disk written with no move: $(($(disk_mb) - before)) MB in ${baseline_secs} s"
 stop_loads
 
 start_loads move
 started=$(date +%s.%N)
+before=$(disk_mb)
 "$bin/shardctl" --timeout 1800 move h "$dest" --wait
+written=$(($(disk_mb) - before))
 ended=$(date +%s.%N)
 stop_loads
 echo "moved ${size_mb} MB from group $owner to group $dest in $(echo "$ended - $started" | bc) s"
+echo "disk written during the move: $written MB ($(echo "scale=1; $written / $size_mb" | bc)x the range)"
 python3 "$summary" "$started" "$ended" baseline-other.json baseline-moving.json \
   move-other.json move-moving.json playground/logs
 for f in baseline-other baseline-moving move-other move-moving; do

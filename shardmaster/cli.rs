@@ -44,6 +44,10 @@ pub struct Args {
     /// Compact the Raft log once it holds this many applied entries.
     #[arg(long, default_value_t = 10_000)]
     pub compact_threshold: u64,
+    /// Also compact the Raft log once its applied entries hold this many MiB, as far as
+    /// every live member has them (a move's large entries then never reach a table).
+    #[arg(long, default_value_t = 16)]
+    pub compact_log_mib: u64,
     /// A kvnode silent for this long (no heartbeat) is reported DOWN, in ms.
     #[arg(long, default_value_t = 5000)]
     pub down_after_ms: u64,
@@ -106,6 +110,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             tick: Duration::from_millis(args.tick_ms),
             tick_multiplier: args.test_tick_multiplier,
             compact_threshold: args.compact_threshold,
+            compact_log_bytes: args.compact_log_mib << 20,
             fault_injection: args.enable_fault_injection,
             dialer: security.dialer().clone(),
         },

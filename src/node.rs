@@ -101,6 +101,7 @@ pub struct NodeSpec {
     /// Test-only clock-rate fault (`--test-tick-multiplier`): 1.0 otherwise.
     pub tick_multiplier: f64,
     pub compact_threshold: u64,
+    pub compact_log_bytes: u64,
     /// Test-only: build a fault table into the transport and offer the `Faults`
     /// service (hidden flag `--enable-fault-injection`).
     pub fault_injection: bool,
@@ -199,6 +200,7 @@ pub fn start<S: StateMachine>(
     options.tick = spec.tick;
     options.tick_multiplier = spec.tick_multiplier;
     options.compact_threshold = spec.compact_threshold;
+    options.compact_log_bytes = spec.compact_log_bytes;
     let timing = RaftTiming {
         tick_ms: spec.tick.as_millis() as u64,
         election_ticks: options.election_ticks as u32,

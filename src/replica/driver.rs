@@ -16,7 +16,7 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use slog::{error, info, warn, Logger};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::Replica;
@@ -325,7 +325,7 @@ impl<S: StateMachine> Driver<S> {
     /// the tick interval; so no other leader can be elected by a majority before
     /// `t + (election_ticks - 1) * tick`. One more tick is a margin for clock rates.
     /// A leadership transfer skips the followers' check: it ends the lease first.
-    fn lease_duration(&self) -> std::time::Duration {
+    fn lease_duration(&self) -> Duration {
         let ticks = self.options.election_ticks.saturating_sub(2) as u32;
         self.options.tick * ticks
     }
@@ -696,13 +696,56 @@ impl<S: StateMachine> Driver<S> {
         }
     }
 
+    /// Compacts the log by count, keeping half of it for followers slightly behind,
+    /// and by bytes: large entries (a move's chunks) are dropped while still in the
+    /// engine's memtable, so they are never also written to a table, as soon as every
+    /// live follower has them. A log past four times its byte bound is compacted even
+    /// under a slow follower, which then catches up from a snapshot.
     fn maybe_compact(&mut self) -> anyhow::Result<()> {
         let first = self.store.first_index();
+        let mut to = 0;
         if self.applied + 1 >= first + self.options.compact_threshold {
-            let to = self.applied - self.options.compact_threshold / 2;
+            to = self.applied - self.options.compact_threshold / 2;
+        }
+        let bytes = self.store.bytes_through(self.applied);
+        if bytes > 4 * self.options.compact_log_bytes {
+            to = self.applied;
+        } else if bytes > self.options.compact_log_bytes {
+            to = to.max(self.applied.min(self.slowest_live_match()));
+        }
+        if to >= first {
             self.store.compact_to(to)?;
         }
         Ok(())
+    }
+
+    /// The lowest index every live member's log holds (on a follower, which serves
+    /// no one its log: its applied index).
+    fn slowest_live_match(&self) -> u64 {
+        let raft = &self.node.raft;
+        if raft.state != StateRole::Leader {
+            return self.applied;
+        }
+        let window = self.liveness_window();
+        raft.prs()
+            .iter()
+            .filter(|(id, _)| {
+                **id != self.options.id
+                    && self
+                        .last_heard
+                        .get(id)
+                        .is_some_and(|t| t.elapsed() < window)
+            })
+            .map(|(_, p)| p.matched)
+            .min()
+            .unwrap_or(self.applied)
+    }
+
+    /// A live peer answers every heartbeat; three missed ones mean it is gone. (Raft's
+    /// own recent_active is refreshed only once per election timeout: too stale to
+    /// decide whether removing a member leaves a live majority.)
+    fn liveness_window(&self) -> Duration {
+        self.options.tick * (3 * self.options.heartbeat_ticks as u32)
     }
 
     fn publish_status(&self) {
@@ -720,10 +763,7 @@ impl<S: StateMachine> Driver<S> {
         };
         m.set_role(role);
         let conf_state = raft.prs().conf().to_conf_state();
-        // A live peer answers every heartbeat; three missed ones mean it is gone. (Raft's
-        // own recent_active is refreshed only once per election timeout: too stale to
-        // decide whether removing a member leaves a live majority.)
-        let window = self.options.tick * (3 * self.options.heartbeat_ticks as u32);
+        let window = self.liveness_window();
         let progress: std::collections::BTreeMap<u64, PeerProgress> = if role == Role::Leader {
             raft.prs()
                 .iter()

@@ -70,6 +70,9 @@ pub struct ReplicaOptions {
     /// Compact the log once it holds this many applied entries (keeping half of them
     /// for followers that are only slightly behind).
     pub compact_threshold: u64,
+    /// Compact the log once its applied entries hold this many bytes, as far as every
+    /// live member has it (see `Driver::maybe_compact`).
+    pub compact_log_bytes: u64,
     /// How long a proposal or read may wait before it fails with [`ReplicaError::Timeout`].
     pub request_timeout: Duration,
 }
@@ -84,6 +87,7 @@ impl ReplicaOptions {
             election_ticks: 10,
             heartbeat_ticks: 2,
             compact_threshold: 10_000,
+            compact_log_bytes: 16 << 20,
             request_timeout: Duration::from_secs(5),
         }
     }

@@ -44,15 +44,23 @@ struct Group {
     replicas: BTreeMap<u64, Replica<Register>>,
     stores: BTreeMap<u64, SmStore>,
     dirs: BTreeMap<u64, TempDir>,
-    compact_threshold: u64,
+    compaction: Compaction,
 }
 
-fn options(id: u64, compact_threshold: u64) -> ReplicaOptions {
+/// When the replicas compact their logs: after this many entries or bytes.
+#[derive(Clone, Copy)]
+struct Compaction {
+    entries: u64,
+    bytes: u64,
+}
+
+fn options(id: u64, compaction: Compaction) -> ReplicaOptions {
     ReplicaOptions {
         tick: TICK,
         election_ticks: ELECTION_TICKS,
         heartbeat_ticks: 2,
-        compact_threshold,
+        compact_threshold: compaction.entries,
+        compact_log_bytes: compaction.bytes,
         request_timeout: Duration::from_millis(500),
         ..ReplicaOptions::new(id, 1)
     }
@@ -64,14 +72,22 @@ fn lease_duration() -> Duration {
 }
 
 impl Group {
-    /// Starts a new group of three voters.
+    /// Starts a new group of three voters that compact after `compact_threshold`
+    /// entries (and the default bytes).
     fn start(compact_threshold: u64) -> Group {
+        Group::start_compacting(Compaction {
+            entries: compact_threshold,
+            bytes: ReplicaOptions::new(1, 1).compact_log_bytes,
+        })
+    }
+
+    fn start_compacting(compaction: Compaction) -> Group {
         let mut group = Group {
             network: MemoryNetwork::default(),
             replicas: BTreeMap::new(),
             stores: BTreeMap::new(),
             dirs: BTreeMap::new(),
-            compact_threshold,
+            compaction,
         };
         for id in IDS {
             group.dirs.insert(id, tempfile::tempdir().unwrap());
@@ -103,7 +119,7 @@ impl Group {
         let (events_tx, events) = tokio::sync::mpsc::channel(EVENT_QUEUE);
         let transport = self.network.connect(id, events_tx, sm_store.clone());
         let replica = start(
-            options(id, self.compact_threshold),
+            options(id, self.compaction),
             raft_store,
             sm_store.clone(),
             Register,
@@ -336,6 +352,57 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_streamed_snapshot
     assert_eq!(
         group.stores[&lagging].get(b"value").unwrap(),
         Some(b"write-59".to_vec())
+    );
+    group.stop().await;
+}
+
+#[tokio::test]
+async fn large_entries_are_compacted_by_bytes_once_every_live_member_has_them() {
+    const ENTRY: usize = 32 << 10;
+    let group = Group::start_compacting(Compaction {
+        entries: 10_000,
+        bytes: 8 * ENTRY as u64,
+    });
+    let leader = group.settled_leader().await;
+    let slow = IDS.into_iter().find(|id| *id != leader).unwrap();
+    // An isolated member is not live: the leader does not keep the log for it.
+    group.network.isolate(slow);
+    wait_until("the leader to see the isolated member gone", || {
+        let s = group.replica(leader).status();
+        (!s.progress[&slow].recent_active).then_some(())
+    })
+    .await;
+    // Fewer than the 4x bound's 32 entries: only the live members' progress allows
+    // compacting them.
+    for i in 0..28u8 {
+        group.replica(leader).propose(vec![i; ENTRY]).await.unwrap();
+    }
+    let status = group.replica(leader).status();
+    let kept = status.applied_index + 1 - status.first_log_index;
+    assert!(
+        kept <= 10,
+        "the leader kept {kept} entries of {ENTRY} bytes after 28 (bound: 8 entries' bytes)"
+    );
+    for id in IDS.into_iter().filter(|id| *id != slow) {
+        let s = wait_until("the live follower to apply every write", || {
+            let s = group.replica(id).status();
+            (s.applied_index >= status.applied_index).then_some(s)
+        })
+        .await;
+        assert!(
+            s.applied_index + 1 - s.first_log_index <= 10,
+            "replica {id} kept {} entries",
+            s.applied_index + 1 - s.first_log_index
+        );
+    }
+    group.network.heal(slow);
+    wait_until("the isolated member to catch up", || {
+        (group.replica(slow).status().applied_index >= status.applied_index).then_some(())
+    })
+    .await;
+    assert_eq!(
+        group.stores[&slow].get(b"value").unwrap(),
+        Some(vec![27u8; ENTRY])
     );
     group.stop().await;
 }

@@ -6,7 +6,7 @@ use fjall::{Database, Keyspace, PersistMode};
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 const KEY_HARD_STATE: &[u8] = b"hard_state";
@@ -38,6 +38,28 @@ struct LogState {
     /// Index and term of the last entry compacted away (or of the installed snapshot).
     truncated: (u64, u64),
     last_index: u64,
+    /// A running total of the log's encoded bytes at each index from `truncated.0` to
+    /// `last_index`: the size of any stretch of the log is one subtraction.
+    ends: VecDeque<u64>,
+}
+
+impl LogState {
+    /// Forgets the whole log: it now starts after `index`.
+    fn reset_to(&mut self, index: u64, term: u64) {
+        self.truncated = (index, term);
+        self.last_index = index;
+        self.ends = VecDeque::from([0]);
+    }
+
+    /// Bytes of the entries after the first index's predecessor, through `index`.
+    fn bytes_through(&self, index: u64) -> u64 {
+        self.ends[(index - self.truncated.0) as usize] - self.ends[0]
+    }
+
+    fn push_end(&mut self, entry_bytes: usize) {
+        let total = self.ends.back().expect("never empty") + entry_bytes as u64;
+        self.ends.push_back(total);
+    }
 }
 
 /// Raft log storage of one node. Cloning shares it.
@@ -88,10 +110,20 @@ impl RaftStore {
                 decode_u64(&raw[8..], "truncated term")?,
             );
         }
-        state.last_index = match log.last_key_value() {
-            Some(item) => decode_u64(&item.key()?, "log index")?,
-            None => state.truncated.0,
-        };
+        let (index, term) = state.truncated;
+        state.reset_to(index, term);
+        for item in log.range(log_key(index + 1)..) {
+            let (key, raw) = item.into_inner()?;
+            state.last_index = decode_u64(&key, "log index")?;
+            state.push_end(raw.len());
+        }
+        let expected = state.last_index - state.truncated.0 + 1;
+        if state.ends.len() as u64 != expected {
+            return Err(corrupt(
+                "log",
+                format!("gap after index {}", state.truncated.0),
+            ));
+        }
         state.conf_state = sm.applied_state()?.conf_state;
         Ok(RaftStore {
             inner: Arc::new(Inner {
@@ -115,6 +147,12 @@ impl RaftStore {
 
     pub fn last_index(&self) -> u64 {
         self.state().last_index
+    }
+
+    /// Encoded bytes of the log's entries from its first index through `index`.
+    pub fn bytes_through(&self, index: u64) -> u64 {
+        let state = self.state();
+        state.bytes_through(index.clamp(state.truncated.0, state.last_index))
     }
 
     /// Durably appends `entries` (replacing any conflicting suffix) and records `hard_state`,
@@ -149,12 +187,12 @@ impl RaftStore {
             for stale in last.index + 1..=state.last_index {
                 batch.remove(&self.inner.log, log_key(stale));
             }
+            let kept = (first.index - state.truncated.0) as usize;
+            state.ends.truncate(kept);
             for e in entries {
-                batch.insert(
-                    &self.inner.log,
-                    log_key(e.index),
-                    e.write_to_bytes().expect("encode"),
-                );
+                let raw = e.write_to_bytes().expect("encode");
+                state.push_end(raw.len());
+                batch.insert(&self.inner.log, log_key(e.index), raw);
             }
             state.last_index = last.index;
         }
@@ -211,8 +249,7 @@ impl RaftStore {
         }
         batch.commit()?;
         state.hard_state = hs;
-        state.truncated = (INIT_INDEX, INIT_INDEX);
-        state.last_index = INIT_INDEX;
+        state.reset_to(INIT_INDEX, INIT_INDEX);
         state.conf_state = conf_state.clone();
         Ok(())
     }
@@ -245,6 +282,8 @@ impl RaftStore {
         }
         batch.insert(&self.inner.raft, KEY_TRUNCATED, encode_pos(index, term));
         batch.commit()?;
+        let dropped = (index - state.truncated.0) as usize;
+        state.ends.drain(..dropped);
         state.truncated = (index, term);
         Ok(())
     }
@@ -283,8 +322,7 @@ impl RaftStore {
         );
         batch.commit()?;
         state.hard_state = hs;
-        state.truncated = (meta.index, meta.term);
-        state.last_index = meta.index;
+        state.reset_to(meta.index, meta.term);
         state.conf_state = meta.get_conf_state().clone();
         drop(state);
         self.inner.sm.switch_to(staged)
@@ -414,5 +452,69 @@ impl raft::Storage for RaftStore {
             },
         );
         Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Engine, Identity};
+
+    fn open(dir: &std::path::Path) -> RaftStore {
+        let identity = Identity {
+            cluster: "test".into(),
+            role: "kvnode".into(),
+            group: 1,
+            node: 1,
+        };
+        Engine::open(dir, &identity)
+            .unwrap()
+            .into_stores()
+            .unwrap()
+            .0
+    }
+
+    fn entry(index: u64, term: u64, bytes: usize) -> Entry {
+        Entry {
+            index,
+            term,
+            data: vec![7; bytes].into(),
+            ..Default::default()
+        }
+    }
+
+    fn size(e: &Entry) -> u64 {
+        e.write_to_bytes().unwrap().len() as u64
+    }
+
+    #[test]
+    fn the_logs_byte_count_follows_appends_overwrites_compactions_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let cs = ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
+        store.bootstrap(&cs, &BTreeMap::new()).unwrap();
+        let first: Vec<Entry> = (6..=10).map(|i| entry(i, 6, 100 * i as usize)).collect();
+        store.persist(&first, None).unwrap();
+        let total = |es: &[Entry]| es.iter().map(size).sum::<u64>();
+        assert_eq!(store.bytes_through(10), total(&first));
+        assert_eq!(store.bytes_through(7), total(&first[..2]));
+        // A new leader's entry 9 replaces the old 9 and 10.
+        let replaced = entry(9, 7, 5000);
+        store
+            .persist(std::slice::from_ref(&replaced), None)
+            .unwrap();
+        assert_eq!(store.last_index(), 9);
+        assert_eq!(store.bytes_through(9), total(&first[..3]) + size(&replaced));
+        store.compact_to(7).unwrap();
+        let kept = size(&first[2]) + size(&replaced);
+        assert_eq!(store.bytes_through(9), kept);
+        drop(store);
+        let reopened = open(dir.path());
+        assert_eq!(reopened.first_index(), 8);
+        assert_eq!(reopened.bytes_through(9), kept);
+        assert_eq!(reopened.bytes_through(u64::MAX), kept);
     }
 }
