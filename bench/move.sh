@@ -55,6 +55,13 @@ stop_loads() {
 
 # Bytes the playground's servers have written to disk so far (write_bytes of each
 # one's /proc/PID/io: what it sent to the block layer, whatever else the machine does).
+# CPU seconds each server has used so far, one "pid seconds args" line each.
+cpu_secs() {
+  local pid
+  for pid in $(pgrep -P "$playground"); do
+    echo "$pid $(awk -v hz="$(getconf CLK_TCK)" '{ printf "%.1f", ($14 + $15) / hz }' "/proc/$pid/stat") $(tr '\0' ' ' <"/proc/$pid/cmdline" | cut -c1-90)"
+  done
+}
 disk_mb() {
   local total=0 pid
   for pid in $(pgrep -P "$playground"); do
@@ -72,14 +79,22 @@ stop_loads
 start_loads move
 started=$(date +%s.%N)
 before=$(disk_mb)
+cpu_secs >cpu-before.txt
 "$bin/shardctl" --timeout 1800 move h "$dest" --wait
 written=$(($(disk_mb) - before))
+cpu_secs >cpu-after.txt
 ended=$(date +%s.%N)
 stop_loads
+# Memtable flushes and compactions of the moved data go on after the move.
+sleep "${SETTLE_SECS:-20}"
+settled=$(($(disk_mb) - before))
 echo "moved ${size_mb} MB from group $owner to group $dest in $(echo "$ended - $started" | bc) s"
-echo "disk written during the move: $written MB ($(echo "scale=1; $written / $size_mb" | bc)x the range)"
+echo "disk written during the move: $written MB ($(echo "scale=1; $written / $size_mb" | bc)x the range)," \
+  "and until ${SETTLE_SECS:-20} s after it (loads stopped): $settled MB"
 python3 "$summary" "$started" "$ended" baseline-other.json baseline-moving.json \
   move-other.json move-moving.json playground/logs
+echo "CPU seconds each server used during the move:"
+awk 'NR == FNR { t[$1] = $2; next } { $2 = sprintf("%6.1f", $2 - t[$1]); print "  " $0 }' cpu-before.txt cpu-after.txt
 for f in baseline-other baseline-moving move-other move-moving; do
   echo "$f:"
   cat "$f.json"
