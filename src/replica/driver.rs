@@ -5,7 +5,7 @@
 
 use super::{
     LeaseView, NetEvent, PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role,
-    StateMachine, Transport,
+    StateMachine, Transport, UnknownCommand,
 };
 use crate::metrics::metrics;
 use crate::storage::{RaftStore, SmStore, StagedSnapshot};
@@ -589,13 +589,18 @@ impl<S: StateMachine> Driver<S> {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
                     let mut batch = self.sm_store.batch();
-                    let response = (!entry.data.is_empty()).then(|| {
+                    let response = if entry.data.is_empty() {
+                        None
+                    } else {
+                        let command = S::Command::decode(&entry.data[..]).map_err(|e| {
+                            UnknownCommand::new(
+                                entry.index,
+                                format!("bytes that do not decode ({e})"),
+                            )
+                        })?;
                         let mut sm = sm_lock.write().expect("poisoned");
-                        match S::Command::decode(&entry.data[..]) {
-                            Ok(command) => sm.apply(entry.index, command, &mut batch),
-                            Err(_) => sm.undecodable(),
-                        }
-                    });
+                        Some(sm.apply(entry.index, command, &mut batch)?)
+                    };
                     self.sm_store.commit(batch, position, None)?;
                     self.applied = entry.index;
                     self.applied_term = entry.term;

@@ -2,7 +2,7 @@
 //! on an in-memory network, in one process.
 
 use super::memory::MemoryNetwork;
-use super::{start, Replica, ReplicaError, ReplicaOptions, Role, StateMachine};
+use super::{start, Replica, ReplicaError, ReplicaOptions, Role, StateMachine, UnknownCommand};
 use crate::storage::{ApplyBatch, Engine, Identity, SmStore};
 use crate::transport::EVENT_QUEUE;
 use raft::prelude::ConfState;
@@ -23,13 +23,14 @@ impl StateMachine for Register {
     type Command = Vec<u8>;
     type Response = u64;
 
-    fn apply(&mut self, index: u64, command: Vec<u8>, batch: &mut ApplyBatch) -> u64 {
+    fn apply(
+        &mut self,
+        index: u64,
+        command: Vec<u8>,
+        batch: &mut ApplyBatch,
+    ) -> Result<u64, UnknownCommand> {
         batch.put(b"value".to_vec(), command);
-        index
-    }
-
-    fn undecodable(&self) -> u64 {
-        0
+        Ok(index)
     }
 
     fn restore(&mut self, _store: &SmStore) -> anyhow::Result<()> {
