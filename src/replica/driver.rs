@@ -81,6 +81,15 @@ struct Driver<S: StateMachine> {
 ///
 /// `events` carries what the transport receives for this group (the receiver of
 /// the channel the transport reports to).
+/// A committed entry's command; bytes that do not decode are an [`UnknownCommand`].
+pub(super) fn decode_command<C: prost::Message + Default>(
+    index: u64,
+    data: &[u8],
+) -> Result<C, UnknownCommand> {
+    C::decode(data)
+        .map_err(|e| UnknownCommand::new(index, format!("bytes that do not decode ({e})")))
+}
+
 pub fn start<S: StateMachine>(
     options: ReplicaOptions,
     store: RaftStore,
@@ -592,12 +601,7 @@ impl<S: StateMachine> Driver<S> {
                     let response = if entry.data.is_empty() {
                         None
                     } else {
-                        let command = S::Command::decode(&entry.data[..]).map_err(|e| {
-                            UnknownCommand::new(
-                                entry.index,
-                                format!("bytes that do not decode ({e})"),
-                            )
-                        })?;
+                        let command = decode_command::<S::Command>(entry.index, &entry.data)?;
                         let mut sm = sm_lock.write().expect("poisoned");
                         Some(sm.apply(entry.index, command, &mut batch)?)
                     };

@@ -195,6 +195,23 @@ fn track_lease(replica: &Replica<Register>) -> Arc<Mutex<Option<Instant>>> {
     latest
 }
 
+/// Garbled log bytes are a typed error (which stops the replica), not a command.
+#[test]
+fn garbled_entries_are_an_unknown_command() {
+    // A length-delimited field whose length runs past the end.
+    let garbled = [0x0a, 0x05, 0x01];
+    let error = super::driver::decode_command::<Vec<u8>>(7, &garbled).unwrap_err();
+    assert_eq!(error.index, 7);
+    assert!(
+        error.what.starts_with("bytes that do not decode"),
+        "{error}"
+    );
+    assert_eq!(
+        super::driver::decode_command::<Vec<u8>>(8, &[0x0a, 0x01, b'x']),
+        Ok(b"x".to_vec())
+    );
+}
+
 #[tokio::test]
 async fn a_read_renews_the_lease_and_later_reads_are_served_on_it_without_a_quorum() {
     // A run too slow to read before its lease ends proves nothing: it tries again, on
