@@ -1485,7 +1485,7 @@ mod tests {
         let next_release = [0xa2, 0x06, 0x00]; // field 100, empty message
         let command = KvCommand::decode(&next_release[..]).unwrap();
         assert!(h.state.apply(22, command, &mut batch).is_err());
-        // The previous release's Put (field 1): reserved, so unknown too.
+        // The previous release's Put of key "kv" (field 1): reserved, so unknown too.
         let old_put = [0x0a, 0x04, 0x0a, 0x02, b'k', b'v'];
         let command = KvCommand::decode(&old_put[..]).unwrap();
         assert!(h.state.apply(23, command, &mut batch).is_err());

@@ -72,16 +72,16 @@ mod stored_formats {
     /// creates its key.
     const WRITE_BATCH: &[u8] = &[
         0x7a, 0x26, // KvCommand.writes (15), 38 bytes
-        0x0a, 0x11, // WriteBatch.writes (1)
+        0x0a, 0x11, // WriteBatch.writes (1): the put, 17 bytes
         0x0a, 0x02, b'k', b'1', // Write.key (1)
-        0x12, 0x06, 0x08, 0x07, 0x10, 0x03, 0x18,
-        0x02, // Write.id (2): client 7, seq 3, first_incomplete 2
+        // Write.id (2): client_id 7, seq 3, first_incomplete 2
+        0x12, 0x06, 0x08, 0x07, 0x10, 0x03, 0x18, 0x02, //
         0x1a, 0x03, 0x0a, 0x01, b'v', // Write.put (3): value "v"
-        0x0a, 0x06, //
-        0x0a, 0x02, b'k', b'2', //
+        0x0a, 0x06, // WriteBatch.writes (1): the delete, 6 bytes
+        0x0a, 0x02, b'k', b'2', // Write.key (1)
         0x22, 0x00, // Write.delete (4)
-        0x0a, 0x09, //
-        0x0a, 0x02, b'k', b'3', //
+        0x0a, 0x09, // WriteBatch.writes (1): the CAS, 9 bytes
+        0x0a, 0x02, b'k', b'3', // Write.key (1)
         0x2a, 0x03, 0x12, 0x01, b'x', // Write.cas (5): no expected (1), value (2) "x"
     ];
 
@@ -89,8 +89,8 @@ mod stored_formats {
     const SESSION_ENTRY: &[u8] = &[
         0x08, 0x03, // SessionEntry.seq (1)
         0x12, 0x09, // SessionEntry.result (2)
-        0x1a, 0x07, 0x08, 0x01, 0x10, 0x01, 0x1a, 0x01,
-        b'x', // WriteResult.cas (3): swapped, found, current "x"
+        // WriteResult.cas (3): swapped, found, current "x"
+        0x1a, 0x07, 0x08, 0x01, 0x10, 0x01, 0x1a, 0x01, b'x',
     ];
 
     /// A shard-master move.

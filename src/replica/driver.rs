@@ -9,7 +9,6 @@ use super::{
 };
 use crate::metrics::metrics;
 use crate::storage::{RaftStore, SmStore, StagedSnapshot};
-use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
