@@ -1,12 +1,19 @@
-//! Compiles `proto/` with protox (a pure-Rust protobuf compiler), so building needs
-//! no `protoc` on the machine. The descriptor set is also written to OUT_DIR for
-//! gRPC server reflection. `proto/etcd/` (the benchmark's etcd client) is compiled
-//! separately, client only, and kept out of the reflection descriptor.
+//! Compiles `proto/shardkv/` (public API, internal RPCs, stored formats and
+//! test-only services, one package each) with protox, a pure-Rust protobuf
+//! compiler, so building needs no `protoc` on the machine. The descriptor set is
+//! also written to OUT_DIR for gRPC server reflection. `proto/etcd/` (the
+//! benchmark's etcd client) is compiled separately, client only, and kept out of
+//! the reflection descriptor.
 
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/shardkv/v1/shardkv.proto"];
+    let protos = [
+        "proto/shardkv/v1/shardkv.proto",
+        "proto/shardkv/internal/v1/internal.proto",
+        "proto/shardkv/storage/v1/storage.proto",
+        "proto/shardkv/testing/v1/testing.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

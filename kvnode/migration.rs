@@ -4,16 +4,19 @@
 //! destination of (copy, catch up, cutover). Every step is a proposal through the
 //! group's log, so a new leader resumes where the old one stopped.
 
-use super::state::{only, KvState};
+use super::state::KvState;
 use crate::client::master::MasterClient;
 use crate::faults::{Faults, Verdict};
 use crate::metrics::metrics;
-use crate::proto::kv_command::Command;
-use crate::proto::range_transfer_client::RangeTransferClient;
+use crate::proto::internal::range_transfer_client::RangeTransferClient;
+use crate::proto::internal::{
+    CopyRangeRequest, FreezeMoveRequest, PullDeltasRequest, PullRequest, ReleaseRequest,
+};
+use crate::proto::storage::kv_command::Command;
+use crate::proto::storage::{InstallChunk, MoveChunk, RangeOp};
 use crate::proto::{
-    CopyRangeRequest, FinishMoveRequest, FreezeMoveRequest, HeldRange, InstallChunk, MoveChunk,
-    MovePhase, MovePlan, MoveState, Node, PullDeltasRequest, PullRequest, RangeOp, RangeState,
-    ReleaseRequest, ReportMoveRequest,
+    FinishMoveRequest, HeldRange, MovePhase, MovePlan, MoveState, Node, RangeState,
+    ReportMoveRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::security::{Dialer, SecureChannel};
@@ -211,9 +214,9 @@ impl Worker {
         Ok(())
     }
 
+    /// Proposes one of the group's own commands (which cannot fail once applied).
     async fn propose(&self, command: Command) -> anyhow::Result<()> {
-        let results = self.replica.propose(command).await?;
-        only(results).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        self.replica.propose(command).await?;
         Ok(())
     }
 

@@ -15,4 +15,4 @@ pub use service::{KvService, Limits, TransferService};
 pub use state::{KvError, KvState};
 
 /// gRPC names of the services, for health reporting.
-pub const SERVICE_NAMES: &[&str] = &["shardkv.v1.Kv", "shardkv.v1.RangeTransfer"];
+pub const SERVICE_NAMES: &[&str] = &["shardkv.v1.Kv", "shardkv.internal.v1.RangeTransfer"];

@@ -2,20 +2,24 @@
 //! groups. Handlers validate input, then turn requests into proposals or
 //! linearizable reads of [`KvState`], and results into replies.
 
-use super::state::{only, KvError, KvResult, KvState, MoveRead};
+use super::state::{KvError, KvState, MoveRead, WriteOutcome};
 use crate::config::{MAX_BATCH_OPS, MAX_KEY_BYTES};
 use crate::proto::batch_op::Op;
 use crate::proto::batch_result::Result as OpResult;
-use crate::proto::kv_command::Command;
-use crate::proto::kv_reply::Reply;
+use crate::proto::internal::range_transfer_server::RangeTransfer;
+use crate::proto::internal::{
+    CopyRangeRequest, FreezeMoveReply, FreezeMoveRequest, PullDeltasReply, PullDeltasRequest,
+    PullReply, PullRequest, ReleaseReply, ReleaseRequest,
+};
 use crate::proto::kv_server::Kv;
-use crate::proto::range_transfer_server::RangeTransfer;
+use crate::proto::storage::kv_command::Command;
+use crate::proto::storage::write::Op as WriteOp;
+use crate::proto::storage::write_result::Result as Effect;
+use crate::proto::storage::{self, RangeOp, Write, WriteBatch};
 use crate::proto::{
-    BatchReply, BatchRequest, BatchResult, ClientWrites, CompareAndSwapReply,
-    CompareAndSwapRequest, CopyRangeRequest, DeleteReply, DeleteRequest, FreezeMoveReply,
-    FreezeMoveRequest, GetReply, GetRequest, KeyRange, KeyValue, KvCommand, NodeStatusReply,
-    NodeStatusRequest, PullDeltasReply, PullDeltasRequest, PullReply, PullRequest, PutReply,
-    PutRequest, RangeOp, ReleaseReply, ReleaseRequest, ScanReply, ScanRequest,
+    BatchReply, BatchRequest, BatchResult, CompareAndSwapReply, CompareAndSwapRequest, DeleteReply,
+    DeleteRequest, GetReply, GetRequest, KeyRange, KeyValue, NodeStatusReply, NodeStatusRequest,
+    PutReply, PutRequest, ScanReply, ScanRequest,
 };
 use crate::replica::{Replica, ReplicaError, Role};
 use crate::status;
@@ -87,7 +91,6 @@ fn kv_error(e: KvError) -> Status {
         KvError::TooManyInFlight { limit } => Status::resource_exhausted(format!(
             "more than {limit} unacknowledged writes from this client; advance first_incomplete"
         )),
-        KvError::Malformed => Status::invalid_argument("malformed command"),
     }
 }
 
@@ -136,18 +139,14 @@ impl KvService {
     }
 
     /// Checks a client write's fields before it is proposed.
-    fn check_write(&self, command: &Command) -> Result<(), Status> {
-        match command {
-            Command::Put(r) => {
-                check_key("key", &r.key)?;
-                self.check_value(&r.value)
-            }
-            Command::Delete(r) => check_key("key", &r.key),
-            Command::Cas(r) => {
-                check_key("key", &r.key)?;
-                r.value.as_ref().map_or(Ok(()), |v| self.check_value(v))
-            }
-            _ => Err(Status::invalid_argument("not a client write")),
+    fn check_write(&self, write: &Write) -> Result<(), Status> {
+        check_key("key", &write.key)?;
+        match &write.op {
+            Some(WriteOp::Put(put)) => self.check_value(&put.value),
+            Some(WriteOp::Delete(_)) => Ok(()),
+            Some(WriteOp::Cas(cas)) => cas.value.as_ref().map_or(Ok(()), |v| self.check_value(v)),
+            // Replicas would stop at a write they cannot apply: never propose one.
+            None => Err(Status::internal("a write without an op")),
         }
     }
 
@@ -182,14 +181,15 @@ impl KvService {
         }
     }
 
-    async fn write(&self, command: Command) -> Result<Reply, Status> {
-        let key = write_key(&command).to_vec();
-        self.held(&key, || self.write_once(command.clone())).await
-    }
-
-    async fn write_once(&self, command: Command) -> Result<Reply, Status> {
-        self.check_write(&command)?;
-        write_reply(propose_one(&self.replica, command).await?)
+    /// One client write, proposed as a batch of one.
+    async fn write(&self, write: Write) -> Result<OpResult, Status> {
+        self.check_write(&write)?;
+        let key = write.key.clone();
+        self.held(&key, || async {
+            let mut results = self.write_many(vec![write.clone()]).await;
+            results.pop().expect("one result per write")
+        })
+        .await
     }
 
     /// Reads `keys` after one read barrier: one result per key.
@@ -218,14 +218,12 @@ impl KvService {
     }
 
     /// Proposes `writes` as one Raft entry: one result per write.
-    async fn write_many(&self, writes: Vec<Command>) -> Vec<Result<Reply, Status>> {
+    async fn write_many(&self, writes: Vec<Write>) -> Vec<Result<OpResult, Status>> {
         let count = writes.len();
         if count == 0 {
             return Vec::new();
         }
-        let command = Command::Writes(ClientWrites {
-            writes: writes.into_iter().map(KvCommand::from).collect(),
-        });
+        let command = Command::Writes(WriteBatch { writes });
         match self.replica.propose(command).await {
             Ok(results) if results.len() == count => results.into_iter().map(write_reply).collect(),
             Ok(results) => vec![
@@ -276,11 +274,6 @@ async fn run_read(read: MoveRead, max_bytes: usize) -> Result<(Vec<KeyValue>, bo
         .map_err(internal)
 }
 
-/// Proposes a command with one result and waits for it.
-async fn propose_one(replica: &Replica<KvState>, command: Command) -> Result<KvResult, Status> {
-    Ok(only(replica.propose(command).await?))
-}
-
 fn is_wrong_group(e: &Status) -> bool {
     matches!(
         status::detail(e),
@@ -288,24 +281,55 @@ fn is_wrong_group(e: &Status) -> bool {
     )
 }
 
-fn write_key(command: &Command) -> &[u8] {
-    match command {
-        Command::Put(r) => &r.key,
-        Command::Delete(r) => &r.key,
-        Command::Cas(r) => &r.key,
-        _ => &[],
-    }
-}
-
-fn unexpected(reply: Reply) -> Status {
+fn unexpected(reply: OpResult) -> Status {
     Status::internal(format!("unexpected reply {reply:?}"))
 }
 
-fn write_reply(result: KvResult) -> Result<Reply, Status> {
-    result
+/// A write's stored result as the public reply of its op.
+fn write_reply(outcome: WriteOutcome) -> Result<OpResult, Status> {
+    let effect = outcome
         .map_err(kv_error)?
-        .reply
-        .ok_or_else(|| Status::internal("write produced no reply"))
+        .result
+        .ok_or_else(|| Status::internal("write produced no result"))?;
+    Ok(match effect {
+        Effect::Put(storage::PutResult {}) => OpResult::Put(PutReply {}),
+        Effect::Delete(r) => OpResult::Delete(DeleteReply { existed: r.existed }),
+        Effect::Cas(r) => OpResult::Cas(CompareAndSwapReply {
+            swapped: r.swapped,
+            found: r.found,
+            current: r.current,
+        }),
+    })
+}
+
+// Client requests as the log stores them (`shardkv.storage.v1`): field by field, so
+// a change of the public request does not change what replicas replay.
+
+fn put_write(r: PutRequest) -> Write {
+    Write {
+        key: r.key,
+        id: r.id.map(Into::into),
+        op: Some(WriteOp::Put(storage::Put { value: r.value })),
+    }
+}
+
+fn delete_write(r: DeleteRequest) -> Write {
+    Write {
+        key: r.key,
+        id: r.id.map(Into::into),
+        op: Some(WriteOp::Delete(storage::Delete {})),
+    }
+}
+
+fn cas_write(r: CompareAndSwapRequest) -> Write {
+    Write {
+        key: r.key,
+        id: r.id.map(Into::into),
+        op: Some(WriteOp::Cas(storage::CompareAndSwap {
+            expected: r.expected,
+            value: r.value,
+        })),
+    }
 }
 
 fn op_result(result: Result<OpResult, Status>) -> BatchResult {
@@ -329,15 +353,15 @@ impl Kv for KvService {
     }
 
     async fn put(&self, r: Request<PutRequest>) -> Result<Response<PutReply>, Status> {
-        match self.write(Command::Put(r.into_inner())).await? {
-            Reply::Put(reply) => Ok(Response::new(reply)),
+        match self.write(put_write(r.into_inner())).await? {
+            OpResult::Put(reply) => Ok(Response::new(reply)),
             other => Err(unexpected(other)),
         }
     }
 
     async fn delete(&self, r: Request<DeleteRequest>) -> Result<Response<DeleteReply>, Status> {
-        match self.write(Command::Delete(r.into_inner())).await? {
-            Reply::Delete(reply) => Ok(Response::new(reply)),
+        match self.write(delete_write(r.into_inner())).await? {
+            OpResult::Delete(reply) => Ok(Response::new(reply)),
             other => Err(unexpected(other)),
         }
     }
@@ -374,8 +398,8 @@ impl Kv for KvService {
         &self,
         r: Request<CompareAndSwapRequest>,
     ) -> Result<Response<CompareAndSwapReply>, Status> {
-        match self.write(Command::Cas(r.into_inner())).await? {
-            Reply::Cas(reply) => Ok(Response::new(reply)),
+        match self.write(cas_write(r.into_inner())).await? {
+            OpResult::Cas(reply) => Ok(Response::new(reply)),
             other => Err(unexpected(other)),
         }
     }
@@ -405,9 +429,9 @@ impl Kv for KvService {
                     }
                     continue;
                 }
-                Some(Op::Put(r)) => Command::Put(r),
-                Some(Op::Delete(r)) => Command::Delete(r),
-                Some(Op::Cas(r)) => Command::Cas(r),
+                Some(Op::Put(r)) => put_write(r),
+                Some(Op::Delete(r)) => delete_write(r),
+                Some(Op::Cas(r)) => cas_write(r),
                 None => {
                     results[i] = Some(Err(status::invalid_argument("op", "must be set", 0)));
                     continue;
@@ -442,13 +466,12 @@ impl Kv for KvService {
         );
         let again_writes = refused(
             write_results.iter().map(|r| r.as_ref().err()).collect(),
-            writes.iter().map(write_key).collect(),
+            writes.iter().map(|w| w.key.as_slice()).collect(),
         );
-        let first = again_reads.first().map(|i| reads[*i].clone()).or_else(|| {
-            again_writes
-                .first()
-                .map(|i| write_key(&writes[*i]).to_vec())
-        });
+        let first = again_reads
+            .first()
+            .map(|i| reads[*i].clone())
+            .or_else(|| again_writes.first().map(|i| writes[*i].key.clone()));
         if let Some(key) = first {
             if self.hold_for_cutover(&key).await {
                 let keys: Vec<Vec<u8>> = again_reads.iter().map(|i| reads[*i].clone()).collect();
@@ -466,11 +489,7 @@ impl Kv for KvService {
             results[i] = Some(result.map(OpResult::Get));
         }
         for (i, result) in write_at.into_iter().zip(write_results) {
-            results[i] = Some(result.map(|reply| match reply {
-                Reply::Put(r) => OpResult::Put(r),
-                Reply::Delete(r) => OpResult::Delete(r),
-                Reply::Cas(r) => OpResult::Cas(r),
-            }));
+            results[i] = Some(result);
         }
         let results = results
             .into_iter()
@@ -506,11 +525,9 @@ impl TransferService {
         TransferService { replica }
     }
 
-    /// Proposes an internal command and waits until it is applied.
+    /// Proposes one of the group's own commands and waits until it is applied.
     async fn propose(&self, command: Command) -> Result<(), Status> {
-        propose_one(&self.replica, command)
-            .await?
-            .map_err(kv_error)?;
+        self.replica.propose(command).await?;
         Ok(())
     }
 }

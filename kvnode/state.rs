@@ -16,14 +16,15 @@
 //! is recorded, so replaying the results over it in order ends in the source's state.
 
 use super::stats::{RangeStatsTable, SeedJob};
-use crate::proto::kv_command::Command;
-use crate::proto::kv_reply::Reply;
-use crate::proto::{
-    ClientSession, CompareAndSwapReply, Config, DeleteReply, HeldRange, HeldRanges, KeyRange,
-    KeyValue, KvCommand, KvReply, MoveChunk, MoveDelta, MoveState, MoveStates, PutReply, RangeOp,
-    RangeState, RangeStats, RequestId, SessionEntry,
+use crate::proto::storage::kv_command::Command;
+use crate::proto::storage::write::Op;
+use crate::proto::storage::write_result::Result as Effect;
+use crate::proto::storage::{
+    ClientSession, CompareAndSwapResult, DeleteResult, HeldRanges, KvCommand, MoveChunk, MoveDelta,
+    MoveStates, PutResult, RangeOp, RequestId, SessionEntry, WriteResult,
 };
-use crate::replica::StateMachine;
+use crate::proto::{Config, HeldRange, KeyRange, KeyValue, MoveState, RangeState, RangeStats};
+use crate::replica::{StateMachine, UnknownCommand};
 use crate::storage::{ApplyBatch, KeyBounds, SmStore, StoreView};
 use prost::Message;
 use std::collections::HashMap;
@@ -55,19 +56,10 @@ pub enum KvError {
     Superseded { seq: u64 },
     /// The client has more unacknowledged writes than the server remembers replies for.
     TooManyInFlight { limit: usize },
-    /// The command could not be decoded.
-    Malformed,
 }
 
-pub type KvResult = Result<KvReply, KvError>;
-
-/// The result of a command other than `ClientWrites`, which has exactly one.
-pub fn only(results: Vec<KvResult>) -> KvResult {
-    results
-        .into_iter()
-        .next()
-        .unwrap_or(Err(KvError::Malformed))
-}
+/// A client write's result, or why it was not applied.
+pub type WriteOutcome = Result<WriteResult, KvError>;
 
 /// One page of a scan: the pairs and where to resume (empty when done).
 pub type ScanPage = (Vec<KeyValue>, Vec<u8>);
@@ -567,41 +559,43 @@ impl KvState {
         &self,
         key: &[u8],
         batch: &mut ApplyBatch,
-        write: impl FnOnce(&mut ApplyBatch) -> anyhow::Result<Reply>,
-    ) -> anyhow::Result<Reply> {
+        write: impl FnOnce(&mut ApplyBatch) -> anyhow::Result<Effect>,
+    ) -> anyhow::Result<WriteResult> {
         let stored = data_key(key);
         let before = batch.get(&stored)?.map(|v| v.len());
-        let reply = write(batch)?;
+        let result = WriteResult {
+            result: Some(write(batch)?),
+        };
         let after = batch.get(&stored)?.map(|v| v.len());
         self.stats().wrote(key, before, after);
-        Ok(reply)
+        Ok(result)
     }
 
     /// Applies a client write: checks ownership, answers a retry from the session,
-    /// otherwise runs `write` and remembers its reply.
+    /// otherwise runs `write` and remembers its result.
     fn client_write(
         &mut self,
         index: u64,
         key: &[u8],
         id: Option<RequestId>,
         batch: &mut ApplyBatch,
-        write: impl FnOnce(&mut ApplyBatch) -> anyhow::Result<Reply>,
-    ) -> anyhow::Result<KvResult> {
+        write: impl FnOnce(&mut ApplyBatch) -> anyhow::Result<Effect>,
+    ) -> anyhow::Result<WriteOutcome> {
         if let Err(e) = self.serving_range(key) {
             return Ok(Err(e));
         }
         let id = id.unwrap_or_default();
         if id.client_id == 0 {
-            let reply = self.counted_write(key, batch, write)?;
+            let result = self.counted_write(key, batch, write)?;
             self.record(index, key, None, batch)?;
-            return Ok(Ok(KvReply { reply: Some(reply) }));
+            return Ok(Ok(result));
         }
         let mut session = self.session(id.client_id, batch)?;
         if id.seq < session.first_incomplete {
             return Ok(Err(KvError::Superseded { seq: id.seq }));
         }
         if let Some(entry) = session.entries.iter().find(|e| e.seq == id.seq) {
-            return Ok(Ok(entry.reply.clone().unwrap_or_default()));
+            return Ok(Ok(entry.result.clone().unwrap_or_default()));
         }
         session.first_incomplete = session.first_incomplete.max(id.first_incomplete);
         let floor = session.first_incomplete;
@@ -612,65 +606,75 @@ impl KvState {
                 limit: MAX_SESSION_ENTRIES,
             }));
         }
-        let reply = KvReply {
-            reply: Some(self.counted_write(key, batch, write)?),
-        };
+        let result = self.counted_write(key, batch, write)?;
         let entry = SessionEntry {
             seq: id.seq,
-            reply: Some(reply.clone()),
+            result: Some(result.clone()),
         };
         session.entries.push(entry.clone());
         session.last_index = index;
         batch.put(session_key(id.client_id), session.encode_to_vec());
         let recorded = (id.client_id, session.first_incomplete, entry);
         self.record(index, key, Some(recorded), batch)?;
-        Ok(Ok(reply))
+        Ok(Ok(result))
     }
 
-    fn apply_command(
+    /// Applies one client write of a `WriteBatch`.
+    fn apply_write(
         &mut self,
         index: u64,
-        command: Command,
+        key: Vec<u8>,
+        id: Option<RequestId>,
+        op: Op,
         batch: &mut ApplyBatch,
-    ) -> anyhow::Result<KvResult> {
-        let done = Ok(Ok(KvReply::default()));
-        match command {
-            Command::Put(r) => self.client_write(index, &r.key, r.id, batch, |batch| {
-                batch.put(data_key(&r.key), r.value);
-                Ok(Reply::Put(PutReply {}))
-            }),
-            Command::Delete(r) => self.client_write(index, &r.key, r.id, batch, |batch| {
-                let key = data_key(&r.key);
-                let existed = batch.get(&key)?.is_some();
-                batch.delete(key);
-                Ok(Reply::Delete(DeleteReply { existed }))
-            }),
-            Command::Cas(r) => self.client_write(index, &r.key, r.id, batch, |batch| {
-                let key = data_key(&r.key);
-                let current = batch.get(&key)?;
-                if current != r.expected {
-                    return Ok(Reply::Cas(CompareAndSwapReply {
+    ) -> anyhow::Result<WriteOutcome> {
+        let stored = data_key(&key);
+        self.client_write(index, &key, id, batch, |batch| match op {
+            Op::Put(put) => {
+                batch.put(stored, put.value);
+                Ok(Effect::Put(PutResult {}))
+            }
+            Op::Delete(_) => {
+                let existed = batch.get(&stored)?.is_some();
+                batch.delete(stored);
+                Ok(Effect::Delete(DeleteResult { existed }))
+            }
+            Op::Cas(cas) => {
+                let current = batch.get(&stored)?;
+                if current != cas.expected {
+                    return Ok(Effect::Cas(CompareAndSwapResult {
                         swapped: false,
                         found: current.is_some(),
                         current: current.unwrap_or_default(),
                     }));
                 }
-                match &r.value {
-                    Some(v) => batch.put(key, v.clone()),
-                    None => batch.delete(key),
+                match &cas.value {
+                    Some(v) => batch.put(stored, v.clone()),
+                    None => batch.delete(stored),
                 }
-                Ok(Reply::Cas(CompareAndSwapReply {
+                Ok(Effect::Cas(CompareAndSwapResult {
                     swapped: true,
-                    found: r.value.is_some(),
-                    current: r.value.unwrap_or_default(),
+                    found: cas.value.is_some(),
+                    current: cas.value.unwrap_or_default(),
                 }))
-            }),
+            }
+        })
+    }
+
+    /// Applies one of the group's own commands (not a client write), which cannot fail.
+    fn apply_command(
+        &mut self,
+        index: u64,
+        command: Command,
+        batch: &mut ApplyBatch,
+    ) -> anyhow::Result<()> {
+        let done = Ok(());
+        match command {
             Command::Config(next) => {
                 self.apply_config(next, batch)?;
                 done
             }
-            // Only `apply` unpacks client writes, one level deep.
-            Command::Writes(_) => Ok(Err(KvError::Malformed)),
+            Command::Writes(_) => unreachable!("`apply` applies client writes"),
             Command::Install(chunk) => {
                 let range = chunk.range.unwrap_or_default();
                 let Some(h) = self.find_held(RangeState::Pulling, chunk.config_num, &range) else {
@@ -1138,38 +1142,55 @@ impl From<Command> for KvCommand {
 
 impl StateMachine for KvState {
     type Command = KvCommand;
-    /// One result per client write of a `ClientWrites` command, else one result.
-    type Response = Vec<KvResult>;
+    /// For a `WriteBatch`, one outcome per write, in order; for the group's own
+    /// commands, which cannot fail, none.
+    type Response = Vec<WriteOutcome>;
 
-    fn apply(&mut self, index: u64, command: KvCommand, batch: &mut ApplyBatch) -> Vec<KvResult> {
-        let Some(command) = command.command else {
-            return self.undecodable();
-        };
-        if index.is_multiple_of(SESSION_SWEEP_EVERY) {
-            self.sweep_sessions(index, batch)
-                .expect("storage failure while expiring sessions");
-        }
+    fn apply(
+        &mut self,
+        index: u64,
+        command: KvCommand,
+        batch: &mut ApplyBatch,
+    ) -> Result<Vec<WriteOutcome>, UnknownCommand> {
+        let unknown = |what: &str| UnknownCommand::new(index, what);
+        let command = command
+            .command
+            .ok_or_else(|| unknown("a command of no kind this build knows"))?;
         // A storage failure here cannot be answered deterministically: stop the node.
-        let mut run = |command| {
-            self.apply_command(index, command, batch)
-                .expect("storage failure while applying a command")
+        const STORAGE: &str = "storage failure while applying a command";
+        let sweep = |state: &mut KvState, batch: &mut ApplyBatch| {
+            if index.is_multiple_of(SESSION_SWEEP_EVERY) {
+                state
+                    .sweep_sessions(index, batch)
+                    .expect("storage failure while expiring sessions");
+            }
         };
         match command {
-            // In order, each seeing the ones before it (through the batch).
-            Command::Writes(writes) => writes
-                .writes
-                .into_iter()
-                .map(|write| match write.command {
-                    Some(c @ (Command::Put(_) | Command::Delete(_) | Command::Cas(_))) => run(c),
-                    _ => Err(KvError::Malformed),
-                })
-                .collect(),
-            command => vec![run(command)],
+            Command::Writes(writes) => {
+                // Refuse an unknown op before applying any write of the batch.
+                let writes = writes
+                    .writes
+                    .into_iter()
+                    .map(|w| match w.op {
+                        Some(op) => Ok((w.key, w.id, op)),
+                        None => Err(unknown("a write of no op this build knows")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                sweep(self, batch);
+                // In order, each seeing the ones before it (through the batch).
+                Ok(writes
+                    .into_iter()
+                    .map(|(key, id, op)| {
+                        self.apply_write(index, key, id, op, batch).expect(STORAGE)
+                    })
+                    .collect())
+            }
+            command => {
+                sweep(self, batch);
+                self.apply_command(index, command, batch).expect(STORAGE);
+                Ok(Vec::new())
+            }
         }
-    }
-
-    fn undecodable(&self) -> Vec<KvResult> {
-        vec![Err(KvError::Malformed)]
     }
 
     fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {
@@ -1199,9 +1220,8 @@ impl StateMachine for KvState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{
-        ClientWrites, CompareAndSwapRequest, DeleteRequest, Group, InstallChunk, Node, PutRequest,
-    };
+    use crate::proto::storage::{CompareAndSwap, Delete, InstallChunk, Put, Write, WriteBatch};
+    use crate::proto::{Group, Node};
     use crate::storage::{Engine, Identity};
 
     /// A kv state on a fresh store; commands are applied as the driver does.
@@ -1235,36 +1255,56 @@ mod tests {
             }
         }
 
-        fn apply(&mut self, command: Command) -> KvResult {
-            let mut results = self.apply_entry(command);
-            assert_eq!(results.len(), 1);
-            results.pop().unwrap()
-        }
-
-        /// Applies `command` as one log entry: its results, one per client write.
-        fn apply_entry(&mut self, command: Command) -> Vec<KvResult> {
+        /// Applies `command` as one log entry: its outcomes, one per client write.
+        fn apply_entry(&mut self, command: Command) -> Vec<WriteOutcome> {
             self.index += 1;
             let mut batch = self.store.batch();
-            let results = self.state.apply(self.index, command.into(), &mut batch);
+            let results = self
+                .state
+                .apply(self.index, command.into(), &mut batch)
+                .expect("a known command");
             self.store.commit(batch, (self.index, 1), None).unwrap();
             results
         }
 
-        /// Applies an internal command, which always succeeds.
+        /// Applies one of the group's own commands, which answers nothing.
         fn exec(&mut self, command: Command) {
-            self.apply(command).expect("internal commands succeed");
+            assert_eq!(self.apply_entry(command), []);
         }
 
-        fn put(&mut self, key: &str, value: &[u8], id: Option<RequestId>) -> KvResult {
-            self.apply(Command::Put(PutRequest {
-                key: key.into(),
-                value: value.to_vec(),
-                id,
-            }))
+        /// Applies one client write, as a batch of one.
+        fn write(&mut self, write: Write) -> WriteOutcome {
+            let mut results = self.apply_entry(Command::Writes(WriteBatch {
+                writes: vec![write],
+            }));
+            assert_eq!(results.len(), 1);
+            results.pop().unwrap()
+        }
+
+        fn put(&mut self, key: &str, value: &[u8], id: Option<RequestId>) -> WriteOutcome {
+            self.write(put(key, value, id))
         }
 
         fn get(&self, key: &str) -> Option<Vec<u8>> {
             self.state.get(key.as_bytes()).unwrap().unwrap()
+        }
+    }
+
+    fn put(key: &str, value: &[u8], id: Option<RequestId>) -> Write {
+        Write {
+            key: key.into(),
+            id,
+            op: Some(Op::Put(Put {
+                value: value.to_vec(),
+            })),
+        }
+    }
+
+    fn delete(key: &str, id: Option<RequestId>) -> Write {
+        Write {
+            key: key.into(),
+            id,
+            op: Some(Op::Delete(Delete {})),
         }
     }
 
@@ -1303,11 +1343,7 @@ mod tests {
         assert_eq!(jobs.len(), 1, "only [\"\", n) is group 1's");
         // Written after the view: counted on top of the seed, not in it.
         h.put("a000", &[b'x'; 10], None).unwrap();
-        h.apply(Command::Delete(DeleteRequest {
-            key: "a001".into(),
-            id: None,
-        }))
-        .unwrap();
+        h.write(delete("a001", None)).unwrap();
         let count = count_range(&view, &jobs[0].range).unwrap();
         assert_eq!((count.keys, count.bytes), (100, 100 * 100));
         let middle = String::from_utf8(count.middle.clone()).unwrap();
@@ -1359,57 +1395,37 @@ mod tests {
     fn writes_of_one_entry_apply_in_order_and_each_sees_the_ones_before() {
         let mut h = Harness::new(1);
         h.exec(Command::Config(config(1, &["n"], &[1, 2])));
-        let cas = |expected: &[u8], value: &[u8], seq| {
-            Command::Cas(CompareAndSwapRequest {
-                key: b"k".to_vec(),
+        let cas = |expected: &[u8], value: &[u8], seq| Write {
+            key: b"k".to_vec(),
+            id: id(7, seq, 1),
+            op: Some(Op::Cas(CompareAndSwap {
                 expected: Some(expected.to_vec()),
                 value: Some(value.to_vec()),
-                id: id(7, seq, 1),
-            })
+            })),
         };
         let writes = vec![
-            Command::Put(PutRequest {
-                key: b"k".to_vec(),
-                value: b"a".to_vec(),
-                id: id(7, 1, 1),
-            }),
+            put("k", b"a", id(7, 1, 1)),
             cas(b"a", b"b", 2),
-            // The same seq again (a retry in the same entry): the first reply, no effect.
+            // The same seq again (a retry in the same entry): the first result, no effect.
             cas(b"a", b"b", 2),
             cas(b"a", b"c", 3),
-            Command::Delete(DeleteRequest {
-                key: b"k".to_vec(),
-                id: id(7, 4, 1),
-            }),
+            delete("k", id(7, 4, 1)),
             // Group 2 serves [n, ..): refused, and the rest still applies.
-            Command::Delete(DeleteRequest {
-                key: b"z".to_vec(),
-                id: id(7, 5, 1),
-            }),
-            Command::Config(config(2, &[], &[1])),
-            Command::Put(PutRequest {
-                key: b"j".to_vec(),
-                value: b"after".to_vec(),
-                id: id(7, 6, 1),
-            }),
+            delete("z", id(7, 5, 1)),
+            put("j", b"after", id(7, 6, 1)),
         ];
-        let results = h.apply_entry(Command::Writes(ClientWrites {
-            writes: writes
-                .into_iter()
-                .map(|c| KvCommand { command: Some(c) })
-                .collect(),
-        }));
+        let results = h.apply_entry(Command::Writes(WriteBatch { writes }));
         let swapped = |swapped, current: &[u8]| {
-            Ok(KvReply {
-                reply: Some(Reply::Cas(CompareAndSwapReply {
+            Ok(WriteResult {
+                result: Some(Effect::Cas(CompareAndSwapResult {
                     swapped,
                     found: true,
                     current: current.to_vec(),
                 })),
             })
         };
-        let put = Ok(KvReply {
-            reply: Some(Reply::Put(PutReply {})),
+        let put = Ok(WriteResult {
+            result: Some(Effect::Put(PutResult {})),
         });
         assert_eq!(
             results,
@@ -1418,27 +1434,61 @@ mod tests {
                 swapped(true, b"b"),
                 swapped(true, b"b"),
                 swapped(false, b"b"),
-                Ok(KvReply {
-                    reply: Some(Reply::Delete(DeleteReply { existed: true })),
+                Ok(WriteResult {
+                    result: Some(Effect::Delete(DeleteResult { existed: true })),
                 }),
                 Err(KvError::WrongGroup {
                     config_num: 1,
                     moving_to: 0
                 }),
-                Err(KvError::Malformed),
                 put,
             ]
         );
         assert_eq!(h.get("k"), None);
         assert_eq!(h.get("j").as_deref(), Some(&b"after"[..]));
-        assert_eq!(
-            h.state.config().num,
-            1,
-            "a config inside a batch is refused"
-        );
         // The session remembered every seq: a later retry is answered, not reapplied.
-        assert_eq!(h.apply(cas(b"a", b"b", 2)), swapped(true, b"b"));
+        assert_eq!(h.write(cas(b"a", b"b", 2)), swapped(true, b"b"));
         assert_eq!(h.get("k"), None);
+    }
+
+    /// A command or op this build does not know stops the replica with a typed
+    /// error, before the batch's known writes are applied.
+    #[test]
+    fn unknown_commands_and_ops_are_refused_not_skipped() {
+        let mut h = Harness::new(1);
+        h.exec(Command::Config(config(1, &[], &[1])));
+        let mut batch = h.store.batch();
+        assert_eq!(
+            h.state.apply(20, KvCommand { command: None }, &mut batch),
+            Err(UnknownCommand::new(
+                20,
+                "a command of no kind this build knows"
+            ))
+        );
+        let writes = WriteBatch {
+            writes: vec![
+                put("k", b"v", None),
+                Write {
+                    key: b"k".to_vec(),
+                    id: None,
+                    op: None,
+                },
+            ],
+        };
+        assert_eq!(
+            h.state
+                .apply(21, Command::Writes(writes).into(), &mut batch),
+            Err(UnknownCommand::new(21, "a write of no op this build knows"))
+        );
+        assert_eq!(batch.get(&data_key(b"k")).unwrap(), None, "nothing applied");
+        // The next release's command: a field number this build does not know.
+        let next_release = [0xa2, 0x06, 0x00]; // field 100, empty message
+        let command = KvCommand::decode(&next_release[..]).unwrap();
+        assert!(h.state.apply(22, command, &mut batch).is_err());
+        // The previous release's Put of key "kv" (field 1): reserved, so unknown too.
+        let old_put = [0x0a, 0x04, 0x0a, 0x02, b'k', b'v'];
+        let command = KvCommand::decode(&old_put[..]).unwrap();
+        assert!(h.state.apply(23, command, &mut batch).is_err());
     }
 
     #[test]
@@ -1539,12 +1589,7 @@ mod tests {
         // The copy reads the first record, then writes go on at the source.
         let (first, _) = source.state.copy(2, b"").unwrap().run(1).unwrap();
         source.put("apple", b"2", id(9, 2, 1)).unwrap();
-        source
-            .apply(Command::Delete(DeleteRequest {
-                key: b"berry".to_vec(),
-                id: id(9, 3, 1),
-            }))
-            .unwrap();
+        source.write(delete("berry", id(9, 3, 1))).unwrap();
         let cursor = first.last().unwrap().key.clone();
         let (rest, done) = source.state.copy(2, &cursor).unwrap().run(1 << 20).unwrap();
         assert!(done);

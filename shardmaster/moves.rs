@@ -13,8 +13,9 @@
 
 use super::service::propose;
 use super::state::MasterState;
-use crate::proto::master_command::Command;
-use crate::proto::{CancelMoveRequest, MovePhase, MovePlan};
+use crate::proto::storage::master_command::Command;
+use crate::proto::storage::CancelMove;
+use crate::proto::{MovePhase, MovePlan};
 use crate::replica::{Replica, Role};
 use slog::{info, Logger};
 use std::collections::HashMap;
@@ -127,7 +128,7 @@ pub async fn run_move_watchdog(replica: Replica<MasterState>, limits: MoveLimits
         let moves = replica.state().moves();
         for (plan_id, reason) in watch.observe(&moves, Instant::now()) {
             info!(logger, "cancelling a live move"; "plan" => plan_id, "reason" => &reason);
-            let cancel = Command::CancelMove(CancelMoveRequest {
+            let cancel = Command::CancelMove(CancelMove {
                 plan_id,
                 reason,
                 ..Default::default()

@@ -45,9 +45,9 @@ use super::liveness::Liveness;
 use super::service::{now_ms, propose};
 use super::state::MasterState;
 use crate::config::MAX_KEY_BYTES;
-use crate::proto::master_command::Command;
 use crate::proto::placement_decision::Kind;
-use crate::proto::ScheduleCommand;
+use crate::proto::storage::master_command::Command;
+use crate::proto::storage::ScheduleCommand;
 use crate::proto::{
     Config, KeyRange, MovePlan, PlacementDecision, RangeAssignment, RangeStats, SchedulerSettings,
 };

@@ -3,13 +3,14 @@
 
 use super::liveness::Liveness;
 use super::state::{MasterState, Outcome};
-use crate::proto::master_command::Command;
 use crate::proto::shard_master_server::ShardMaster;
+use crate::proto::storage::master_command::Command;
+use crate::proto::storage::{self, MasterCommand};
 use crate::proto::{
     AddNodeRequest, CancelMoveRequest, Config, ConfigReply, FinishMoveRequest, HeartbeatReply,
-    HeartbeatRequest, JoinRequest, LeaveRequest, MasterCommand, MovePhase, MoveRequest,
-    QueryRequest, RemoveNodeRequest, ReportMoveReply, ReportMoveRequest, SchedulerReply,
-    SchedulerRequest, SetSchedulerRequest, SplitRequest, StatusReply, StatusRequest,
+    HeartbeatRequest, JoinRequest, LeaveRequest, MovePhase, MoveRequest, QueryRequest,
+    RemoveNodeRequest, ReportMoveReply, ReportMoveRequest, SchedulerReply, SchedulerRequest,
+    SetSchedulerRequest, SplitRequest, StatusReply, StatusRequest,
 };
 use crate::replica::{Replica, Role};
 use crate::status;
@@ -173,41 +174,43 @@ impl ShardMaster for MasterService {
         &self,
         r: Request<SetSchedulerRequest>,
     ) -> Result<Response<SchedulerReply>, Status> {
-        propose(&self.replica, Command::SetScheduler(r.into_inner())).await?;
+        propose(&self.replica, Command::SetScheduler(r.into_inner().into())).await?;
         Ok(Response::new(self.scheduler_reply()))
     }
 
     async fn join(&self, r: Request<JoinRequest>) -> Result<Response<ConfigReply>, Status> {
-        self.execute(Command::Join(r.into_inner())).await
+        self.execute(Command::Join(r.into_inner().into())).await
     }
 
     async fn leave(&self, r: Request<LeaveRequest>) -> Result<Response<ConfigReply>, Status> {
-        self.execute(Command::Leave(r.into_inner())).await
+        self.execute(Command::Leave(r.into_inner().into())).await
     }
 
     async fn r#move(&self, r: Request<MoveRequest>) -> Result<Response<ConfigReply>, Status> {
-        self.execute(Command::Move(r.into_inner())).await
+        self.execute(Command::Move(r.into_inner().into())).await
     }
 
     async fn cancel_move(
         &self,
         r: Request<CancelMoveRequest>,
     ) -> Result<Response<ConfigReply>, Status> {
-        self.execute(Command::CancelMove(r.into_inner())).await
+        self.execute(Command::CancelMove(r.into_inner().into()))
+            .await
     }
 
     async fn finish_move(
         &self,
         r: Request<FinishMoveRequest>,
     ) -> Result<Response<ConfigReply>, Status> {
-        self.execute(Command::FinishMove(r.into_inner())).await
+        self.execute(Command::FinishMove(r.into_inner().into()))
+            .await
     }
 
     async fn report_move(
         &self,
         r: Request<ReportMoveRequest>,
     ) -> Result<Response<ReportMoveReply>, Status> {
-        match propose(&self.replica, Command::ReportMove(r.into_inner())).await {
+        match propose(&self.replica, Command::ReportMove(r.into_inner().into())).await {
             Ok(_) => Ok(Response::new(ReportMoveReply { planned: true })),
             Err(e) if e.code() == Code::NotFound => {
                 Ok(Response::new(ReportMoveReply { planned: false }))
@@ -217,18 +220,19 @@ impl ShardMaster for MasterService {
     }
 
     async fn split(&self, r: Request<SplitRequest>) -> Result<Response<ConfigReply>, Status> {
-        self.execute(Command::Split(r.into_inner())).await
+        self.execute(Command::Split(r.into_inner().into())).await
     }
 
     async fn add_node(&self, r: Request<AddNodeRequest>) -> Result<Response<ConfigReply>, Status> {
-        self.execute(Command::AddNode(r.into_inner())).await
+        self.execute(Command::AddNode(r.into_inner().into())).await
     }
 
     async fn remove_node(
         &self,
         r: Request<RemoveNodeRequest>,
     ) -> Result<Response<ConfigReply>, Status> {
-        self.execute(Command::RemoveNode(r.into_inner())).await
+        self.execute(Command::RemoveNode(r.into_inner().into()))
+            .await
     }
 
     /// Committed configurations never change, so any replica answers for one it has
@@ -287,5 +291,103 @@ impl ShardMaster for MasterService {
             ranges: self.liveness.range_stats(&latest),
             moves,
         }))
+    }
+}
+
+// The requests as the log stores them (`shardkv.storage.v1`): field by field, so a
+// change of the public request does not change what replicas replay.
+
+impl From<JoinRequest> for storage::Join {
+    fn from(r: JoinRequest) -> storage::Join {
+        storage::Join {
+            groups: r.groups,
+            id: r.id.map(Into::into),
+            immediate: r.immediate,
+        }
+    }
+}
+
+impl From<LeaveRequest> for storage::Leave {
+    fn from(r: LeaveRequest) -> storage::Leave {
+        storage::Leave {
+            gids: r.gids,
+            id: r.id.map(Into::into),
+            immediate: r.immediate,
+        }
+    }
+}
+
+impl From<MoveRequest> for storage::Move {
+    fn from(r: MoveRequest) -> storage::Move {
+        storage::Move {
+            key: r.key,
+            gid: r.gid,
+            id: r.id.map(Into::into),
+            immediate: r.immediate,
+        }
+    }
+}
+
+impl From<CancelMoveRequest> for storage::CancelMove {
+    fn from(r: CancelMoveRequest) -> storage::CancelMove {
+        storage::CancelMove {
+            key: r.key,
+            id: r.id.map(Into::into),
+            plan_id: r.plan_id,
+            reason: r.reason,
+        }
+    }
+}
+
+impl From<FinishMoveRequest> for storage::FinishMove {
+    fn from(r: FinishMoveRequest) -> storage::FinishMove {
+        storage::FinishMove { plan_id: r.plan_id }
+    }
+}
+
+impl From<ReportMoveRequest> for storage::ReportMove {
+    fn from(r: ReportMoveRequest) -> storage::ReportMove {
+        storage::ReportMove {
+            progress: r.progress,
+        }
+    }
+}
+
+impl From<SplitRequest> for storage::Split {
+    fn from(r: SplitRequest) -> storage::Split {
+        storage::Split {
+            key: r.key,
+            id: r.id.map(Into::into),
+        }
+    }
+}
+
+impl From<AddNodeRequest> for storage::AddNode {
+    fn from(r: AddNodeRequest) -> storage::AddNode {
+        storage::AddNode {
+            gid: r.gid,
+            node: r.node,
+            id: r.id.map(Into::into),
+        }
+    }
+}
+
+impl From<RemoveNodeRequest> for storage::RemoveNode {
+    fn from(r: RemoveNodeRequest) -> storage::RemoveNode {
+        storage::RemoveNode {
+            gid: r.gid,
+            node_id: r.node_id,
+            id: r.id.map(Into::into),
+        }
+    }
+}
+
+impl From<SetSchedulerRequest> for storage::SetScheduler {
+    fn from(r: SetSchedulerRequest) -> storage::SetScheduler {
+        storage::SetScheduler {
+            settings: r.settings,
+            set_flags: r.set_flags,
+            id: r.id.map(Into::into),
+        }
     }
 }

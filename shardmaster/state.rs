@@ -18,16 +18,17 @@
 use super::balance::rebalance;
 use super::placement::{self, Event, Recent};
 use crate::config::MAX_KEY_BYTES;
-use crate::proto::master_command::Command;
-use crate::proto::master_outcome::Result as OutcomeResult;
 use crate::proto::placement_decision::Kind;
-use crate::proto::{
-    AddNodeRequest, CancelMoveRequest, CommandError, Config, FinishMoveRequest, Group, JoinRequest,
-    KeyRange, LeaveRequest, MasterCommand, MasterOutcome, MovePlan, MoveRequest, PlacementDecision,
-    RangeAssignment, RemoveNodeRequest, RequestId, ScheduleCommand, SchedulerSettings,
-    SetSchedulerRequest, SplitRequest,
+use crate::proto::storage::master_command::Command;
+use crate::proto::storage::master_outcome::Result as OutcomeResult;
+use crate::proto::storage::{
+    AddNode, CancelMove, CommandError, FinishMove, Join, Leave, MasterCommand, MasterOutcome, Move,
+    RemoveNode, RequestId, ScheduleCommand, SetScheduler, Split,
 };
-use crate::replica::StateMachine;
+use crate::proto::{
+    Config, Group, KeyRange, MovePlan, PlacementDecision, RangeAssignment, SchedulerSettings,
+};
+use crate::replica::{StateMachine, UnknownCommand};
 use crate::storage::{ApplyBatch, SmStore};
 use prost::Message;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -280,15 +281,15 @@ impl From<Command> for MasterCommand {
     }
 }
 
-impl StateMachine for MasterState {
-    type Command = MasterCommand;
-    type Response = Outcome;
-
-    fn apply(&mut self, index: u64, command: MasterCommand, batch: &mut ApplyBatch) -> Outcome {
-        let at_ms = command.at_ms;
-        let Some(command) = command.command else {
-            return self.undecodable();
-        };
+impl MasterState {
+    /// Applies a command of a kind this build knows.
+    fn apply_command(
+        &mut self,
+        index: u64,
+        command: Command,
+        at_ms: u64,
+        batch: &mut ApplyBatch,
+    ) -> Outcome {
         let id = request_id(&command);
         if id.client_id != 0 {
             if let Some(seen) = self.sessions.get(&id.client_id) {
@@ -345,9 +346,23 @@ impl StateMachine for MasterState {
         self.remember_outcome(index, id, &result, batch);
         result
     }
+}
 
-    fn undecodable(&self) -> Outcome {
-        Err(refuse(Code::InvalidArgument, "undecodable command"))
+impl StateMachine for MasterState {
+    type Command = MasterCommand;
+    type Response = Outcome;
+
+    fn apply(
+        &mut self,
+        index: u64,
+        command: MasterCommand,
+        batch: &mut ApplyBatch,
+    ) -> Result<Outcome, UnknownCommand> {
+        let at_ms = command.at_ms;
+        let command = command
+            .command
+            .ok_or_else(|| UnknownCommand::new(index, "a command of no kind this build knows"))?;
+        Ok(self.apply_command(index, command, at_ms, batch))
     }
 
     fn restore(&mut self, store: &SmStore) -> anyhow::Result<()> {
@@ -469,7 +484,7 @@ fn manual_decision(current: &Config, command: &Command, at_ms: u64) -> Option<Pl
 /// `current` changed as `request` says, or why not (and then nothing changes).
 fn updated(
     current: &SchedulerSettings,
-    request: SetSchedulerRequest,
+    request: SetScheduler,
 ) -> Result<SchedulerSettings, CommandError> {
     const MIN_SPLIT: u64 = 64 << 10;
     const MAX_SPLIT: u64 = 4 << 30;
@@ -532,7 +547,7 @@ fn plan_index(config: &Config, key: &[u8], id: u64) -> Option<usize> {
     })
 }
 
-fn cancel_move(next: &mut Config, request: CancelMoveRequest) -> Result<bool, CommandError> {
+fn cancel_move(next: &mut Config, request: CancelMove) -> Result<bool, CommandError> {
     if request.plan_id == 0 {
         check_key(&request.key)?;
     }
@@ -544,7 +559,7 @@ fn cancel_move(next: &mut Config, request: CancelMoveRequest) -> Result<bool, Co
 }
 
 /// The cutover: the destination has the whole range and the source has frozen it.
-fn finish_move(next: &mut Config, request: FinishMoveRequest) -> Result<bool, CommandError> {
+fn finish_move(next: &mut Config, request: FinishMove) -> Result<bool, CommandError> {
     if request.plan_id == 0 {
         return Err(refuse(Code::InvalidArgument, "plan_id: must not be 0"));
     }
@@ -647,7 +662,7 @@ fn activate_queued(next: &mut Config) {
     }
 }
 
-fn join(next: &mut Config, request: JoinRequest) -> Result<bool, CommandError> {
+fn join(next: &mut Config, request: Join) -> Result<bool, CommandError> {
     if request.groups.is_empty() {
         return Err(refuse(Code::InvalidArgument, "join names no groups"));
     }
@@ -694,7 +709,7 @@ fn join(next: &mut Config, request: JoinRequest) -> Result<bool, CommandError> {
     Ok(true)
 }
 
-fn leave(next: &mut Config, request: LeaveRequest) -> Result<bool, CommandError> {
+fn leave(next: &mut Config, request: Leave) -> Result<bool, CommandError> {
     if request.gids.is_empty() {
         return Err(refuse(Code::InvalidArgument, "leave names no groups"));
     }
@@ -795,7 +810,7 @@ fn check_key(key: &[u8]) -> Result<(), CommandError> {
     Ok(())
 }
 
-fn move_range(next: &mut Config, request: MoveRequest) -> Result<bool, CommandError> {
+fn move_range(next: &mut Config, request: Move) -> Result<bool, CommandError> {
     check_key(&request.key)?;
     match next.group(request.gid) {
         None => {
@@ -851,7 +866,7 @@ fn move_range(next: &mut Config, request: MoveRequest) -> Result<bool, CommandEr
     Ok(true)
 }
 
-fn split(next: &mut Config, request: SplitRequest) -> Result<bool, CommandError> {
+fn split(next: &mut Config, request: Split) -> Result<bool, CommandError> {
     check_key(&request.key)?;
     let i = next.range_index(&request.key);
     let owner = next.ranges[i].gid;
@@ -895,7 +910,7 @@ fn group_mut(next: &mut Config, gid: u64) -> Result<&mut Group, CommandError> {
         .ok_or_else(|| refuse(Code::NotFound, format!("group {gid} does not exist")))
 }
 
-fn add_node(next: &mut Config, request: AddNodeRequest) -> Result<bool, CommandError> {
+fn add_node(next: &mut Config, request: AddNode) -> Result<bool, CommandError> {
     let node = request
         .node
         .ok_or_else(|| refuse(Code::InvalidArgument, "node: missing"))?;
@@ -923,7 +938,7 @@ fn add_node(next: &mut Config, request: AddNodeRequest) -> Result<bool, CommandE
     Ok(true)
 }
 
-fn remove_node(next: &mut Config, request: RemoveNodeRequest) -> Result<bool, CommandError> {
+fn remove_node(next: &mut Config, request: RemoveNode) -> Result<bool, CommandError> {
     let group = group_mut(next, request.gid)?;
     let before = group.nodes.len();
     if !group.nodes.iter().any(|n| n.id == request.node_id) {
@@ -965,7 +980,7 @@ mod tests {
     }
 
     fn join_cmd(groups: Vec<Group>) -> Command {
-        Command::Join(JoinRequest {
+        Command::Join(Join {
             groups,
             id: None,
             immediate: true,
@@ -983,7 +998,7 @@ mod tests {
     fn split_at(config: &Config, key: &str) -> Config {
         apply(
             config,
-            Command::Split(SplitRequest {
+            Command::Split(Split {
                 key: key.into(),
                 id: None,
             }),
@@ -1007,7 +1022,7 @@ mod tests {
         assert_ne!(c5.owner(b"apple").1, c5.owner(b"zebra").1);
         let c6 = apply(
             &c5,
-            Command::Move(MoveRequest {
+            Command::Move(Move {
                 key: b"apple".to_vec(),
                 gid: 2,
                 immediate: true,
@@ -1017,7 +1032,7 @@ mod tests {
         assert_eq!(c6.owner(b"apple").1, 2);
         let c7 = apply(
             &c6,
-            Command::Leave(LeaveRequest {
+            Command::Leave(Leave {
                 gids: vec![2],
                 id: None,
                 immediate: true,
@@ -1065,7 +1080,7 @@ mod tests {
                 Code::AlreadyExists,
             ),
             (
-                Command::Leave(LeaveRequest {
+                Command::Leave(Leave {
                     gids: vec![9],
                     id: None,
                     immediate: true,
@@ -1073,7 +1088,7 @@ mod tests {
                 Code::NotFound,
             ),
             (
-                Command::Leave(LeaveRequest {
+                Command::Leave(Leave {
                     gids: vec![1],
                     id: None,
                     immediate: true,
@@ -1081,7 +1096,7 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (
-                Command::Move(MoveRequest {
+                Command::Move(Move {
                     key: b"a".to_vec(),
                     gid: 9,
                     immediate: true,
@@ -1090,21 +1105,21 @@ mod tests {
                 Code::NotFound,
             ),
             (
-                Command::Split(SplitRequest {
+                Command::Split(Split {
                     key: vec![],
                     id: None,
                 }),
                 Code::InvalidArgument,
             ),
             (
-                Command::Split(SplitRequest {
+                Command::Split(Split {
                     key: vec![b'k'; MAX_KEY_BYTES + 1],
                     id: None,
                 }),
                 Code::InvalidArgument,
             ),
             (
-                Command::RemoveNode(RemoveNodeRequest {
+                Command::RemoveNode(RemoveNode {
                     gid: 1,
                     node_id: 9,
                     id: None,
@@ -1120,7 +1135,7 @@ mod tests {
         assert_eq!(
             code(next_config(
                 &c2,
-                Command::Split(SplitRequest {
+                Command::Split(Split {
                     key: b"m".to_vec(),
                     id: None
                 })
@@ -1131,7 +1146,7 @@ mod tests {
         assert_eq!(
             code(next_config(
                 &single,
-                Command::RemoveNode(RemoveNodeRequest {
+                Command::RemoveNode(RemoveNode {
                     gid: 3,
                     node_id: 1,
                     id: None
@@ -1146,7 +1161,7 @@ mod tests {
         let c1 = apply(&Config::initial(), join_cmd(vec![group(1, &[1, 2, 3])]));
         let c2 = apply(
             &c1,
-            Command::AddNode(AddNodeRequest {
+            Command::AddNode(AddNode {
                 gid: 1,
                 node: Some(Node {
                     id: 4,
@@ -1159,7 +1174,7 @@ mod tests {
         assert_eq!(c2.ranges, c1.ranges);
         let c3 = apply(
             &c2,
-            Command::RemoveNode(RemoveNodeRequest {
+            Command::RemoveNode(RemoveNode {
                 gid: 1,
                 node_id: 2,
                 id: None,
@@ -1179,7 +1194,7 @@ mod tests {
         let others: Vec<u64> = [1, 2, 3].into_iter().filter(|g| *g != src).collect();
         let (dst, other) = (others[0], others[1]);
         let live = |key: &[u8], gid| {
-            Command::Move(MoveRequest {
+            Command::Move(Move {
                 key: key.to_vec(),
                 gid,
                 id: None,
@@ -1206,14 +1221,14 @@ mod tests {
         assert_eq!(
             code(next_config(
                 &c4,
-                Command::Split(SplitRequest {
+                Command::Split(Split {
                     key: b"b".to_vec(),
                     id: None
                 })
             )),
             Code::FailedPrecondition
         );
-        let finish = |id| Command::FinishMove(FinishMoveRequest { plan_id: id });
+        let finish = |id| Command::FinishMove(FinishMove { plan_id: id });
         assert_eq!(code(next_config(&c4, finish(99))), Code::NotFound);
         // Finished: the owner changes and the plan goes.
         let c5 = apply(&c4, finish(plan.id));
@@ -1221,7 +1236,7 @@ mod tests {
         assert!(c5.moves.is_empty());
         // Cancelled: the owner stays; cancelling again finds nothing.
         let cancel = |key: &[u8]| {
-            Command::CancelMove(CancelMoveRequest {
+            Command::CancelMove(CancelMove {
                 key: key.to_vec(),
                 ..Default::default()
             })
@@ -1234,7 +1249,7 @@ mod tests {
         // The destination leaving voids the plan (the source still has the range).
         let c5 = apply(
             &c4,
-            Command::Leave(LeaveRequest {
+            Command::Leave(Leave {
                 gids: vec![dst],
                 id: None,
                 immediate: true,
@@ -1259,7 +1274,7 @@ mod tests {
         }
         let joined = apply(
             &c,
-            Command::Join(JoinRequest {
+            Command::Join(Join {
                 groups: vec![group(2, &[1])],
                 id: None,
                 immediate: false,
@@ -1273,15 +1288,12 @@ mod tests {
         let active: Vec<&MovePlan> = joined.moves.iter().filter(|p| !p.queued).collect();
         assert_eq!(active.len(), 1, "one move per group at a time");
         let first = active[0].id;
-        let next = apply(
-            &joined,
-            Command::FinishMove(FinishMoveRequest { plan_id: first }),
-        );
+        let next = apply(&joined, Command::FinishMove(FinishMove { plan_id: first }));
         assert_eq!(next.moves.len(), 1);
         assert!(!next.moves[0].queued, "the next move starts when one ends");
         let done = apply(
             &next,
-            Command::FinishMove(FinishMoveRequest {
+            Command::FinishMove(FinishMove {
                 plan_id: next.moves[0].id,
             }),
         );
@@ -1302,7 +1314,7 @@ mod tests {
         let c1 = apply(&Config::initial(), join_cmd(vec![group(1, &[1])]));
         let same = next_config(
             &c1,
-            Command::Move(MoveRequest {
+            Command::Move(Move {
                 key: b"a".to_vec(),
                 gid: 1,
                 immediate: true,
@@ -1330,7 +1342,7 @@ mod tests {
         let owned_by_1 = range_counts(&c)[&1];
         assert!(owned_by_1 >= 1);
         let leave = |gids: Vec<u64>| {
-            Command::Leave(LeaveRequest {
+            Command::Leave(Leave {
                 gids,
                 id: None,
                 immediate: false,
@@ -1348,7 +1360,7 @@ mod tests {
         // Leaving again changes nothing; a range cannot be moved to a leaving group;
         // the last staying groups cannot leave.
         assert_eq!(next_config(&left, leave(vec![1])).unwrap(), None);
-        let to_leaving = Command::Move(MoveRequest {
+        let to_leaving = Command::Move(Move {
             key: key_owned_by(&left, 2),
             gid: 1,
             id: None,
@@ -1367,7 +1379,7 @@ mod tests {
         let first = left.moves.iter().find(|p| !p.queued).unwrap().clone();
         let cancelled = apply(
             &left,
-            Command::CancelMove(CancelMoveRequest {
+            Command::CancelMove(CancelMove {
                 plan_id: first.id,
                 ..Default::default()
             }),
@@ -1380,10 +1392,7 @@ mod tests {
         // Finishing every plan drains the group; the last one removes it.
         while let Some(plan) = left.moves.iter().find(|p| !p.queued).cloned() {
             assert!(left.group(1).is_some(), "removed before it drained");
-            left = apply(
-                &left,
-                Command::FinishMove(FinishMoveRequest { plan_id: plan.id }),
-            );
+            left = apply(&left, Command::FinishMove(FinishMove { plan_id: plan.id }));
         }
         assert!(left.moves.is_empty(), "{:?}", left.moves);
         assert!(left.group(1).is_none(), "a drained group is removed");
@@ -1404,7 +1413,7 @@ mod tests {
         let key = key_owned_by(&c, 1);
         let planned = apply(
             &c,
-            Command::Move(MoveRequest {
+            Command::Move(Move {
                 key: key.clone(),
                 gid: 2,
                 id: None,
@@ -1413,7 +1422,7 @@ mod tests {
         );
         let left = apply(
             &planned,
-            Command::Leave(LeaveRequest {
+            Command::Leave(Leave {
                 gids: vec![2],
                 id: None,
                 immediate: false,
@@ -1424,7 +1433,7 @@ mod tests {
         // A group joining meanwhile gets ranges; the leaving one none.
         let joined = apply(
             &left,
-            Command::Join(JoinRequest {
+            Command::Join(Join {
                 groups: vec![group(3, &[1])],
                 id: None,
                 immediate: false,
@@ -1440,7 +1449,7 @@ mod tests {
         let set = |settings: SchedulerSettings, flags: &[&str]| {
             updated(
                 &current,
-                SetSchedulerRequest {
+                SetScheduler {
                     settings: Some(settings),
                     set_flags: flags.iter().map(|f| f.to_string()).collect(),
                     id: None,
@@ -1521,7 +1530,7 @@ mod tests {
                 command: Some(command),
                 at_ms,
             };
-            let out = state.apply(index, command, &mut batch);
+            let out = state.apply(index, command, &mut batch).unwrap();
             store.commit(batch, (index, 1), None).unwrap();
             out
         };
@@ -1537,7 +1546,7 @@ mod tests {
         // An operator's split is recorded as manual, with the proposer's clock.
         run(
             &mut state,
-            Command::Split(SplitRequest {
+            Command::Split(Split {
                 key: "m".into(),
                 id: None,
             }),
@@ -1579,7 +1588,7 @@ mod tests {
         // The settings and the history survive a restart.
         run(
             &mut state,
-            Command::SetScheduler(SetSchedulerRequest {
+            Command::SetScheduler(SetScheduler {
                 settings: Some(SchedulerSettings {
                     split_bytes: 1 << 20,
                     ..Default::default()

@@ -15,8 +15,8 @@
 //! service: the only cost on the hot path is that `None` check. With the flag but
 //! no fault set, it is one relaxed atomic load.
 
-use crate::proto::faults_server::{self, FaultsServer};
-use crate::proto::{
+use crate::proto::testing::faults_server::{self, FaultsServer};
+use crate::proto::testing::{
     ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, NodeFaults, SetFaultsRequest,
 };
 use rand::Rng;
@@ -205,7 +205,7 @@ impl FaultsService {
 }
 
 /// The fully-qualified service name, for the health service.
-pub const SERVICE_NAME: &str = "shardkv.v1.Faults";
+pub const SERVICE_NAME: &str = "shardkv.testing.v1.Faults";
 
 #[tonic::async_trait]
 impl faults_server::Faults for FaultsService {

@@ -3,10 +3,10 @@
 
 use crate::faults::{Faults, FaultsService};
 use crate::membership::MembershipService;
-use crate::proto::faults_server::FaultsServer;
+use crate::proto::internal::raft_server::RaftServer;
+use crate::proto::internal::RaftTiming;
 use crate::proto::membership_server::MembershipServer;
-use crate::proto::raft_server::RaftServer;
-use crate::proto::RaftTiming;
+use crate::proto::testing::faults_server::FaultsServer;
 use crate::replica::{self, Replica, ReplicaOptions, StateMachine};
 use crate::storage::{Engine, Identity};
 use crate::transport::{GrpcTransport, RaftService, EVENT_QUEUE, MAX_MESSAGE_BYTES};

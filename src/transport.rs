@@ -17,9 +17,11 @@
 //! state-machine store before handing its Raft message to the driver.
 
 use crate::faults::{Faults, Verdict};
-use crate::proto::raft_client::RaftClient;
-use crate::proto::raft_server::Raft;
-use crate::proto::{RaftAck, RaftBatch, RaftTiming, SnapshotChunk, SnapshotEnd, SnapshotRecord};
+use crate::proto::internal::raft_client::RaftClient;
+use crate::proto::internal::raft_server::Raft;
+use crate::proto::internal::{
+    RaftAck, RaftBatch, RaftTiming, SnapshotChunk, SnapshotEnd, SnapshotRecord,
+};
 use crate::replica::{NetEvent, Transport};
 use crate::security::{Dialer, SecureChannel};
 use crate::storage::{OutgoingSnapshot, SmStore};

@@ -20,8 +20,9 @@ use common::faults::{seed, start_faulty, At, Workload, WorkloadOptions};
 use common::{describe_node, expect_within, rpc, KvCluster, KvOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use shardkv::proto::faults_client::FaultsClient;
-use shardkv::proto::{Config, GetFaultsRequest, GetRequest, LinkFault, RangeState};
+use shardkv::proto::testing::faults_client::FaultsClient;
+use shardkv::proto::testing::{GetFaultsRequest, LinkFault};
+use shardkv::proto::{Config, GetRequest, RangeState};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tonic::Code;
@@ -108,7 +109,7 @@ async fn fault_service_exists_only_with_the_hidden_flag() {
         drop_probability: 0.5,
         delay_ms: 7,
     };
-    let reply = rpc(c.set_faults(shardkv::proto::SetFaultsRequest {
+    let reply = rpc(c.set_faults(shardkv::proto::testing::SetFaultsRequest {
         faults: vec![rule.clone()],
         replace: true,
         ..Default::default()
@@ -117,7 +118,7 @@ async fn fault_service_exists_only_with_the_hidden_flag() {
     .expect("SetFaults")
     .into_inner();
     assert_eq!(reply.faults, vec![rule]);
-    let bad = rpc(c.set_faults(shardkv::proto::SetFaultsRequest {
+    let bad = rpc(c.set_faults(shardkv::proto::testing::SetFaultsRequest {
         faults: vec![LinkFault {
             drop_probability: 1.5,
             ..Default::default()

@@ -9,10 +9,10 @@ use common::{
 };
 use shardkv::proto::batch_op::Op as BatchOpKind;
 use shardkv::proto::batch_result::Result as BatchOpResult;
+use shardkv::proto::internal::PullRequest;
 use shardkv::proto::{
     BatchOp, BatchRequest, BatchResult, CompareAndSwapReply, CompareAndSwapRequest, Config,
-    DeleteRequest, GetRequest, KeyRange, KeyValue, PullRequest, PutRequest, RangeState, RequestId,
-    ScanRequest,
+    DeleteRequest, GetRequest, KeyRange, KeyValue, PutRequest, RangeState, RequestId, ScanRequest,
 };
 use shardkv::status::{self, detail};
 use std::collections::{BTreeMap, BTreeSet};

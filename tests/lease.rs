@@ -10,9 +10,8 @@ mod common;
 use common::faults::{blocked, start_faulty, At};
 use common::{expect_within, rpc, rpc_within, KvCluster, KvOptions};
 use shardkv::proto::membership_client::MembershipClient;
-use shardkv::proto::{
-    GetRequest, LinkFault, NodeFaults, PutRequest, RequestId, TransferLeaderRequest,
-};
+use shardkv::proto::testing::{LinkFault, NodeFaults};
+use shardkv::proto::{GetRequest, PutRequest, RequestId, TransferLeaderRequest};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

@@ -273,7 +273,7 @@ fn check_output(command: &str, output: &str, values: &mut HashMap<String, String
         ["grpcurl", .., "list"]
             if !output.contains("shardkv.v1.ShardMaster")
                 || !output.contains("shardkv.v1.Membership")
-                || output.contains("shardkv.v1.Raft") =>
+                || output.contains("shardkv.internal.v1.Raft") =>
         {
             fail("list the shard master's public services")
         }

@@ -9,9 +9,10 @@ mod common;
 
 use common::user::{bin, http, poll_until, run_within, Playground, PortBlock, Ran};
 use shardkv::client::master::MasterClient;
-use shardkv::proto::raft_client::RaftClient;
+use shardkv::proto::internal::raft_client::RaftClient;
+use shardkv::proto::internal::RaftBatch;
 use shardkv::proto::shard_master_client::ShardMasterClient;
-use shardkv::proto::{QueryRequest, RaftBatch, SplitRequest};
+use shardkv::proto::{QueryRequest, SplitRequest};
 use shardkv::security::pki::{Pki, PkiFiles};
 use shardkv::security::Dialer;
 use std::path::Path;

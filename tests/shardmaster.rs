@@ -3,10 +3,9 @@
 mod common;
 
 use common::{
-    check_balanced, check_config, expect_within, fake_group, DetailKind, MasterCluster,
+    check_balanced, check_config, expect_within, fake_group, Change, DetailKind, MasterCluster,
     MasterOptions,
 };
-use shardkv::proto::master_command::Command;
 use shardkv::proto::{Config, JoinRequest, LeaveRequest, RequestId};
 use shardkv::status::detail;
 use std::collections::{BTreeMap, BTreeSet};
@@ -334,7 +333,7 @@ async fn retried_command_is_applied_once() {
     let mut mc = cluster.master_client();
     let before = mc.query(None).await.expect("query").num;
     let client_id = 0x5eed_0000_0000_0001;
-    let join = Command::Join(JoinRequest {
+    let join = Change::Join(JoinRequest {
         groups: vec![fake_group(1, 3)],
         immediate: true,
         id: Some(RequestId {
@@ -358,7 +357,7 @@ async fn retried_command_is_applied_once() {
 
     // A second group, then the next seq of the same client leaves it.
     mc.join(vec![fake_group(2, 1)]).await.expect("join 2");
-    let leave = Command::Leave(LeaveRequest {
+    let leave = Change::Leave(LeaveRequest {
         gids: vec![2],
         immediate: true,
         id: Some(RequestId {
@@ -547,9 +546,9 @@ async fn reflection_lists_only_public_services() {
     });
     cluster.wait_leader(LEADER_WAIT).await;
     // The fault service is served (so it is hidden, not absent).
-    let mut faults = shardkv::proto::faults_client::FaultsClient::new(cluster.channel(0));
+    let mut faults = shardkv::proto::testing::faults_client::FaultsClient::new(cluster.channel(0));
     faults
-        .get_faults(shardkv::proto::GetFaultsRequest {})
+        .get_faults(shardkv::proto::testing::GetFaultsRequest {})
         .await
         .expect("the replica serves Faults");
     let mut client = ServerReflectionClient::new(cluster.channel(0));

@@ -8,7 +8,8 @@ mod common;
 use common::faults::{start_faulty, At};
 use common::{expect_within, KvOptions};
 use shardkv::proto::membership_client::MembershipClient;
-use shardkv::proto::{NodeFaults, TransferLeaderRequest};
+use shardkv::proto::testing::NodeFaults;
+use shardkv::proto::TransferLeaderRequest;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);

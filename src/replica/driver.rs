@@ -5,11 +5,10 @@
 
 use super::{
     LeaseView, NetEvent, PeerProgress, ReplicaError, ReplicaOptions, ReplicaStatus, Request, Role,
-    StateMachine, Transport,
+    StateMachine, Transport, UnknownCommand,
 };
 use crate::metrics::metrics;
 use crate::storage::{RaftStore, SmStore, StagedSnapshot};
-use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfChange, ConfState, Entry, EntryType, Message, MessageType, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
@@ -81,6 +80,15 @@ struct Driver<S: StateMachine> {
 ///
 /// `events` carries what the transport receives for this group (the receiver of
 /// the channel the transport reports to).
+/// A committed entry's command; bytes that do not decode are an [`UnknownCommand`].
+pub(super) fn decode_command<C: prost::Message + Default>(
+    index: u64,
+    data: &[u8],
+) -> Result<C, UnknownCommand> {
+    C::decode(data)
+        .map_err(|e| UnknownCommand::new(index, format!("bytes that do not decode ({e})")))
+}
+
 pub fn start<S: StateMachine>(
     options: ReplicaOptions,
     store: RaftStore,
@@ -589,13 +597,13 @@ impl<S: StateMachine> Driver<S> {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
                     let mut batch = self.sm_store.batch();
-                    let response = (!entry.data.is_empty()).then(|| {
+                    let response = if entry.data.is_empty() {
+                        None
+                    } else {
+                        let command = decode_command::<S::Command>(entry.index, &entry.data)?;
                         let mut sm = sm_lock.write().expect("poisoned");
-                        match S::Command::decode(&entry.data[..]) {
-                            Ok(command) => sm.apply(entry.index, command, &mut batch),
-                            Err(_) => sm.undecodable(),
-                        }
-                    });
+                        Some(sm.apply(entry.index, command, &mut batch)?)
+                    };
                     self.sm_store.commit(batch, position, None)?;
                     self.applied = entry.index;
                     self.applied_term = entry.term;

@@ -4,7 +4,7 @@
 
 use super::{NetEvent, Transport};
 use crate::faults::Faults;
-use crate::proto::NodeFaults;
+use crate::proto::testing::NodeFaults;
 use crate::storage::{OutgoingSnapshot, SmStore};
 use raft::prelude::Message;
 use std::collections::{HashMap, HashSet};

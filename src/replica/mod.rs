@@ -35,21 +35,41 @@ pub trait StateMachine: Send + Sync + 'static {
 
     /// Applies the committed command at log position `index`. Every durable effect
     /// goes into `batch`; the same command applied on every replica must produce the
-    /// same writes and response.
+    /// same writes and response. A command this build does not understand is
+    /// refused, before anything is written, and stops the replica.
     fn apply(
         &mut self,
         index: u64,
         command: Self::Command,
         batch: &mut ApplyBatch,
-    ) -> Self::Response;
-
-    /// The response to a log entry that does not decode as a [`Self::Command`] (one
-    /// written by another version): an error, the same on every replica.
-    fn undecodable(&self) -> Self::Response;
+    ) -> Result<Self::Response, UnknownCommand>;
 
     /// Rebuilds in-memory state from `store`: at start-up and after a snapshot from the
     /// leader replaced the store's contents.
     fn restore(&mut self, store: &SmStore) -> anyhow::Result<()>;
+}
+
+/// A committed log entry this build does not understand: written by a newer release
+/// (a command or op it does not know), or corrupt. Skipping it would let this
+/// replica's state drift from the replicas that apply it, so the replica stops with
+/// this error instead, and the entry stays in the log for a build that knows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "log entry {index} holds {what}: stopping rather than skip it \
+     (was it written by a newer release?)"
+)]
+pub struct UnknownCommand {
+    pub index: u64,
+    pub what: String,
+}
+
+impl UnknownCommand {
+    pub fn new(index: u64, what: impl Into<String>) -> UnknownCommand {
+        UnknownCommand {
+            index,
+            what: what.into(),
+        }
+    }
 }
 
 /// Tuning of one replica.

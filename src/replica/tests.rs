@@ -2,7 +2,7 @@
 //! on an in-memory network, in one process.
 
 use super::memory::MemoryNetwork;
-use super::{start, Replica, ReplicaError, ReplicaOptions, Role, StateMachine};
+use super::{start, Replica, ReplicaError, ReplicaOptions, Role, StateMachine, UnknownCommand};
 use crate::storage::{ApplyBatch, Engine, Identity, SmStore};
 use crate::transport::EVENT_QUEUE;
 use raft::prelude::ConfState;
@@ -23,13 +23,14 @@ impl StateMachine for Register {
     type Command = Vec<u8>;
     type Response = u64;
 
-    fn apply(&mut self, index: u64, command: Vec<u8>, batch: &mut ApplyBatch) -> u64 {
+    fn apply(
+        &mut self,
+        index: u64,
+        command: Vec<u8>,
+        batch: &mut ApplyBatch,
+    ) -> Result<u64, UnknownCommand> {
         batch.put(b"value".to_vec(), command);
-        index
-    }
-
-    fn undecodable(&self) -> u64 {
-        0
+        Ok(index)
     }
 
     fn restore(&mut self, _store: &SmStore) -> anyhow::Result<()> {
@@ -208,6 +209,23 @@ fn track_lease(replica: &Replica<Register>) -> Arc<Mutex<Option<Instant>>> {
         }
     });
     latest
+}
+
+/// Garbled log bytes are a typed error (which stops the replica), not a command.
+#[test]
+fn garbled_entries_are_an_unknown_command() {
+    // A length-delimited field whose length runs past the end.
+    let garbled = [0x0a, 0x05, 0x01];
+    let error = super::driver::decode_command::<Vec<u8>>(7, &garbled).unwrap_err();
+    assert_eq!(error.index, 7);
+    assert!(
+        error.what.starts_with("bytes that do not decode"),
+        "{error}"
+    );
+    assert_eq!(
+        super::driver::decode_command::<Vec<u8>>(8, &[0x0a, 0x01, b'x']),
+        Ok(b"x".to_vec())
+    );
 }
 
 #[tokio::test]

@@ -50,20 +50,32 @@ pub const POLICY: &[(&str, Class)] = &[
     ("/shardkv.v1.Kv/CompareAndSwap", Class::Data),
     ("/shardkv.v1.Kv/Batch", Class::Data),
     ("/shardkv.v1.Kv/NodeStatus", Class::Data),
-    ("/shardkv.v1.RangeTransfer/Pull", Class::Internal),
-    ("/shardkv.v1.RangeTransfer/Release", Class::Internal),
-    ("/shardkv.v1.RangeTransfer/CopyRange", Class::Internal),
-    ("/shardkv.v1.RangeTransfer/PullDeltas", Class::Internal),
-    ("/shardkv.v1.RangeTransfer/FreezeMove", Class::Internal),
+    ("/shardkv.internal.v1.RangeTransfer/Pull", Class::Internal),
+    (
+        "/shardkv.internal.v1.RangeTransfer/Release",
+        Class::Internal,
+    ),
+    (
+        "/shardkv.internal.v1.RangeTransfer/CopyRange",
+        Class::Internal,
+    ),
+    (
+        "/shardkv.internal.v1.RangeTransfer/PullDeltas",
+        Class::Internal,
+    ),
+    (
+        "/shardkv.internal.v1.RangeTransfer/FreezeMove",
+        Class::Internal,
+    ),
     ("/shardkv.v1.Membership/AddMember", Class::Admin),
     ("/shardkv.v1.Membership/RemoveMember", Class::Admin),
     ("/shardkv.v1.Membership/TransferLeader", Class::Admin),
-    ("/shardkv.v1.Raft/Send", Class::Internal),
-    ("/shardkv.v1.Raft/InstallSnapshot", Class::Internal),
+    ("/shardkv.internal.v1.Raft/Send", Class::Internal),
+    ("/shardkv.internal.v1.Raft/InstallSnapshot", Class::Internal),
     // Test only (served under --enable-fault-injection): it cuts a node's links.
-    ("/shardkv.v1.Faults/SetFaults", Class::Admin),
-    ("/shardkv.v1.Faults/ClearFaults", Class::Admin),
-    ("/shardkv.v1.Faults/GetFaults", Class::Admin),
+    ("/shardkv.testing.v1.Faults/SetFaults", Class::Admin),
+    ("/shardkv.testing.v1.Faults/ClearFaults", Class::Admin),
+    ("/shardkv.testing.v1.Faults/GetFaults", Class::Admin),
 ];
 
 /// Services open to anyone who completes the handshake: health checks and
@@ -340,7 +352,7 @@ mod tests {
 
     const JOIN: &str = "/shardkv.v1.ShardMaster/Join";
     const GET: &str = "/shardkv.v1.Kv/Get";
-    const RAFT: &str = "/shardkv.v1.Raft/Send";
+    const RAFT: &str = "/shardkv.internal.v1.Raft/Send";
 
     #[test]
     fn admin_calls_need_the_admin_token_or_an_admin_certificate() {

@@ -21,8 +21,8 @@ use super::{KvCluster, KvOptions, KvTestClient, MasterCluster, MasterOptions, RP
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use shardkv::client::{Client, ClientOptions};
-use shardkv::proto::faults_client::FaultsClient;
-use shardkv::proto::{
+use shardkv::proto::testing::faults_client::FaultsClient;
+use shardkv::proto::testing::{
     ClearFaultsRequest, FaultsReply, GetFaultsRequest, LinkFault, NodeFaults, SetFaultsRequest,
 };
 use shardkv::verify::workload::{self, Seen, Stats};

@@ -25,15 +25,15 @@ pub mod faults;
 pub mod netns;
 pub mod user;
 
+use shardkv::proto::internal::range_transfer_client::RangeTransferClient;
 use shardkv::proto::kv_client::KvClient;
-use shardkv::proto::master_command::Command;
-use shardkv::proto::range_transfer_client::RangeTransferClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
-    AddNodeRequest, CompareAndSwapReply, CompareAndSwapRequest, Config, DeleteRequest, GetRequest,
-    Group, HeldRange, JoinRequest, KeyRange, KeyValue, LeaveRequest, MoveRequest, Node,
-    NodeStatusReply, NodeStatusRequest, PutRequest, QueryRequest, RangeState, RemoveNodeRequest,
-    RequestId, ScanReply, ScanRequest, SplitRequest, StatusReply, StatusRequest,
+    AddNodeRequest, CancelMoveRequest, CompareAndSwapReply, CompareAndSwapRequest, Config,
+    DeleteRequest, FinishMoveRequest, GetRequest, Group, HeldRange, JoinRequest, KeyRange,
+    KeyValue, LeaveRequest, MoveRequest, Node, NodeStatusReply, NodeStatusRequest, PutRequest,
+    QueryRequest, RangeState, RemoveNodeRequest, RequestId, ScanReply, ScanRequest, SplitRequest,
+    StatusReply, StatusRequest,
 };
 use shardkv::status::detail;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -855,7 +855,7 @@ impl MasterClient {
     }
 
     /// Sends `command` with a fresh request id.
-    pub async fn execute(&mut self, mut command: Command) -> Result<Config, Status> {
+    pub async fn execute(&mut self, mut command: Change) -> Result<Config, Status> {
         let id = self.next_id();
         set_request_id(&mut command, id);
         self.send(command).await
@@ -863,7 +863,7 @@ impl MasterClient {
 
     /// Sends `command` exactly as given (with whatever request id it carries),
     /// retrying transient failures with the same id.
-    pub async fn send(&mut self, command: Command) -> Result<Config, Status> {
+    pub async fn send(&mut self, command: Change) -> Result<Config, Status> {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(20);
         let mut attempts = 0u32;
@@ -934,7 +934,7 @@ impl MasterClient {
     /// Joins `groups`, giving them their ranges in the next configuration
     /// (`JoinRequest::immediate`).
     pub async fn join(&mut self, groups: Vec<Group>) -> Result<Config, Status> {
-        self.execute(Command::Join(JoinRequest {
+        self.execute(Change::Join(JoinRequest {
             groups,
             id: None,
             immediate: true,
@@ -944,7 +944,7 @@ impl MasterClient {
 
     /// Joins `groups`; their ranges arrive by live moves, one per group at a time.
     pub async fn join_live(&mut self, groups: Vec<Group>) -> Result<Config, Status> {
-        self.execute(Command::Join(JoinRequest {
+        self.execute(Change::Join(JoinRequest {
             groups,
             id: None,
             immediate: false,
@@ -955,7 +955,7 @@ impl MasterClient {
     /// Removes `gids` and gives their ranges away in the next configuration
     /// (`LeaveRequest::immediate`).
     pub async fn leave(&mut self, gids: Vec<u64>) -> Result<Config, Status> {
-        self.execute(Command::Leave(LeaveRequest {
+        self.execute(Change::Leave(LeaveRequest {
             gids,
             id: None,
             immediate: true,
@@ -966,7 +966,7 @@ impl MasterClient {
     /// Marks `gids` leaving; their ranges move by live moves, one per group at a time,
     /// and each group is removed once it owns nothing.
     pub async fn leave_live(&mut self, gids: Vec<u64>) -> Result<Config, Status> {
-        self.execute(Command::Leave(LeaveRequest {
+        self.execute(Change::Leave(LeaveRequest {
             gids,
             id: None,
             immediate: false,
@@ -976,7 +976,7 @@ impl MasterClient {
 
     /// Gives the range away in the next configuration (`MoveRequest::immediate`).
     pub async fn move_range(&mut self, key: &[u8], gid: u64) -> Result<Config, Status> {
-        self.execute(Command::Move(MoveRequest {
+        self.execute(Change::Move(MoveRequest {
             key: key.to_vec(),
             gid,
             id: None,
@@ -987,7 +987,7 @@ impl MasterClient {
 
     /// Starts a live move: a plan; the source serves until the cutover.
     pub async fn move_live(&mut self, key: &[u8], gid: u64) -> Result<Config, Status> {
-        self.execute(Command::Move(MoveRequest {
+        self.execute(Change::Move(MoveRequest {
             key: key.to_vec(),
             gid,
             id: None,
@@ -997,7 +997,7 @@ impl MasterClient {
     }
 
     pub async fn split(&mut self, key: &[u8]) -> Result<Config, Status> {
-        self.execute(Command::Split(SplitRequest {
+        self.execute(Change::Split(SplitRequest {
             key: key.to_vec(),
             id: None,
         }))
@@ -1005,7 +1005,7 @@ impl MasterClient {
     }
 
     pub async fn add_node(&mut self, gid: u64, node: Node) -> Result<Config, Status> {
-        self.execute(Command::AddNode(AddNodeRequest {
+        self.execute(Change::AddNode(AddNodeRequest {
             gid,
             node: Some(node),
             id: None,
@@ -1014,7 +1014,7 @@ impl MasterClient {
     }
 
     pub async fn remove_node(&mut self, gid: u64, node_id: u64) -> Result<Config, Status> {
-        self.execute(Command::RemoveNode(RemoveNodeRequest {
+        self.execute(Change::RemoveNode(RemoveNodeRequest {
             gid,
             node_id,
             id: None,
@@ -1053,22 +1053,32 @@ impl MasterClient {
     }
 }
 
+/// A shard-master request that changes the configuration, as tests send it.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Join(JoinRequest),
+    Leave(LeaveRequest),
+    Move(MoveRequest),
+    Split(SplitRequest),
+    AddNode(AddNodeRequest),
+    RemoveNode(RemoveNodeRequest),
+    CancelMove(CancelMoveRequest),
+    FinishMove(FinishMoveRequest),
+}
+
 async fn send_command(
     client: &mut ShardMasterClient<Channel>,
-    command: Command,
+    command: Change,
 ) -> Result<Config, Status> {
     let reply = match command {
-        Command::Join(r) => client.join(r).await,
-        Command::Leave(r) => client.leave(r).await,
-        Command::Move(r) => client.r#move(r).await,
-        Command::Split(r) => client.split(r).await,
-        Command::AddNode(r) => client.add_node(r).await,
-        Command::RemoveNode(r) => client.remove_node(r).await,
-        Command::CancelMove(r) => client.cancel_move(r).await,
-        Command::FinishMove(r) => client.finish_move(r).await,
-        Command::ReportMove(_) | Command::SetScheduler(_) | Command::Schedule(_) => {
-            return Err(Status::unimplemented("not a config change"))
-        }
+        Change::Join(r) => client.join(r).await,
+        Change::Leave(r) => client.leave(r).await,
+        Change::Move(r) => client.r#move(r).await,
+        Change::Split(r) => client.split(r).await,
+        Change::AddNode(r) => client.add_node(r).await,
+        Change::RemoveNode(r) => client.remove_node(r).await,
+        Change::CancelMove(r) => client.cancel_move(r).await,
+        Change::FinishMove(r) => client.finish_move(r).await,
     }?;
     reply
         .into_inner()
@@ -1077,17 +1087,16 @@ async fn send_command(
 }
 
 /// Sets the request id carried by `command`.
-pub fn set_request_id(command: &mut Command, id: RequestId) {
+pub fn set_request_id(command: &mut Change, id: RequestId) {
     let slot = match command {
-        Command::Join(r) => &mut r.id,
-        Command::Leave(r) => &mut r.id,
-        Command::Move(r) => &mut r.id,
-        Command::Split(r) => &mut r.id,
-        Command::AddNode(r) => &mut r.id,
-        Command::RemoveNode(r) => &mut r.id,
-        Command::CancelMove(r) => &mut r.id,
-        Command::SetScheduler(r) => &mut r.id,
-        Command::FinishMove(_) | Command::ReportMove(_) | Command::Schedule(_) => return,
+        Change::Join(r) => &mut r.id,
+        Change::Leave(r) => &mut r.id,
+        Change::Move(r) => &mut r.id,
+        Change::Split(r) => &mut r.id,
+        Change::AddNode(r) => &mut r.id,
+        Change::RemoveNode(r) => &mut r.id,
+        Change::CancelMove(r) => &mut r.id,
+        Change::FinishMove(_) => return,
     };
     *slot = Some(id);
 }
