@@ -5,8 +5,8 @@
 
 use crate::Ctx;
 use clap::Subcommand;
-use shardkv::client::playground::{self, PlaygroundArgs};
-use shardkv::client::router::{self, RouterOptions};
+use crate::playground::{self, PlaygroundArgs};
+use crate::router::{self, RouterOptions};
 use shardkv::logging::Process;
 use shardkv::{kvnode, shardmaster};
 use std::process::ExitCode;

@@ -22,6 +22,8 @@ mod info;
 mod local;
 mod members;
 mod output;
+mod playground;
+mod router;
 mod scheduler;
 mod verify;
 

@@ -7,12 +7,12 @@
 //! NAME`, over a Unix socket in the playground's folder) or by itself with
 //! `--auto-restart`, and on Ctrl-C stops every process it runs, restarted ones too.
 
-use crate::client::master::MasterClient;
-use crate::proto::kv_client::KvClient;
-use crate::proto::{Group, JoinRequest, Node, NodeStatusRequest, RangeState, SplitRequest};
-use crate::security::pki::{Pki, PkiFiles};
-use crate::security::ClientArgs;
-use crate::security::Dialer;
+use shardkv::client::master::MasterClient;
+use shardkv::proto::kv_client::KvClient;
+use shardkv::proto::{Group, JoinRequest, Node, NodeStatusRequest, RangeState, SplitRequest};
+use shardkv::security::pki::{Pki, PkiFiles};
+use shardkv::security::ClientArgs;
+use shardkv::security::Dialer;
 use anyhow::Context;
 use std::ffi::OsString;
 use std::io::Write;
