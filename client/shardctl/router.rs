@@ -6,8 +6,6 @@
 //! The router listens at once, also while the cluster cannot be reached: until it
 //! can, requests are answered 503 with the reason, and it keeps trying.
 
-use shardkv::client::retry::backoff;
-use shardkv::client::{Client, ClientOptions, Error};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -16,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use backon::Retryable;
+use shardkv::client::retry::backoff;
+use shardkv::client::{Client, ClientOptions, Error};
 use slog::{info, warn, Logger};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -90,7 +90,8 @@ impl Gateway {
             Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // A data call is refused only by the shard master (its configuration).
+            Error::Refused(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         warn!(self.logger, "request failed"; "method" => method, "key" => shown(key), "error" => %e);
         (status, format!("{e}\n")).into_response()
