@@ -147,11 +147,8 @@ impl MasterClient {
 
     /// Removes a node from a group's member list (`RemoveNodeRequest`).
     pub async fn remove_node(&self, request: RemoveNodeRequest) -> Result<Config, Error> {
-        self.change(|mut c| {
-            let r = request.clone();
-            async move { c.remove_node(r).await }
-        })
-        .await
+        self.change(|mut c| async move { c.remove_node(request).await })
+            .await
     }
 
     /// Runs a configuration-changing call at the leader: the configuration it made.
