@@ -12,7 +12,7 @@ use crate::status;
 use backon::Retryable;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 use tonic::Status;
 
@@ -21,9 +21,14 @@ use tonic::Status;
 pub struct Replicas {
     /// The group in messages: "the shard master", "group 3".
     name: String,
+    /// The addresses given.
     addrs: Vec<String>,
-    channels: Vec<SecureChannel>,
-    /// The replica tried first: the last known leader.
+    /// The replicas given, then any leader a not-leader hint named that was not
+    /// among them (a replica added since the caller learnt the addresses).
+    known: RwLock<Vec<Target>>,
+    dialer: Dialer,
+    attempt_timeout: Option<Duration>,
+    /// The index in `known` of the replica tried first: the last known leader.
     preferred: AtomicUsize,
     /// Set once any replica has answered.
     reached: AtomicBool,
@@ -34,6 +39,7 @@ pub struct Replicas {
 }
 
 /// One attempt's replica: its address and a channel to it.
+#[derive(Clone)]
 pub struct Target {
     pub addr: String,
     pub channel: SecureChannel,
@@ -57,24 +63,19 @@ impl Replicas {
                 1,
             ));
         }
-        let channels = addrs
+        let known = addrs
             .iter()
             .map(|a| {
                 check_addr(a)?;
-                let endpoint = dialer
-                    .endpoint(a)
-                    .map_err(|e| Error::invalid(&format!("{a:?}"), e.to_string(), 0))?
-                    .connect_timeout(Duration::from_secs(1));
-                Ok(dialer.connect_lazy(match attempt_timeout {
-                    Some(t) => endpoint.timeout(t),
-                    None => endpoint,
-                }))
+                target(dialer, attempt_timeout, a)
             })
             .collect::<Result<_, Error>>()?;
         Ok(Replicas {
             name: name.to_owned(),
             addrs: addrs.to_vec(),
-            channels,
+            known: RwLock::new(known),
+            dialer: dialer.clone(),
+            attempt_timeout,
             preferred: AtomicUsize::new(0),
             reached: AtomicBool::new(false),
             fail_fast: false,
@@ -109,12 +110,9 @@ impl Replicas {
         let refused = AtomicU64::new(0);
         // The last failure, so a deadline says why (a TLS handshake refused, say).
         let last_error = Mutex::new(None::<String>);
-        let everyone = if self.channels.len() >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << self.channels.len()) - 1
-        };
         let all_refused = || {
+            let n = self.known.read().expect("poisoned").len();
+            let everyone = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
             self.fail_fast
                 && !self.reached.load(Ordering::Relaxed)
                 && refused.load(Ordering::Relaxed) == everyone
@@ -169,7 +167,7 @@ impl Replicas {
     {
         let attempt = || async { self.attempt(&call).await.1 };
         attempt
-            .retry(backoff().with_max_times(self.channels.len() - 1))
+            .retry(backoff().with_max_times(self.addrs.len() - 1))
             .await
     }
 
@@ -179,10 +177,10 @@ impl Replicas {
         F: Fn(Target) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
-        let target = Target {
-            addr: self.addrs[i].clone(),
-            channel: self.channels[i].clone(),
+        let (i, target) = {
+            let known = self.known.read().expect("poisoned");
+            let i = self.preferred.load(Ordering::Relaxed) % known.len();
+            (i, known[i].clone())
         };
         let result = call(target).await;
         if let Err(e) = &result {
@@ -193,15 +191,41 @@ impl Replicas {
 
     /// After an error from replica `i`, picks the replica to try next.
     fn redirect(&self, i: usize, error: &Status) {
+        let mut known = self.known.write().expect("poisoned");
         let hinted = match status::detail(error) {
-            Some(Kind::NotLeader(hint)) => self.addrs.iter().position(|a| *a == hint.leader_addr),
+            Some(Kind::NotLeader(hint)) if !hint.leader_addr.is_empty() => {
+                match known.iter().position(|t| t.addr == hint.leader_addr) {
+                    Some(h) => Some(h),
+                    None => target(&self.dialer, self.attempt_timeout, &hint.leader_addr)
+                        .ok()
+                        .map(|t| {
+                            known.push(t);
+                            known.len() - 1
+                        }),
+                }
+            }
             _ => None,
         };
-        let next = hinted.unwrap_or((i + 1) % self.channels.len());
+        let next = hinted.unwrap_or((i + 1) % known.len());
         let _ = self
             .preferred
             .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed);
     }
+}
+
+/// A lazy channel to `addr`.
+fn target(dialer: &Dialer, attempt_timeout: Option<Duration>, addr: &str) -> Result<Target, Error> {
+    let endpoint = dialer
+        .endpoint(addr)
+        .map_err(|e| Error::invalid(&format!("{addr:?}"), e.to_string(), 0))?
+        .connect_timeout(Duration::from_secs(1));
+    Ok(Target {
+        addr: addr.to_owned(),
+        channel: dialer.connect_lazy(match attempt_timeout {
+            Some(t) => endpoint.timeout(t),
+            None => endpoint,
+        }),
+    })
 }
 
 /// Checks that `addr` is HOST:PORT (a host name or IP address, a colon, a port
