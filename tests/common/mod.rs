@@ -7,18 +7,19 @@
 //! - [`MasterCluster`] runs N `shardmaster` replicas (replica index `i` has Raft id
 //!   `i + 1`) and offers the gRPC helpers tests need ([`MasterCluster::status`],
 //!   [`MasterCluster::query`], [`MasterCluster::wait_leader`], ...).
-//! - [`MasterClient`] sends shard-master writes to the leader, following NotLeader
-//!   hints and retrying transient failures with the same [`RequestId`], so a retried
-//!   write is applied once.
+//! - [`MasterClient`] sends shard-master writes to the leader through the client
+//!   library's `Replicas` (NotLeader hints, backoff), retrying transient failures
+//!   with the same [`RequestId`], so a retried write is applied once.
 //! - [`wait_until`] is the bounded polling helper every wait is built on.
 //!
 //! - [`KvCluster`] is a [`MasterCluster`] plus kv replica groups (`kvnode`
 //!   processes), in the masters' temporary directory: join groups through the master,
 //!   kill/restart/pause any node, wait until a group (or every group) serves the
 //!   latest configuration, read a node's `NodeStatus`.
-//! - [`KvTestClient`] is a routing test client: config from the masters, key -> gid
-//!   -> leader (NotLeader hints, WrongGroup refreshes), bounded retries with one
-//!   [`RequestId`] per write, and a scan that follows `resume` across groups.
+//! - [`KvTestClient`] is a routing test client of wire-level requests: config from
+//!   the masters, key -> gid -> leader (the library's `Replicas`; WrongGroup
+//!   refreshes), bounded retries with one [`RequestId`] per write, and a scan that
+//!   follows `resume` across groups.
 #![allow(dead_code)]
 
 pub mod faults;
