@@ -1,34 +1,29 @@
-//! A client of the shard master's replicas: finds the leader (following not-leader
-//! hints), retries transient failures with backoff under a deadline.
+//! The shard master's client: the configuration (`query`) and the admin calls that
+//! change it (join, leave, move, split, members of a group), each sent to the
+//! leader through [`Replicas`], retried under a deadline, and answered with the
+//! configuration it produced or a [`client::Error`](Error) in words.
 
-use super::kv::transport_message;
-use super::retry::{backoff, is_transient};
-use crate::proto::error_detail::Kind;
+use super::error::{transport_message, Error};
+use super::leader::Replicas;
 use crate::proto::shard_master_client::ShardMasterClient;
-use crate::proto::{Config, QueryRequest};
+use crate::proto::{
+    AddNodeRequest, CancelMoveRequest, Config, ConfigReply, JoinRequest, LeaveRequest, MoveRequest,
+    QueryRequest, RemoveNodeRequest, SplitRequest,
+};
 use crate::security::{Dialer, SecureChannel};
-use crate::status;
-use backon::Retryable;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
-use tonic::Status;
+use tonic::{Code, Response, Status};
+
+pub use super::leader::check_addr;
+
+/// How long one attempt at one replica may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connections to every shard-master replica (opened lazily, reused).
 pub struct MasterClient {
-    addrs: Vec<String>,
-    channels: Vec<SecureChannel>,
-    /// The replica tried first: the last known leader.
-    preferred: AtomicUsize,
+    replicas: Replicas,
     deadline: Duration,
-    /// Set once any replica has answered. Until then, a round in which every replica
-    /// refuses the connection ends the call at once: nothing listens at those
-    /// addresses (a typo, or a cluster that is not running), and waiting out the
-    /// deadline would only hide that. Afterwards refusals are retried: replicas that
-    /// were reached before are restarting.
-    reached: AtomicBool,
-    /// Said when no replica ever answered: the TLS settings a secured cluster needs.
-    unanswered_hint: &'static str,
 }
 
 impl MasterClient {
@@ -38,174 +33,139 @@ impl MasterClient {
         addrs: &[String],
         deadline: Duration,
         dialer: &Dialer,
-    ) -> anyhow::Result<MasterClient> {
-        anyhow::ensure!(!addrs.is_empty(), "no shard master address given");
-        let channels = addrs
-            .iter()
-            .map(|a| {
-                check_addr(a)?;
-                Ok(dialer.connect_lazy(
-                    dialer
-                        .endpoint(a)?
-                        .connect_timeout(Duration::from_secs(1))
-                        .timeout(Duration::from_secs(5)),
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?;
+    ) -> Result<MasterClient, Error> {
+        if addrs.is_empty() {
+            return Err(Error::invalid(
+                "masters",
+                "no shard master address given",
+                1,
+            ));
+        }
         Ok(MasterClient {
-            addrs: addrs.to_vec(),
-            channels,
-            preferred: AtomicUsize::new(0),
+            replicas: Replicas::new("the shard master", addrs, dialer, Some(ATTEMPT_TIMEOUT))?
+                .fail_fast_when_refused(),
             deadline,
-            reached: AtomicBool::new(false),
-            unanswered_hint: dialer.unanswered_hint(),
         })
     }
 
     /// Runs `call` against the leader, retrying transient failures at other replicas
-    /// until it succeeds, fails for good, or the deadline passes.
+    /// until it succeeds, fails for good, or the deadline passes. For the calls
+    /// without a method of their own; [`MasterClient::error`] says what a failure
+    /// means.
     pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Status>
     where
         F: Fn(ShardMasterClient<SecureChannel>) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        // Replicas that refused the connection in this call, one bit each.
-        let refused = AtomicU64::new(0);
-        // The last failure, so a deadline says why (a TLS handshake refused, say).
-        let last_error = std::sync::Mutex::new(None::<String>);
-        let everyone = if self.channels.len() >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << self.channels.len()) - 1
-        };
-        let all_refused =
-            || !self.reached.load(Ordering::Relaxed) && refused.load(Ordering::Relaxed) == everyone;
-        let attempt = || async {
-            let i = self.preferred.load(Ordering::Relaxed) % self.channels.len();
-            let result = call(ShardMasterClient::new(self.channels[i].clone())).await;
-            match &result {
-                Err(e) if connection_refused(e) => {
-                    refused.fetch_or(1 << (i % 64), Ordering::Relaxed);
-                }
-                // A transport failure or a timeout: not an answer.
-                Err(e) if is_transient(e) && status::detail(e).is_none() => {}
-                Err(_) | Ok(_) => self.reached.store(true, Ordering::Relaxed),
-            }
-            if let Err(e) = &result {
-                self.redirect(i, e);
-                *last_error.lock().expect("poisoned") = Some(transport_message(e));
-            }
-            result
-        };
-        let retried = attempt
-            .retry(backoff())
-            .when(|e| is_transient(e) && !all_refused());
-        match tokio::time::timeout(self.deadline, retried).await {
-            Ok(Err(_)) if all_refused() => Err(Status::unavailable(format!(
-                "connection refused at {} (is the shard master running there?)",
-                self.addrs.join(", ")
-            ))),
-            Ok(result) => result,
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "no replica answered within {:?}{}{}",
-                self.deadline,
-                match last_error.into_inner().expect("poisoned") {
-                    Some(e) => format!("; the last error: {e}"),
-                    None => String::new(),
-                },
-                if self.reached.load(Ordering::Relaxed) {
-                    ""
-                } else {
-                    self.unanswered_hint
-                }
-            ))),
-        }
+        self.replicas
+            .call(self.deadline, |target| {
+                call(ShardMasterClient::new(target.channel))
+            })
+            .await
     }
 
-    /// After an error from replica `i`, picks the replica to try next.
-    fn redirect(&self, i: usize, error: &Status) {
-        let hinted = match status::detail(error) {
-            Some(Kind::NotLeader(hint)) => self.addrs.iter().position(|a| *a == hint.leader_addr),
-            _ => None,
-        };
-        let next = hinted.unwrap_or((i + 1) % self.channels.len());
-        let _ = self
-            .preferred
-            .compare_exchange(i, next, Ordering::Relaxed, Ordering::Relaxed);
+    /// A failed call's status, in words.
+    pub fn error(&self, status: &Status) -> Error {
+        let at = self.replicas.addrs().join(",");
+        match status.code() {
+            Code::DeadlineExceeded => Error::Unavailable(format!(
+                "cannot reach the shard master at {at}: {}",
+                status.message()
+            )),
+            Code::Cancelled => Error::Unavailable(format!(
+                "cannot reach the shard master at {at}: no replica answered within {:?}",
+                self.deadline
+            )),
+            Code::Unavailable | Code::Unknown => Error::Unavailable(format!(
+                "cannot reach the shard master at {at}: {}",
+                transport_message(status)
+            )),
+            _ => Error::Refused(status.message().to_owned()),
+        }
     }
 
     /// Configuration `num`, or the latest when `None`.
-    pub async fn query(&self, num: Option<u64>) -> Result<Config, Status> {
+    pub async fn query(&self, num: Option<u64>) -> Result<Config, Error> {
         self.call(|mut c| async move { Ok(c.query(QueryRequest { num }).await?.into_inner()) })
             .await
+            .map_err(|s| self.error(&s))
     }
-}
 
-/// Checks that `addr` is HOST:PORT (a host name or IP address, a colon, a port
-/// number), so a malformed address is refused at once instead of failing to
-/// connect until a deadline.
-pub fn check_addr(addr: &str) -> anyhow::Result<()> {
-    let malformed =
-        || anyhow::anyhow!("{addr:?} is not an address: expected HOST:PORT, e.g. 127.0.0.1:7001");
-    let (host, port) = addr.rsplit_once(':').ok_or_else(malformed)?;
-    let port_ok = port.parse::<u16>().is_ok_and(|p| p > 0);
-    let host_ok = !host.is_empty()
-        && (host.parse::<std::net::IpAddr>().is_ok()
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<std::net::Ipv6Addr>()
-                .is_ok()
-            || host.split('.').all(|l| {
-                !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            }));
-    if port_ok && host_ok {
-        Ok(())
-    } else {
-        Err(malformed())
+    /// Adds replica groups (`JoinRequest`).
+    pub async fn join(&self, request: JoinRequest) -> Result<Config, Error> {
+        self.change(|mut c| {
+            let r = request.clone();
+            async move { c.join(r).await }
+        })
+        .await
     }
-}
 
-/// True if the call failed because the server's address refused the TCP connection.
-fn connection_refused(status: &Status) -> bool {
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        if e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
-        {
-            return true;
-        }
-        source = e.source();
+    /// Removes replica groups (`LeaveRequest`).
+    pub async fn leave(&self, request: LeaveRequest) -> Result<Config, Error> {
+        self.change(|mut c| {
+            let r = request.clone();
+            async move { c.leave(r).await }
+        })
+        .await
     }
-    false
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Gives a range to a group, live or at once (`MoveRequest`).
+    pub async fn move_range(&self, request: MoveRequest) -> Result<Config, Error> {
+        self.change(|mut c| {
+            let r = request.clone();
+            async move { c.r#move(r).await }
+        })
+        .await
+    }
 
-    #[test]
-    fn addresses_must_be_host_colon_port() {
-        for ok in [
-            "127.0.0.1:7001",
-            "localhost:1",
-            "db-1.example.com:7001",
-            "[::1]:7001",
-        ] {
-            assert!(check_addr(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "garbage",
-            "127.0.0.1",
-            ":7001",
-            "host:",
-            "host:port",
-            "host:0",
-            "a b:1",
-            "http://h:1",
-        ] {
-            let e = check_addr(bad).unwrap_err().to_string();
-            assert!(e.contains("HOST:PORT"), "{bad}: {e}");
-        }
+    /// Cancels a live move (`CancelMoveRequest`).
+    pub async fn cancel_move(&self, request: CancelMoveRequest) -> Result<Config, Error> {
+        self.change(|mut c| {
+            let r = request.clone();
+            async move { c.cancel_move(r).await }
+        })
+        .await
+    }
+
+    /// Cuts a range at a key (`SplitRequest`).
+    pub async fn split(&self, request: SplitRequest) -> Result<Config, Error> {
+        self.change(|mut c| {
+            let r = request.clone();
+            async move { c.split(r).await }
+        })
+        .await
+    }
+
+    /// Adds a node to a group's member list, where clients route (`AddNodeRequest`).
+    pub async fn add_node(&self, request: AddNodeRequest) -> Result<Config, Error> {
+        self.change(|mut c| {
+            let r = request.clone();
+            async move { c.add_node(r).await }
+        })
+        .await
+    }
+
+    /// Removes a node from a group's member list (`RemoveNodeRequest`).
+    pub async fn remove_node(&self, request: RemoveNodeRequest) -> Result<Config, Error> {
+        self.change(|mut c| async move { c.remove_node(request).await })
+            .await
+    }
+
+    /// Runs a configuration-changing call at the leader: the configuration it made.
+    async fn change<F, Fut>(&self, call: F) -> Result<Config, Error>
+    where
+        F: Fn(ShardMasterClient<SecureChannel>) -> Fut,
+        Fut: Future<Output = Result<Response<ConfigReply>, Status>>,
+    {
+        let reply = self
+            .call(|c| {
+                let fut = call(c);
+                async move { Ok(fut.await?.into_inner()) }
+            })
+            .await
+            .map_err(|s| self.error(&s))?;
+        reply.config.ok_or_else(|| {
+            Error::Internal("the shard master's reply holds no configuration".to_owned())
+        })
     }
 }

@@ -5,6 +5,7 @@
 //! group's log, so a new leader resumes where the old one stopped.
 
 use super::state::KvState;
+use crate::client::leader::Replicas;
 use crate::client::master::MasterClient;
 use crate::faults::{Faults, Verdict};
 use crate::metrics::metrics;
@@ -28,6 +29,7 @@ use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tonic::{Response, Status};
 
 /// Configurations applied per step at most.
 const MAX_CONFIGS_PER_STEP: usize = 64;
@@ -115,8 +117,7 @@ pub async fn run_migrations(
         replica,
         masters,
         dialer,
-        channels: HashMap::new(),
-        preferred: HashMap::new(),
+        groups: HashMap::new(),
         chunk_bytes: pacing.chunk_bytes,
         rate: pacing.rate,
         logger,
@@ -140,9 +141,10 @@ struct Worker {
     replica: Replica<KvState>,
     masters: Arc<MasterClient>,
     dialer: Dialer,
-    channels: HashMap<String, SecureChannel>,
-    /// Per group, the node that answered last: tried first (the leader, usually).
-    preferred: HashMap<u64, String>,
+    /// The replicas of each group this one transfers ranges with (the one that
+    /// answered last is tried first: the leader, usually), remade when the group's
+    /// members change.
+    groups: HashMap<u64, Replicas>,
     /// Bytes of records asked for per pull, copy or delta round.
     chunk_bytes: u32,
     rate: Option<MoveRate>,
@@ -220,31 +222,8 @@ impl Worker {
         Ok(())
     }
 
-    fn channel(&mut self, addr: &str) -> anyhow::Result<SecureChannel> {
-        if let Some(c) = self.channels.get(addr) {
-            return Ok(c.clone());
-        }
-        let channel = self.dialer.connect_lazy(
-            self.dialer
-                .endpoint(addr)?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(10)),
-        );
-        self.channels.insert(addr.to_owned(), channel.clone());
-        Ok(channel)
-    }
-
-    /// Calls `call` on each node of `nodes` in turn until one answers.
-    async fn call_any<T, F, Fut>(&mut self, nodes: &[Node], call: F) -> anyhow::Result<T>
-    where
-        F: Fn(RangeTransferClient<SecureChannel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        self.call_group(0, nodes, call).await
-    }
-
-    /// [`Self::call_any`], trying first the node of group `gid` that answered last
-    /// (0: no preference).
+    /// Calls `call` on the nodes of group `gid` (`nodes`), each once at most, until
+    /// one answers: the one that answered last first, a not-leader's hint next.
     async fn call_group<T, F, Fut>(
         &mut self,
         gid: u64,
@@ -253,44 +232,44 @@ impl Worker {
     ) -> anyhow::Result<T>
     where
         F: Fn(RangeTransferClient<SecureChannel>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        Fut: Future<Output = Result<Response<T>, Status>>,
     {
-        let mut nodes = nodes.to_vec();
-        if let Some(first) = self.preferred.get(&gid) {
-            nodes.sort_by_key(|n| n.addr != *first);
+        anyhow::ensure!(!nodes.is_empty(), "the group has no nodes");
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+        if self.groups.get(&gid).is_none_or(|r| r.addrs() != addrs) {
+            let replicas = Replicas::new(
+                &format!("group {gid}"),
+                &addrs,
+                &self.dialer,
+                Some(Duration::from_secs(10)),
+            )?;
+            self.groups.insert(gid, replicas);
         }
-        let mut last_error = anyhow::anyhow!("the group has no nodes");
-        for node in &nodes {
-            if let Some(faults) = &self.faults {
-                match faults.decide(&node.addr) {
-                    Verdict::Send => {}
-                    Verdict::Blocked | Verdict::Lost => {
-                        last_error = anyhow::anyhow!(
-                            "node {} at {}: dropped by fault injection",
-                            node.id,
-                            node.addr
-                        );
-                        continue;
+        let faults = &self.faults;
+        let reply = self.groups[&gid]
+            .call_each(|target| {
+                let client = RangeTransferClient::new(target.channel)
+                    .max_decoding_message_size(crate::transport::MAX_MESSAGE_BYTES);
+                // Not sent until awaited, so after the fault table's verdict.
+                let reply = call(client);
+                async move {
+                    if let Some(faults) = faults {
+                        match faults.decide(&target.addr) {
+                            Verdict::Send => {}
+                            Verdict::Blocked | Verdict::Lost => {
+                                return Err(Status::unavailable(format!(
+                                    "{}: dropped by fault injection",
+                                    target.addr
+                                )))
+                            }
+                            Verdict::Delay(d) => tokio::time::sleep(d).await,
+                        }
                     }
-                    Verdict::Delay(d) => tokio::time::sleep(d).await,
+                    Ok(reply.await?.into_inner())
                 }
-            }
-            let client = RangeTransferClient::new(self.channel(&node.addr)?)
-                .max_decoding_message_size(crate::transport::MAX_MESSAGE_BYTES);
-            match call(client).await {
-                Ok(reply) => {
-                    if gid != 0 {
-                        self.preferred.insert(gid, node.addr.clone());
-                    }
-                    return Ok(reply.into_inner());
-                }
-                Err(e) => {
-                    last_error =
-                        anyhow::anyhow!("node {} at {}: {}", node.id, node.addr, e.message())
-                }
-            }
-        }
-        Err(last_error)
+            })
+            .await;
+        reply.map_err(|e| anyhow::anyhow!("{}", e.message()))
     }
 
     fn op(range: &HeldRange) -> RangeOp {
@@ -312,7 +291,7 @@ impl Worker {
                 max_bytes: self.chunk_bytes,
             };
             let reply = self
-                .call_any(&held.peer_nodes, |mut c| {
+                .call_group(held.peer_gid, &held.peer_nodes, |mut c| {
                     let request = request.clone();
                     async move { c.pull(request).await }
                 })
@@ -565,7 +544,7 @@ impl Worker {
             config_num: held.config_num,
             range: held.range.clone(),
         };
-        self.call_any(&held.peer_nodes, |mut c| {
+        self.call_group(held.peer_gid, &held.peer_nodes, |mut c| {
             let request = request.clone();
             async move { c.release(request).await }
         })

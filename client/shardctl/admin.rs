@@ -11,14 +11,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use shardkv::client::master::MasterClient;
 use shardkv::proto::kv_client::KvClient;
-use shardkv::proto::shard_master_client::ShardMasterClient;
 use shardkv::proto::{
-    CancelMoveRequest, Config, ConfigReply, Group, JoinRequest, KeyRange, LeaveRequest, MovePlan,
-    MoveRequest, Node, NodeStatusReply, NodeStatusRequest, RangeState, RequestId, SplitRequest,
-    StatusRequest,
+    CancelMoveRequest, Config, Group, JoinRequest, KeyRange, LeaveRequest, MovePlan, MoveRequest,
+    Node, NodeStatusReply, NodeStatusRequest, RangeState, RequestId, SplitRequest, StatusRequest,
 };
 use shardkv::security::{Dialer, SecureChannel};
-use std::future::Future;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tonic::Status;
@@ -114,11 +111,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
                 id,
                 immediate: false,
             };
-            let config = execute(ctx, &master, |mut c| {
-                let r = request.clone();
-                async move { c.join(r).await }
-            })
-            .await?;
+            let config = master.join(request).await?;
             report(ctx, &config, &format!("group {} joined", a.gid))?;
         }
         Command::Leave(a) => return leave(ctx, &master, a).await,
@@ -129,11 +122,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
                 reason: "shardctl move --cancel".into(),
                 ..Default::default()
             };
-            let config = execute(ctx, &master, |mut c| {
-                let r = request.clone();
-                async move { c.cancel_move(r).await }
-            })
-            .await?;
+            let config = master.cancel_move(request).await?;
             let (range, owner) = config.owner(a.key.as_bytes());
             let what = format!("move of {range} cancelled; group {owner} keeps serving it");
             report(ctx, &config, &what)?;
@@ -146,11 +135,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
                 id,
                 immediate: a.immediate,
             };
-            let config = execute(ctx, &master, |mut c| {
-                let r = request.clone();
-                async move { c.r#move(r).await }
-            })
-            .await?;
+            let config = master.move_range(request).await?;
             let (range, owner) = config.owner(a.key.as_bytes());
             let (range, owner) = (range.clone(), owner);
             let plan = config
@@ -210,11 +195,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
                 key: a.key.clone().into_bytes(),
                 id,
             };
-            let config = execute(ctx, &master, |mut c| {
-                let r = request.clone();
-                async move { c.split(r).await }
-            })
-            .await?;
+            let config = master.split(request).await?;
             report(ctx, &config, &format!("split at {:?}", a.key))?;
         }
     }
@@ -256,28 +237,6 @@ fn parse_nodes(specs: &[String]) -> anyhow::Result<Vec<Node>> {
         .collect()
 }
 
-/// Runs a configuration-changing command at the shard master leader.
-pub(crate) async fn execute<F, Fut>(
-    ctx: &Ctx,
-    master: &MasterClient,
-    call: F,
-) -> anyhow::Result<Config>
-where
-    F: Fn(ShardMasterClient<SecureChannel>) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<ConfigReply>, Status>>,
-{
-    let reply = master
-        .call(|c| {
-            let fut = call(c);
-            async move { Ok(fut.await?.into_inner()) }
-        })
-        .await
-        .map_err(|s| ctx.master_error(s))?;
-    reply
-        .config
-        .context("the shard master's reply holds no configuration")
-}
-
 #[derive(Serialize)]
 struct ChangeJson<'a> {
     message: &'a str,
@@ -301,7 +260,7 @@ pub(crate) fn report(ctx: &Ctx, config: &Config, message: &str) -> anyhow::Resul
 async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result<ExitCode> {
     // The members must be read before the leave: the configuration that removes the
     // group no longer has them.
-    let before = master.query(None).await.map_err(|s| ctx.master_error(s))?;
+    let before = master.query(None).await?;
     let nodes = before
         .group(a.gid)
         .map(|g| g.nodes.clone())
@@ -311,11 +270,7 @@ async fn leave(ctx: &Ctx, master: &MasterClient, a: LeaveArgs) -> anyhow::Result
         id: Some(request_id()),
         immediate: a.immediate,
     };
-    let config = execute(ctx, master, |mut c| {
-        let r = request.clone();
-        async move { c.leave(r).await }
-    })
-    .await?;
+    let config = master.leave(request).await?;
     let message = if config.group(a.gid).is_some() {
         format!(
             "group {} is leaving (configuration {}): its ranges move live to the other \
@@ -573,10 +528,7 @@ async fn wait_for_plan(
                 Some(p) => bar.set_message(output::move_progress_text(p)),
                 None => {
                     bar.finish_and_clear();
-                    return master
-                        .query(None)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{}", e.message()));
+                    return Ok(master.query(None).await?);
                 }
             }
         }

@@ -251,6 +251,7 @@ fn error_kind(e: &Error) -> String {
         Error::InvalidArgument { .. } => "invalid-argument",
         Error::Unavailable(_) => "unavailable",
         Error::DeadlineExceeded(_) => "deadline-exceeded",
+        Error::Refused(_) => "refused",
         Error::Internal(_) => "internal",
     }
     .to_owned()

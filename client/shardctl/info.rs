@@ -49,11 +49,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn query(ctx: &Ctx, a: QueryArgs) -> anyhow::Result<()> {
-    let config = ctx
-        .master()?
-        .query(a.num)
-        .await
-        .map_err(|s| ctx.master_error(s))?;
+    let config = ctx.master()?.query(a.num).await?;
     // Statistics are of the latest configuration's ranges; an older configuration
     // shows those of its ranges that still exist.
     let statuses = master_statuses(ctx).await?;
@@ -352,10 +348,7 @@ async fn status(ctx: &Ctx) -> anyhow::Result<()> {
         })
         .collect();
     let config: Result<Config, _> = if masters.iter().any(|m| m.up) {
-        ctx.master()?
-            .query(None)
-            .await
-            .map_err(|s| ctx.master_error(s))
+        ctx.master()?.query(None).await.map_err(anyhow::Error::from)
     } else {
         Err(anyhow::anyhow!(
             "cannot reach the shard master at {}: every replica is down",

@@ -3,10 +3,10 @@
 //! kvnode servers, which the playground starts from this binary when their own
 //! binaries were not built (`cargo run --bin shardctl` builds only shardctl).
 
+use crate::playground::{self, PlaygroundArgs};
+use crate::router::{self, RouterOptions};
 use crate::Ctx;
 use clap::Subcommand;
-use shardkv::client::playground::{self, PlaygroundArgs};
-use shardkv::client::router::{self, RouterOptions};
 use shardkv::logging::Process;
 use shardkv::{kvnode, shardmaster};
 use std::process::ExitCode;

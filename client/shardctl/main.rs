@@ -22,6 +22,8 @@ mod info;
 mod local;
 mod members;
 mod output;
+mod playground;
+mod router;
 mod scheduler;
 mod verify;
 
@@ -31,7 +33,6 @@ use shardkv::client::master::MasterClient;
 use shardkv::client::{Client, ClientOptions};
 use std::process::ExitCode;
 use std::time::Duration;
-use tonic::{Code, Status};
 
 /// The shard masters of a default playground.
 const DEFAULT_MASTERS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
@@ -147,29 +148,11 @@ impl Ctx {
 
     /// A client of the shard master replicas.
     pub fn master(&self) -> anyhow::Result<MasterClient> {
-        MasterClient::new(&self.masters, self.deadline(), &self.dialer)
-    }
-
-    /// An error from the shard master, in words.
-    pub fn master_error(&self, status: Status) -> anyhow::Error {
-        match status.code() {
-            Code::DeadlineExceeded => anyhow::anyhow!(
-                "cannot reach the shard master at {}: {}",
-                self.masters_text(),
-                status.message()
-            ),
-            Code::Cancelled => anyhow::anyhow!(
-                "cannot reach the shard master at {}: no replica answered within {:?}",
-                self.masters_text(),
-                self.deadline()
-            ),
-            Code::Unavailable | Code::Unknown => anyhow::anyhow!(
-                "cannot reach the shard master at {}: {}",
-                self.masters_text(),
-                output::status_text(&status)
-            ),
-            _ => anyhow::anyhow!("{}", status.message()),
-        }
+        Ok(MasterClient::new(
+            &self.masters,
+            self.deadline(),
+            &self.dialer,
+        )?)
     }
 
     /// The client library's options for --timeout.
@@ -185,7 +168,7 @@ impl Ctx {
 
     /// A data client connected to the cluster.
     pub async fn client(&self) -> anyhow::Result<Client> {
-        Client::connect_with(&self.masters, self.client_options()).await
+        Ok(Client::connect_with(&self.masters, self.client_options()).await?)
     }
 }
 

@@ -5,28 +5,16 @@
 //! `shardctl master ...` does the same for the shard master's own replicas, which
 //! clients find through `--masters` rather than a member list.
 
-use crate::admin::{execute, report, request_id};
+use crate::admin::{report, request_id};
 use crate::Ctx;
 use clap::{Args, Subcommand};
-use shardkv::client::retry::{backoff, is_transient};
-use shardkv::proto::error_detail::Kind;
-use shardkv::proto::membership_client::MembershipClient;
-use shardkv::proto::{
-    AddMemberRequest, AddNodeRequest, Group, Node, RemoveMemberRequest, RemoveNodeRequest,
-    TransferLeaderRequest,
-};
-use shardkv::security::SecureChannel;
-use shardkv::status;
-use std::collections::VecDeque;
-use std::future::Future;
+use shardkv::client::membership::Members;
+use shardkv::proto::{AddNodeRequest, Group, Node, RemoveNodeRequest};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
-use tonic::{Response, Status};
+use std::time::Duration;
 
 /// How long adding a node may take when --timeout is not given: it must catch up.
 const DEFAULT_ADD_WAIT: Duration = Duration::from_secs(120);
-/// Attempts at finding a group's leader.
-const MAX_ATTEMPTS: usize = 32;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -126,27 +114,14 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_master(ctx: &Ctx, command: MasterCommand) -> anyhow::Result<ExitCode> {
-    let masters: Vec<String> = ctx.masters().to_vec();
-    let what = "the shard master";
+    let members = Members::new("the shard master", ctx.masters(), ctx.dialer())?;
     match command {
         MasterCommand::Add(a) => {
-            let request = AddMemberRequest {
-                node: Some(Node {
-                    id: a.id,
-                    addr: a.addr.clone(),
-                }),
+            let node = Node {
+                id: a.id,
+                addr: a.addr.clone(),
             };
-            let reply = at_leader(
-                ctx,
-                what,
-                &masters,
-                ctx.timeout_or(DEFAULT_ADD_WAIT),
-                |mut c| {
-                    let r = request.clone();
-                    async move { c.add_member(r).await }
-                },
-            )
-            .await?;
+            let reply = members.add(node, ctx.timeout_or(DEFAULT_ADD_WAIT)).await?;
             outln!(
                 "replica {} ({}) is a voting member of the shard master (voters {:?}); add it to --masters",
                 a.id,
@@ -155,10 +130,7 @@ async fn run_master(ctx: &Ctx, command: MasterCommand) -> anyhow::Result<ExitCod
             );
         }
         MasterCommand::Remove(a) => {
-            let reply = at_leader(ctx, what, &masters, ctx.deadline(), |mut c| async move {
-                c.remove_member(RemoveMemberRequest { id: a.id }).await
-            })
-            .await?;
+            let reply = members.remove(a.id, ctx.deadline()).await?;
             outln!(
                 "replica {} left the shard master (voters {:?}) and has stopped",
                 a.id,
@@ -166,24 +138,26 @@ async fn run_master(ctx: &Ctx, command: MasterCommand) -> anyhow::Result<ExitCod
             );
         }
         MasterCommand::TransferLeader(a) => {
-            let to = a.to.unwrap_or(0);
-            let reply = at_leader(ctx, what, &masters, ctx.deadline(), |mut c| async move {
-                c.transfer_leader(TransferLeaderRequest { to }).await
-            })
-            .await?;
+            let reply = members.transfer_leader(a.to, ctx.deadline()).await?;
             outln!("replica {} now leads the shard master", reply.leader_id);
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn node_addrs(group: &Group) -> Vec<String> {
-    group.nodes.iter().map(|n| n.addr.clone()).collect()
+/// The members of `group`, for membership changes at its leader.
+fn members_of(ctx: &Ctx, group: &Group) -> anyhow::Result<Members> {
+    let addrs: Vec<String> = group.nodes.iter().map(|n| n.addr.clone()).collect();
+    Ok(Members::new(
+        &format!("group {}", group.gid),
+        &addrs,
+        ctx.dialer(),
+    )?)
 }
 
 async fn run_node(ctx: &Ctx, command: NodeCommand) -> anyhow::Result<ExitCode> {
     let master = ctx.master()?;
-    let config = master.query(None).await.map_err(|s| ctx.master_error(s))?;
+    let config = master.query(None).await?;
     let group_of = |gid: u64| -> anyhow::Result<Group> {
         config.group(gid).cloned().ok_or_else(|| {
             anyhow::anyhow!("group {gid} does not exist in configuration {}", config.num)
@@ -196,31 +170,16 @@ async fn run_node(ctx: &Ctx, command: NodeCommand) -> anyhow::Result<ExitCode> {
                 id: a.id,
                 addr: a.addr.clone(),
             };
-            let request = AddMemberRequest {
-                node: Some(node.clone()),
-            };
-            let wait = ctx.timeout_or(DEFAULT_ADD_WAIT);
-            at_leader(
-                ctx,
-                &format!("group {}", group.gid),
-                &node_addrs(&group),
-                wait,
-                |mut c| {
-                    let r = request.clone();
-                    async move { c.add_member(r).await }
-                },
-            )
-            .await?;
-            let request = AddNodeRequest {
-                gid: a.gid,
-                node: Some(node),
-                id: Some(request_id()),
-            };
-            let config = execute(ctx, &master, |mut c| {
-                let r = request.clone();
-                async move { c.add_node(r).await }
-            })
-            .await?;
+            members_of(ctx, &group)?
+                .add(node.clone(), ctx.timeout_or(DEFAULT_ADD_WAIT))
+                .await?;
+            let config = master
+                .add_node(AddNodeRequest {
+                    gid: a.gid,
+                    node: Some(node),
+                    id: Some(request_id()),
+                })
+                .await?;
             let message = format!(
                 "node {} ({}) is a voting member of group {} and clients route to it",
                 a.id, a.addr, a.gid
@@ -229,94 +188,26 @@ async fn run_node(ctx: &Ctx, command: NodeCommand) -> anyhow::Result<ExitCode> {
         }
         NodeCommand::Remove(a) => {
             let group = group_of(a.gid)?;
-            let request = RemoveNodeRequest {
-                gid: a.gid,
-                node_id: a.id,
-                id: Some(request_id()),
-            };
-            let config = execute(ctx, &master, |mut c| {
-                let r = request;
-                async move { c.remove_node(r).await }
-            })
-            .await?;
-            at_leader(
-                ctx,
-                &format!("group {}", group.gid),
-                &node_addrs(&group),
-                ctx.deadline(),
-                |mut c| async move { c.remove_member(RemoveMemberRequest { id: a.id }).await },
-            )
-            .await?;
+            let config = master
+                .remove_node(RemoveNodeRequest {
+                    gid: a.gid,
+                    node_id: a.id,
+                    id: Some(request_id()),
+                })
+                .await?;
+            members_of(ctx, &group)?
+                .remove(a.id, ctx.deadline())
+                .await?;
             let message = format!("node {} left group {} and has stopped", a.id, a.gid);
             report(ctx, &config, &message)?;
         }
         NodeCommand::TransferLeader(a) => {
             let group = group_of(a.gid)?;
-            let to = a.to.unwrap_or(0);
-            let reply = at_leader(
-                ctx,
-                &format!("group {}", group.gid),
-                &node_addrs(&group),
-                ctx.deadline(),
-                |mut c| async move { c.transfer_leader(TransferLeaderRequest { to }).await },
-            )
-            .await?;
+            let reply = members_of(ctx, &group)?
+                .transfer_leader(a.to, ctx.deadline())
+                .await?;
             outln!("node {} now leads group {}", reply.leader_id, a.gid);
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Calls `call` on the leader of a Raft group (`what`, at `addrs`), trying its nodes
-/// in turn and following not-leader hints, until it answers or `deadline` passes.
-async fn at_leader<T, F, Fut>(
-    ctx: &Ctx,
-    what: &str,
-    addrs: &[String],
-    deadline: Duration,
-    call: F,
-) -> anyhow::Result<T>
-where
-    F: Fn(MembershipClient<SecureChannel>) -> Fut,
-    Fut: Future<Output = Result<Response<T>, Status>>,
-{
-    let start = Instant::now();
-    let mut delays = backon::BackoffBuilder::build(backoff());
-    let mut queue: VecDeque<String> = VecDeque::new();
-    let mut last_error = String::from("no node answered");
-    for _ in 0..MAX_ATTEMPTS {
-        if queue.is_empty() {
-            queue.extend(addrs.iter().cloned());
-        }
-        let Some(addr) = queue.pop_front() else { break };
-        let dialer = ctx.dialer();
-        let channel = dialer.connect_lazy(
-            dialer
-                .endpoint(&addr)?
-                .connect_timeout(Duration::from_secs(1)),
-        );
-        let remaining = deadline.saturating_sub(start.elapsed());
-        if remaining.is_zero() {
-            break;
-        }
-        let result = tokio::time::timeout(remaining, call(MembershipClient::new(channel))).await;
-        let status = match result {
-            Ok(Ok(reply)) => return Ok(reply.into_inner()),
-            Ok(Err(status)) => status,
-            Err(_) => break,
-        };
-        match status::detail(&status) {
-            Some(Kind::NotLeader(hint)) if !hint.leader_addr.is_empty() => {
-                queue.push_front(hint.leader_addr);
-            }
-            _ if is_transient(&status) => {
-                tokio::time::sleep(delays.next().unwrap_or(Duration::from_millis(500))).await;
-            }
-            _ => anyhow::bail!("{}", status.message()),
-        }
-        last_error = format!("{addr}: {}", status.message());
-    }
-    anyhow::bail!(
-        "no leader of {what} completed the change within {deadline:?} (last: {last_error})"
-    )
 }

@@ -54,7 +54,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
         Command::Show | Command::History => master
             .call(|mut c| async move { Ok(c.scheduler(SchedulerRequest {}).await?.into_inner()) })
             .await
-            .map_err(|s| ctx.master_error(s))?,
+            .map_err(|s| master.error(&s))?,
         Command::Set(a) => {
             let request = set_request(a)?;
             master
@@ -63,7 +63,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> anyhow::Result<ExitCode> {
                     async move { Ok(c.set_scheduler(r).await?.into_inner()) }
                 })
                 .await
-                .map_err(|s| ctx.master_error(s))?
+                .map_err(|s| master.error(&s))?
         }
     };
     match command {

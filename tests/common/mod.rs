@@ -7,24 +7,26 @@
 //! - [`MasterCluster`] runs N `shardmaster` replicas (replica index `i` has Raft id
 //!   `i + 1`) and offers the gRPC helpers tests need ([`MasterCluster::status`],
 //!   [`MasterCluster::query`], [`MasterCluster::wait_leader`], ...).
-//! - [`MasterClient`] sends shard-master writes to the leader, following NotLeader
-//!   hints and retrying transient failures with the same [`RequestId`], so a retried
-//!   write is applied once.
+//! - [`MasterClient`] sends shard-master writes to the leader through the client
+//!   library's `Replicas` (NotLeader hints, backoff), retrying transient failures
+//!   with the same [`RequestId`], so a retried write is applied once.
 //! - [`wait_until`] is the bounded polling helper every wait is built on.
 //!
 //! - [`KvCluster`] is a [`MasterCluster`] plus kv replica groups (`kvnode`
 //!   processes), in the masters' temporary directory: join groups through the master,
 //!   kill/restart/pause any node, wait until a group (or every group) serves the
 //!   latest configuration, read a node's `NodeStatus`.
-//! - [`KvTestClient`] is a routing test client: config from the masters, key -> gid
-//!   -> leader (NotLeader hints, WrongGroup refreshes), bounded retries with one
-//!   [`RequestId`] per write, and a scan that follows `resume` across groups.
+//! - [`KvTestClient`] is a routing test client of wire-level requests: config from
+//!   the masters, key -> gid -> leader (the library's `Replicas`; WrongGroup
+//!   refreshes), bounded retries with one [`RequestId`] per write, and a scan that
+//!   follows `resume` across groups.
 #![allow(dead_code)]
 
 pub mod faults;
 pub mod netns;
 pub mod user;
 
+use shardkv::client::leader::Replicas;
 use shardkv::proto::internal::range_transfer_client::RangeTransferClient;
 use shardkv::proto::kv_client::KvClient;
 use shardkv::proto::shard_master_client::ShardMasterClient;
@@ -35,6 +37,7 @@ use shardkv::proto::{
     QueryRequest, RangeState, RemoveNodeRequest, RequestId, ScanReply, ScanRequest, SplitRequest,
     StatusReply, StatusRequest,
 };
+use shardkv::security::{Dialer, SecureChannel};
 use shardkv::status::detail;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::OpenOptions;
@@ -782,18 +785,14 @@ impl Drop for MasterCluster {
 /// DEADLINE_EXCEEDED, a lost connection) is retried with the same id, so the server
 /// applies it once and answers every retry with the first outcome.
 pub struct MasterClient {
-    addrs: Vec<String>,
-    /// Reused channels by address; dropped after a transport failure.
-    channels: BTreeMap<String, Channel>,
-    leader: usize,
+    /// The client library's leader-following helper (hints, next replica, backoff).
+    replicas: Replicas,
     client_id: u64,
     seq: u64,
     /// Give up on one command after this long.
     pub deadline: Duration,
     /// Time limit of one attempt.
     pub attempt_timeout: Duration,
-    /// Attempts made by the last command (1 = no retry).
-    pub last_attempts: u32,
 }
 
 impl MasterClient {
@@ -802,16 +801,12 @@ impl MasterClient {
     }
 
     pub fn with_client_id(addrs: Vec<String>, client_id: u64) -> MasterClient {
-        assert!(!addrs.is_empty());
         MasterClient {
-            addrs,
-            channels: BTreeMap::new(),
-            leader: 0,
+            replicas: test_replicas("the shard master", &addrs),
             client_id,
             seq: 0,
             deadline: Duration::from_secs(30),
             attempt_timeout: Duration::from_secs(2),
-            last_attempts: 0,
         }
     }
 
@@ -834,26 +829,6 @@ impl MasterClient {
         }
     }
 
-    fn client_of(&mut self, i: usize) -> ShardMasterClient<Channel> {
-        let addr = &self.addrs[i];
-        let channel = self
-            .channels
-            .entry(addr.clone())
-            .or_insert_with(|| grpc_channel(addr));
-        ShardMasterClient::new(channel.clone())
-    }
-
-    fn note_failure(&mut self, i: usize, s: &Status) {
-        if is_transport_failure(s) {
-            self.channels.remove(&self.addrs[i]);
-        }
-    }
-
-    /// The address this client currently believes is the leader.
-    pub fn leader_addr(&self) -> &str {
-        &self.addrs[self.leader]
-    }
-
     /// Sends `command` with a fresh request id.
     pub async fn execute(&mut self, mut command: Change) -> Result<Config, Status> {
         let id = self.next_id();
@@ -864,71 +839,14 @@ impl MasterClient {
     /// Sends `command` exactly as given (with whatever request id it carries),
     /// retrying transient failures with the same id.
     pub async fn send(&mut self, command: Change) -> Result<Config, Status> {
-        let start = Instant::now();
-        let mut backoff = Duration::from_millis(20);
-        let mut attempts = 0u32;
-        let mut last = Status::unavailable("no attempt made");
-        let max_attempts = 1000;
-        while attempts < max_attempts && start.elapsed() < self.deadline {
-            attempts += 1;
-            self.last_attempts = attempts;
-            let target = self.leader;
-            let mut client = self.client_of(target);
-            let limit = self
-                .attempt_timeout
-                .min(self.deadline.saturating_sub(start.elapsed()))
-                .max(Duration::from_millis(100));
-            let result = rpc_within(limit, send_command(&mut client, command.clone())).await;
-            let status = match result {
-                Ok(config) => return Ok(config),
-                Err(s) => s,
-            };
-            self.note_failure(target, &status);
-            let mut hinted = false;
-            match status.code() {
-                Code::Unavailable => {
-                    if let Some(DetailKind::NotLeader(nl)) = detail(&status) {
-                        if !nl.leader_addr.is_empty() && nl.leader_addr != self.addrs[target] {
-                            self.leader = match self.addrs.iter().position(|a| *a == nl.leader_addr)
-                            {
-                                Some(i) => i,
-                                None => {
-                                    self.addrs.push(nl.leader_addr.clone());
-                                    self.addrs.len() - 1
-                                }
-                            };
-                            hinted = true;
-                        }
-                    }
-                    if !hinted {
-                        self.leader = (target + 1) % self.addrs.len();
-                    }
-                }
-                // The outcome is unknown: try again (maybe elsewhere) with the same id.
-                Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                    self.leader = (target + 1) % self.addrs.len();
-                }
-                _ => return Err(status),
-            }
-            last = status;
-            let pause = if hinted {
-                Duration::from_millis(5)
-            } else {
-                backoff
-            };
-            tokio::time::sleep(pause).await;
-            if !hinted {
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-        }
-        Err(Status::new(
-            last.code(),
-            format!(
-                "gave up after {attempts} attempts in {:?}; last error: {}",
-                start.elapsed(),
-                last.message()
-            ),
-        ))
+        let limit = self.attempt_timeout;
+        self.replicas
+            .call(self.deadline, |target| {
+                let mut client = ShardMasterClient::new(target.channel);
+                let command = command.clone();
+                async move { rpc_within(limit, send_command(&mut client, command)).await }
+            })
+            .await
     }
 
     /// Joins `groups`, giving them their ranges in the next configuration
@@ -1025,31 +943,12 @@ impl MasterClient {
     /// Query(num) at the replica believed to be leader, retrying UNAVAILABLE and
     /// time-outs on the other replicas. (A follower that answers serves what it applied.)
     pub async fn query(&mut self, num: Option<u64>) -> Result<Config, Status> {
-        let start = Instant::now();
-        let mut last = Status::unavailable("no attempt made");
-        for _ in 0..200 {
-            if start.elapsed() >= self.deadline {
-                break;
-            }
-            let target = self.leader;
-            let mut client = self.client_of(target);
-            match rpc(client.query(QueryRequest { num })).await {
-                Ok(c) => return Ok(c.into_inner()),
-                Err(s)
-                    if matches!(
-                        s.code(),
-                        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled
-                    ) =>
-                {
-                    self.note_failure(target, &s);
-                    last = s;
-                    self.leader = (self.leader + 1) % self.addrs.len();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(s) => return Err(s),
-            }
-        }
-        Err(last)
+        self.replicas
+            .call(self.deadline, |target| {
+                let mut client = ShardMasterClient::new(target.channel);
+                async move { Ok(rpc(client.query(QueryRequest { num })).await?.into_inner()) }
+            })
+            .await
     }
 }
 
@@ -1066,8 +965,14 @@ pub enum Change {
     FinishMove(FinishMoveRequest),
 }
 
+/// The client library's [`Replicas`] of `name` at `addrs`, over plaintext; each
+/// caller bounds its attempts itself.
+pub fn test_replicas(name: &str, addrs: &[String]) -> Replicas {
+    Replicas::new(name, addrs, &Dialer::default(), None).expect("HOST:PORT addresses")
+}
+
 async fn send_command(
-    client: &mut ShardMasterClient<Channel>,
+    client: &mut ShardMasterClient<SecureChannel>,
     command: Change,
 ) -> Result<Config, Status> {
     let reply = match command {
@@ -1860,26 +1765,23 @@ pub fn show_ranges(ranges: &[KeyRange]) -> String {
 
 /// Test scaffolding, not the product client: routes each request by key to the
 /// owning group (configuration from the shard masters), finds the group's leader
-/// (NotLeader hints; the next node on UNAVAILABLE), refreshes the configuration on
-/// WrongGroup, and retries with backoff until `deadline`. Every write carries a
+/// with the client library's [`Replicas`] (NotLeader hints; the next node on
+/// UNAVAILABLE), refreshes the configuration on WrongGroup, and retries with
+/// backoff until `deadline`. Every write carries a
 /// [`RequestId`] (`first_incomplete = seq`: a sequential client) reused across its
 /// retries.
 pub struct KvTestClient {
     masters: Vec<String>,
     channels: HashMap<String, Channel>,
     config: Option<Config>,
-    /// Known leader address per gid.
-    leaders: HashMap<u64, String>,
-    /// Next node to try per gid while its leader is unknown.
-    next_node: HashMap<u64, usize>,
+    /// Per gid, its nodes (remade when the members change).
+    groups: HashMap<u64, Replicas>,
     client_id: u64,
     seq: u64,
     /// Give up on one call after this long.
     pub deadline: Duration,
     /// Time limit of one attempt.
     pub attempt_timeout: Duration,
-    /// Attempts made by the last call (1 = no retry).
-    pub last_attempts: u32,
     /// The group that answered the last successful call.
     pub last_gid: u64,
 }
@@ -1895,13 +1797,11 @@ impl KvTestClient {
             masters,
             channels: HashMap::new(),
             config: None,
-            leaders: HashMap::new(),
-            next_node: HashMap::new(),
+            groups: HashMap::new(),
             client_id,
             seq: 0,
             deadline: Duration::from_secs(20),
             attempt_timeout: RPC_TIMEOUT,
-            last_attempts: 0,
             last_gid: 0,
         }
     }
@@ -1963,7 +1863,7 @@ impl KvTestClient {
     /// returned at once.
     pub async fn call<T, F, Fut>(&mut self, key: &[u8], what: &str, call: F) -> Result<T, Status>
     where
-        F: Fn(KvClient<Channel>) -> Fut,
+        F: Fn(KvClient<SecureChannel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let start = Instant::now();
@@ -1971,9 +1871,8 @@ impl KvTestClient {
         let mut attempts = 0u32;
         let mut last = Status::unavailable("no attempt made");
         let mut refresh = self.config.is_none();
-        while attempts < 10_000 && start.elapsed() < self.deadline {
+        while start.elapsed() < self.deadline {
             attempts += 1;
-            self.last_attempts = attempts;
             let left = self.deadline.saturating_sub(start.elapsed());
             if refresh {
                 match rpc_within(left, self.refresh_config()).await {
@@ -2002,54 +1901,36 @@ impl KvTestClient {
                 backoff = (backoff * 2).min(Duration::from_millis(500));
                 continue;
             }
-            let addr = match self.leaders.get(&gid) {
-                Some(a) => a.clone(),
-                None => {
-                    let n = self.next_node.entry(gid).or_default();
-                    nodes[*n % nodes.len()].clone()
-                }
-            };
-            let client =
-                KvClient::new(self.channel(&addr)).max_decoding_message_size(KV_CLIENT_MAX_MESSAGE);
+            if self.groups.get(&gid).is_none_or(|r| r.addrs() != nodes) {
+                self.groups
+                    .insert(gid, test_replicas(&format!("group {gid}"), &nodes));
+            }
             let limit = self
                 .attempt_timeout
-                .min(self.deadline.saturating_sub(start.elapsed()))
+                .min(left)
                 .max(Duration::from_millis(50));
-            let status = match rpc_within(limit, call(client)).await {
+            let result = self.groups[&gid]
+                .call(left, |target| {
+                    let client = KvClient::new(target.channel)
+                        .max_decoding_message_size(KV_CLIENT_MAX_MESSAGE);
+                    let reply = call(client);
+                    async move { Ok(rpc_within(limit, reply).await?.into_inner()) }
+                })
+                .await;
+            match result {
                 Ok(reply) => {
-                    self.leaders.insert(gid, addr);
                     self.last_gid = gid;
-                    return Ok(reply.into_inner());
+                    return Ok(reply);
                 }
-                Err(s) => s,
-            };
-            let mut hinted = false;
-            match (status.code(), detail(&status)) {
-                (Code::Unavailable, Some(DetailKind::NotLeader(nl))) => {
-                    if !nl.leader_addr.is_empty() && nl.leader_addr != addr {
-                        self.leaders.insert(gid, nl.leader_addr.clone());
-                        hinted = true;
-                    } else {
-                        self.forget_leader(gid);
-                    }
+                Err(status) if matches!(detail(&status), Some(DetailKind::WrongGroup(_))) => {
+                    last = status;
+                    refresh = true;
                 }
-                (Code::FailedPrecondition, Some(DetailKind::WrongGroup(_))) => refresh = true,
-                _ if is_transport_failure(&status) => {
-                    self.channels.remove(&addr);
-                    self.forget_leader(gid);
-                }
-                _ => return Err(status),
+                Err(status) if is_transport_failure(&status) => last = status,
+                Err(status) => return Err(status),
             }
-            last = status;
-            let pause = if hinted {
-                Duration::from_millis(5)
-            } else {
-                backoff
-            };
-            tokio::time::sleep(pause.min(self.deadline.saturating_sub(start.elapsed()))).await;
-            if !hinted {
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
+            tokio::time::sleep(backoff.min(self.deadline.saturating_sub(start.elapsed()))).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
         }
         Err(Status::with_details(
             last.code(),
@@ -2060,12 +1941,6 @@ impl KvTestClient {
             ),
             last.details().to_vec().into(),
         ))
-    }
-
-    /// Forgets `gid`'s leader and moves on to its next node.
-    fn forget_leader(&mut self, gid: u64) {
-        self.leaders.remove(&gid);
-        *self.next_node.entry(gid).or_default() += 1;
     }
 
     pub async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, Status> {

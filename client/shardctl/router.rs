@@ -6,8 +6,6 @@
 //! The router listens at once, also while the cluster cannot be reached: until it
 //! can, requests are answered 503 with the reason, and it keeps trying.
 
-use crate::client::retry::backoff;
-use crate::client::{Client, ClientOptions, Error};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -16,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use backon::Retryable;
+use shardkv::client::retry::backoff;
+use shardkv::client::{Client, ClientOptions, Error};
 use slog::{info, warn, Logger};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,7 +30,7 @@ pub struct RouterOptions {
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
     #[command(flatten)]
-    pub observability: crate::observability::ObservabilityArgs,
+    pub observability: shardkv::observability::ObservabilityArgs,
 }
 
 /// Keys longer than this are shortened in the log.
@@ -90,7 +90,8 @@ impl Gateway {
             Error::InvalidArgument { .. } => StatusCode::BAD_REQUEST,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
-            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // A data call is refused only by the shard master (its configuration).
+            Error::Refused(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         warn!(self.logger, "request failed"; "method" => method, "key" => shown(key), "error" => %e);
         (status, format!("{e}\n")).into_response()
@@ -197,7 +198,7 @@ pub async fn run(
         .route("/keys/", get(empty_key).put(empty_key).delete(empty_key))
         .route("/keys", get(empty_key).put(empty_key).delete(empty_key))
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
-        .layer(axum::middleware::from_fn(crate::metrics::http_middleware))
+        .layer(axum::middleware::from_fn(shardkv::metrics::http_middleware))
         .with_state(gateway.clone());
     let listener = tokio::net::TcpListener::bind(&options.listen)
         .await
@@ -208,7 +209,7 @@ pub async fn run(
         tokio::spawn(async move { gateway.connect(masters, client_options).await })
     };
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(crate::server::shutdown_signal())
+        .with_graceful_shutdown(shardkv::server::shutdown_signal())
         .await;
     connecting.abort();
     Ok(served?)

@@ -7,13 +7,14 @@
 //! NAME`, over a Unix socket in the playground's folder) or by itself with
 //! `--auto-restart`, and on Ctrl-C stops every process it runs, restarted ones too.
 
-use crate::client::master::MasterClient;
-use crate::proto::kv_client::KvClient;
-use crate::proto::{Group, JoinRequest, Node, NodeStatusRequest, RangeState, SplitRequest};
-use crate::security::pki::{Pki, PkiFiles};
-use crate::security::ClientArgs;
-use crate::security::Dialer;
 use anyhow::Context;
+use shardkv::client::master::MasterClient;
+use shardkv::client::Error;
+use shardkv::proto::kv_client::KvClient;
+use shardkv::proto::{Group, JoinRequest, Node, NodeStatusRequest, RangeState, SplitRequest};
+use shardkv::security::pki::{Pki, PkiFiles};
+use shardkv::security::ClientArgs;
+use shardkv::security::Dialer;
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -759,9 +760,9 @@ async fn bootstrap(
         for key in &opts.split {
             let key = key.clone().into_bytes();
             retry_until(deadline, "a split", || {
-                client.call(|mut c| {
-                    let key = key.clone();
-                    async move { c.split(SplitRequest { key, id: None }).await }
+                client.split(SplitRequest {
+                    key: key.clone(),
+                    id: None,
                 })
             })
             .await?;
@@ -778,18 +779,12 @@ async fn bootstrap(
                     .collect(),
             })
             .collect();
+        // Nobody owns a range yet: every group gets its ranges at once.
         retry_until(deadline, "the groups to join", || {
-            client.call(|mut c| {
-                let groups = groups.clone();
-                async move {
-                    // Nobody owns a range yet: every group gets its ranges at once.
-                    let request = JoinRequest {
-                        groups,
-                        id: None,
-                        immediate: false,
-                    };
-                    c.join(request).await
-                }
+            client.join(JoinRequest {
+                groups: groups.clone(),
+                id: None,
+                immediate: false,
             })
         })
         .await?;
@@ -806,7 +801,7 @@ async fn bootstrap(
 
 /// Succeeds when some node of `group` leads it at configuration `num` with every range
 /// it holds serving.
-async fn group_serves(dialer: &Dialer, group: &Group, num: u64) -> Result<(), tonic::Status> {
+async fn group_serves(dialer: &Dialer, group: &Group, num: u64) -> Result<(), Error> {
     for node in &group.nodes {
         let Ok(endpoint) = dialer.endpoint(&node.addr) else {
             continue;
@@ -826,7 +821,7 @@ async fn group_serves(dialer: &Dialer, group: &Group, num: u64) -> Result<(), to
             return Ok(());
         }
     }
-    Err(tonic::Status::unavailable(format!(
+    Err(Error::Unavailable(format!(
         "group {} is not serving yet",
         group.gid
     )))
@@ -835,13 +830,13 @@ async fn group_serves(dialer: &Dialer, group: &Group, num: u64) -> Result<(), to
 async fn retry_until<T, F, Fut>(deadline: Instant, what: &str, mut attempt: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    Fut: std::future::Future<Output = Result<T, Error>>,
 {
     loop {
         match attempt().await {
             Ok(v) => return Ok(v),
             Err(e) if Instant::now() >= deadline => {
-                anyhow::bail!("timed out waiting for {what}: {}", e.message())
+                anyhow::bail!("timed out waiting for {what}: {e}")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
