@@ -76,10 +76,6 @@ struct Driver<S: StateMachine> {
     status: watch::Sender<ReplicaStatus>,
 }
 
-/// Starts the replica of `options.id` on its own thread and returns its handle.
-///
-/// `events` carries what the transport receives for this group (the receiver of
-/// the channel the transport reports to).
 /// A committed entry's command; bytes that do not decode are an [`UnknownCommand`].
 pub(super) fn decode_command<C: prost::Message + Default>(
     index: u64,
@@ -89,6 +85,10 @@ pub(super) fn decode_command<C: prost::Message + Default>(
         .map_err(|e| UnknownCommand::new(index, format!("bytes that do not decode ({e})")))
 }
 
+/// Starts the replica of `options.id` on its own thread and returns its handle.
+///
+/// `events` carries what the transport receives for this group (the receiver of
+/// the channel the transport reports to).
 pub fn start<S: StateMachine>(
     options: ReplicaOptions,
     store: RaftStore,
